@@ -1,0 +1,3 @@
+"""vmdriver: run QEMU virtual machines as tasks."""
+
+__version__ = "0.1.0"

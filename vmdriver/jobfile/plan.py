@@ -1,0 +1,170 @@
+"""Turning a job file into runnable tasks on this machine (`vmdriver run` and `argv`).
+
+This is the part Nomad's scheduler and client would do: pick host ports,
+lay out task dirs, build the task environment and interpolate ``${...}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from vmdriver.errors import JobFileError, SpecError
+from vmdriver.jobfile.model import DEFAULT_CPU_MHZ, DEFAULT_MEMORY_MB, Group, Job, Network, Task
+from vmdriver.jobfile.qemu import AllocatedPort, TaskInputs, build_spec, legacy_artifacts, parse_config
+from vmdriver.runtime.taskdir import TaskDir
+from vmdriver.spec import ArtifactSpec, VMSpec
+
+#: Nomad's default dynamic port range.
+DYNAMIC_PORTS = range(20000, 32000)
+_INTERP = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
+#: Drivers whose tasks `vmdriver run` executes.
+DRIVERS = ("qemu",)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """One task ready to launch."""
+
+    alloc_id: str
+    group: str
+    task: Task
+    spec: VMSpec
+    task_dir: TaskDir
+    env: dict[str, str]
+    ports: tuple[AllocatedPort, ...]
+    artifacts: tuple[ArtifactSpec, ...]
+
+    @property
+    def vm_id(self) -> str:
+        """Nomad's task id form: ``<alloc id>/<task>``."""
+        return f"{self.alloc_id}/{self.task.name}"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.bind(("0.0.0.0", port))
+        return True
+    return False
+
+
+def allocate_ports(networks: list[Network], taken: set[int], where: str) -> list[AllocatedPort]:
+    """Static ports as given; dynamic ones get a free port from Nomad's range."""
+    out: list[AllocatedPort] = []
+    seen: set[str] = set()
+    candidates = iter(DYNAMIC_PORTS)
+    for net in networks:
+        for port in net.ports:
+            if port.label in seen:
+                raise JobFileError("port label declared twice", where=where, value=port.label)
+            seen.add(port.label)
+            if port.static is not None:
+                host = port.static
+            else:
+                host = next((p for p in candidates if p not in taken and _port_free(p)), 0)
+                if not host:
+                    raise SpecError("no free port in the dynamic range", where=where)
+            taken.add(host)
+            out.append(AllocatedPort(port.label, host, port.to))
+    return out
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Replace ``${NAME}`` and ``${env.NAME}`` as Nomad's client does; leave unknown ones."""
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            key = m.group(1)
+            key = key[4:] if key.startswith("env.") else key
+            return env.get(key, m.group(0))
+
+        return _INTERP.sub(sub, value)
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    return value
+
+
+def _int(res: dict[str, Any], key: str, default: int | None, where: str) -> int | None:
+    value = res.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError("expected a whole number", where=f"{where}.resources.{key}", value=value)
+    return value
+
+
+def task_env(job: Job, group: Group, task: Task, alloc: TaskDir, alloc_id: str,
+             ports: list[AllocatedPort], memory: int, cpu: int) -> dict[str, str]:  # fmt: skip
+    """The NOMAD_* variables a Nomad client would set, then the task's own env."""
+    env = {
+        "NOMAD_JOB_NAME": job.name, "NOMAD_GROUP_NAME": group.name,
+        "NOMAD_TASK_NAME": task.name, "NOMAD_ALLOC_ID": alloc_id,
+        "NOMAD_ALLOC_DIR": str(alloc.shared), "NOMAD_TASK_DIR": str(alloc.local),
+        "NOMAD_SECRETS_DIR": str(alloc.secrets), "NOMAD_MEMORY_LIMIT": str(memory),
+        "NOMAD_CPU_LIMIT": str(cpu),
+    }  # fmt: skip
+    for p in ports:
+        env[f"NOMAD_HOST_PORT_{p.label}"] = str(p.host_port)
+        env[f"NOMAD_PORT_{p.label}"] = str(p.to or p.host_port)
+        env[f"NOMAD_ADDR_{p.label}"] = f"127.0.0.1:{p.host_port}"
+    env.update({k: interpolate(v, env) for k, v in task.env.items()})
+    return env
+
+
+def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None) -> list[TaskPlan]:
+    """Plan every qemu task of ``job`` (``count`` instances of each group)."""
+    if host_memory_mb is None:
+        host_memory_mb = psutil.virtual_memory().total // (1024 * 1024)
+    plans: list[TaskPlan] = []
+    taken: set[int] = set()
+    for group in job.groups:
+        for index in range(group.count):
+            alloc_id = str(uuid.uuid4())
+            for task in group.tasks:
+                if task.driver not in DRIVERS:
+                    continue
+                plans.append(_plan_task(job, group, task, alloc_id, index, state_dir,
+                                        taken, host_memory_mb))  # fmt: skip
+    if not plans:
+        raise JobFileError('job has no task with driver = "qemu"', where=str(job.path))
+    return plans
+
+
+def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, index: int, state_dir: Path,
+               taken: set[int], host_memory_mb: int) -> TaskPlan:  # fmt: skip
+    where = task.where
+    cfg = parse_config(task.config, where)  # early, typed check before any side effect
+    del index
+    alloc = TaskDir(state_dir / "allocs" / alloc_id[:8], task.name)
+    ports = allocate_ports([*group.networks, *task.networks], taken, where)
+    res = task.resources
+    memory = _int(res, "memory", DEFAULT_MEMORY_MB, where) or DEFAULT_MEMORY_MB
+    cpu = _int(res, "cpu", DEFAULT_CPU_MHZ, where) or DEFAULT_CPU_MHZ
+    env = task_env(job, group, task, alloc, alloc_id, ports, memory, cpu)
+    cfg = parse_config(interpolate(task.config, env), where)
+    dns = next((n for n in (*task.networks, *group.networks) if n.dns_servers or n.dns_searches),
+               None)  # fmt: skip
+    inputs = TaskInputs(
+        name=task.name, where=where, memory_mb=memory,
+        memory_max_mb=_int(res, "memory_max", None, where), cores=_int(res, "cores", None, where),
+        cpu_shares=cpu, kill_timeout_s=task.kill_timeout_s, kill_signal=task.kill_signal,
+        env=env, ports=tuple(ports), dns_servers=dns.dns_servers if dns else (),
+        dns_searches=dns.dns_searches if dns else (), host_memory_mb=host_memory_mb,
+    )  # fmt: skip
+    spec = build_spec(cfg, inputs)
+    return TaskPlan(alloc_id, group.name, task, spec, alloc, env, tuple(ports),
+                    (*task.artifacts, *legacy_artifacts(cfg)))  # fmt: skip

@@ -1,0 +1,69 @@
+"""A QMP monitor connection, on top of the QEMU project's ``qemu.qmp`` library.
+
+This layer only maps ``qemu.qmp``'s exceptions to :class:`MonitorError` and
+gives the supervisor the few operations it needs; cancellation passes through
+untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+
+from vmdriver.errors import MonitorError
+
+log = logging.getLogger(__name__)
+
+#: The QMP events the supervisor acts on.
+LIFECYCLE_EVENTS = ("SHUTDOWN", "POWERDOWN", "GUEST_PANICKED", "STOP", "RESUME", "RESET")
+
+
+class Monitor:
+    """One QMP session with one QEMU process."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._client = QMPClient(name)
+        # qemu.qmp logs every disconnect at error level; the supervisor reports exits itself.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+    async def connect(self, target: socket.socket | Path, timeout: float = 10.0) -> None:
+        """Open the session over an inherited socket or a unix socket path."""
+        address: socket.socket | str = target if isinstance(target, socket.socket) else str(target)
+        try:
+            await asyncio.wait_for(self._client.connect(address), timeout)
+        except (ConnectError, QMPError, OSError, TimeoutError) as exc:
+            raise MonitorError(f"QMP connect to {self.name} failed: {exc}") from exc
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        """Run one QMP command and return its ``return`` value."""
+        try:
+            return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
+        except ExecuteError as exc:
+            raise MonitorError(f"QMP {cmd} on {self.name}: {exc.error.desc}") from exc
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise MonitorError(f"QMP {cmd} on {self.name}: {exc or type(exc).__name__}") from exc
+
+    @contextlib.asynccontextmanager
+    async def events(self, *names: str) -> AsyncIterator[EventListener]:
+        """A listener for the named events (all events if none are named)."""
+        listener = EventListener(names or None)
+        with self._client.listen(listener):
+            yield listener
+
+    async def disconnect(self) -> None:
+        """Close the session; errors of a session already broken are not news."""
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._client.disconnect()
+
+    @property
+    def connected(self) -> bool:
+        """True while the session runs."""
+        return str(self._client.runstate.name) == "RUNNING"

@@ -1,0 +1,140 @@
+"""The QEMU process: spawned as our child, or found again after a restart.
+
+Exit is observed through a pidfd in the event loop (no watcher threads), for
+children and re-attached processes alike. A re-attached process is identified by
+pid *and* start time, so a reused pid is never mistaken for the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import psutil
+
+from vmdriver.errors import LaunchError
+
+
+def process_start_time(pid: int) -> float | None:
+    """Start time of ``pid`` as psutil reports it, or ``None`` if it is gone."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _open_output(path: Path) -> int:
+    """Open a log file or a FIFO (Nomad's logmon) for QEMU to write to."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    if not path.exists():
+        flags |= os.O_CREAT
+    return os.open(path, flags, 0o600)
+
+
+class QemuProcess:
+    """One QEMU process, with exit observed through a pidfd."""
+
+    def __init__(self, pid: int, start_time: float, *, child: bool) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        #: True if this process is our child (so its exit status can be read).
+        self.child = child
+        self._pidfd = os.pidfd_open(pid)
+        self._exit: asyncio.Future[tuple[int, int]] | None = None
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: tuple[str, ...],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        stdout: Path,
+        stderr: Path,
+        pass_fds: tuple[int, ...],
+    ) -> QemuProcess:
+        """Start ``argv`` directly (no shell) in a new process group."""
+        out, err = _open_output(stdout), _open_output(stderr)
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=err, pass_fds=pass_fds, process_group=0, close_fds=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
+        finally:
+            os.close(out)
+            os.close(err)
+        # The pidfd, not Popen, owns the process from here on: Popen would try to
+        # reap it in its destructor.
+        proc.returncode = 0
+        start = process_start_time(proc.pid) or 0.0
+        return cls(proc.pid, start, child=True)
+
+    @classmethod
+    def attach(cls, pid: int, start_time: float) -> QemuProcess | None:
+        """The running process ``pid`` if it is the one that started at ``start_time``."""
+        actual = process_start_time(pid)
+        if actual is None or abs(actual - start_time) > 0.05:
+            return None
+        try:
+            return cls(pid, start_time, child=False)
+        except ProcessLookupError:
+            return None
+
+    def alive(self) -> bool:
+        """True while the process exists (and is not a zombie we have not reaped)."""
+        if self._exit is not None and self._exit.done():
+            return False
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def wait(self) -> asyncio.Future[tuple[int, int]]:
+        """A future of ``(exit_code, signal)``; ``(-1, 0)`` if the status is unknowable."""
+        if self._exit is None:
+            loop = asyncio.get_running_loop()
+            self._exit = loop.create_future()
+            loop.add_reader(self._pidfd, self._on_exit)
+        return self._exit
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        code, sig = -1, 0
+        if self.child:
+            with contextlib.suppress(ChildProcessError):
+                _, status = os.waitpid(self.pid, 0)
+                rc = os.waitstatus_to_exitcode(status)
+                code, sig = (128 - rc, -rc) if rc < 0 else (rc, 0)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result((code, sig))
+
+    def send_signal(self, sig: int) -> None:
+        """Signal QEMU, unless the pid no longer belongs to it."""
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL QEMU and anything it started in its process group."""
+        self.send_signal(signal.SIGKILL)
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the pidfd of a process we stop watching without waiting for it."""
+        if self._pidfd >= 0:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1

@@ -1,0 +1,349 @@
+"""One supervised VM: launch paused, configure over QMP, continue, watch, stop.
+
+Upper half: :meth:`VM.launch`, :meth:`VM.stop`, :meth:`VM.kill`, :meth:`VM.wait`.
+Bottom half: one watcher task per VM that records QMP events and the process
+exit. Its errors are never lost: they fail the VM's result future, which
+:meth:`VM.wait` re-raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal as _signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from vmdriver.errors import LaunchError, MonitorError, StateError
+from vmdriver.qemu.argv import RenderContext, render_argv
+from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
+from vmdriver.runtime.process import QemuProcess
+from vmdriver.runtime.record import VMRecord
+from vmdriver.runtime.state import ExitKind, ExitResult, VMState
+from vmdriver.runtime.taskdir import TaskDir
+from vmdriver.spec import VMSpec
+
+log = logging.getLogger(__name__)
+
+#: How long QEMU gets to exit after the stop signal before SIGKILL, when the
+#: graceful window already ran out (QEMU exits on SIGINT/SIGTERM at once).
+SIGNAL_GRACE_S = 5.0
+#: How long the POWERDOWN event may take to confirm the button press.
+POWERDOWN_CONFIRM_S = 2.0
+QMP_CONNECT_TIMEOUT_S = 15.0
+
+
+def _signum(name: str) -> int:
+    name = name.upper()
+    return int(getattr(_signal, name if name.startswith("SIG") else "SIG" + name))
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    """The last ``limit`` bytes of a log file, as text."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class VM:
+    """A VM under supervision. Create with :meth:`launch` or :meth:`attach`."""
+
+    def __init__(self, vm_id: str, spec: VMSpec, task_dir: TaskDir) -> None:
+        self.id = vm_id
+        self.spec = spec
+        self.task_dir = task_dir
+        self.state = VMState.DEFINED
+        self.argv: tuple[str, ...] = ()
+        self.started_at = 0.0
+        self.stdout = task_dir.stdout
+        self.stderr = task_dir.stderr
+        self._proc: QemuProcess | None = None
+        self._monitor: Monitor | None = None
+        self._listener: EventListener | None = None
+        self._events: list[dict[str, Any]] = []
+        self._powerdown = asyncio.Event()
+        self._stop_requested = False
+        self._forced = False
+        self._result: asyncio.Future[ExitResult] = asyncio.get_running_loop().create_future()
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopper: asyncio.Task[ExitResult] | None = None
+
+    # Section: public interface
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid while it is known."""
+        return self._proc.pid if self._proc else None
+
+    @property
+    def result(self) -> ExitResult | None:
+        """How the VM ended, once it has."""
+        return self._result.result() if self._result.done() and not self._result.exception() else None
+
+    async def launch(
+        self,
+        ctx: RenderContext,
+        *,
+        env: Mapping[str, str],
+        stdout: Path | None = None,
+        stderr: Path | None = None,
+    ) -> None:
+        """Start QEMU paused, connect QMP, watch it, then let the guest run."""
+        self._require(VMState.DEFINED, "defined")
+        self.state = VMState.LAUNCHING
+        self.stdout, self.stderr = stdout or self.stdout, stderr or self.stderr
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            theirs.set_inheritable(True)
+            ctx = dataclasses.replace(ctx, qmp_fd=theirs.fileno())
+            self.argv = render_argv(self.spec, ctx)
+            self._proc = QemuProcess.spawn(
+                self.argv, cwd=self.task_dir.path, env=env, stdout=self.stdout,
+                stderr=self.stderr, pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+            theirs.close()
+            self.started_at = time.time()
+            await self._connect(ours)
+            self._watcher = asyncio.create_task(self._watch(), name=f"watcher of VM {self.id}")
+            self._save_record()
+            assert self._monitor is not None
+            await self._monitor.execute("cont")
+        except BaseException:
+            theirs.close()
+            await self._abort_launch()
+            raise
+        self.state = VMState.RUNNING
+
+    @classmethod
+    async def attach(cls, record: VMRecord) -> VM:
+        """Take over a VM started by an earlier supervisor process, without restarting it."""
+        spec = VMSpec.model_validate(record.spec)
+        vm = cls(record.id, spec, TaskDir(Path(record.alloc_dir), record.task))
+        vm.argv, vm.started_at = tuple(record.argv), record.started_at
+        vm.stdout, vm.stderr = Path(record.stdout), Path(record.stderr)
+        proc = QemuProcess.attach(record.pid, record.pid_start_time)
+        if proc is None:
+            raise StateError(vm.id, "gone (its QEMU process no longer exists)", "running")
+        vm._proc = proc
+        vm._monitor = Monitor(f"{record.task}")
+        try:
+            await vm._monitor.connect(Path(record.qmp_socket), timeout=QMP_CONNECT_TIMEOUT_S)
+        except MonitorError:
+            proc.close()
+            raise
+        vm._watcher = asyncio.create_task(vm._watch(), name=f"watcher of VM {vm.id}")
+        vm.state = VMState.RUNNING
+        return vm
+
+    async def wait(self) -> ExitResult:
+        """Wait for the VM to end; re-raises any error of the watcher."""
+        return await asyncio.shield(self._result)
+
+    async def stop(self, timeout: float | None = None, signal: str | None = None) -> ExitResult:
+        """Stop the VM with the spec's ladder; concurrent calls share one stop."""
+        if self._result.done():
+            return await self.wait()
+        if self._stopper is None:
+            self._stopper = asyncio.create_task(
+                self._stop(timeout, signal), name=f"stopper of VM {self.id}"
+            )
+        return await asyncio.shield(self._stopper)
+
+    async def kill(self) -> ExitResult:
+        """Stop at once with SIGKILL (Nomad's forced DestroyTask)."""
+        if self._proc and not self._result.done():
+            self._stop_requested = self._forced = True
+            self.state = VMState.STOPPING
+            self._proc.kill_group()
+        return await self.wait()
+
+    async def detach(self) -> None:
+        """Stop supervising but leave QEMU running (a plugin shutting down)."""
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._monitor:
+            await self._monitor.disconnect()
+        if self._proc:
+            self._proc.close()
+
+    async def qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Run a QMP command on the running VM."""
+        self._require(VMState.RUNNING, "running")
+        assert self._monitor is not None
+        return await self._monitor.execute(cmd, args)
+
+    def record(self) -> VMRecord:
+        """What a later supervisor needs to re-attach."""
+        assert self._proc is not None
+        return VMRecord(
+            id=self.id, task=self.task_dir.task, alloc_dir=str(self.task_dir.alloc_dir),
+            pid=self._proc.pid, pid_start_time=self._proc.start_time,
+            qmp_socket=str(self.task_dir.qmp_socket), argv=list(self.argv),
+            spec=self.spec.model_dump(mode="json"), started_at=self.started_at,
+            stdout=str(self.stdout), stderr=str(self.stderr),
+        )  # fmt: skip
+
+    # Section: launch helpers
+
+    def _require(self, state: VMState, words: str) -> None:
+        if self.state is not state:
+            raise StateError(self.id, self.state.value, words)
+
+    async def _connect(self, sock: socket.socket) -> None:
+        assert self._proc is not None
+        self._monitor = Monitor(self.task_dir.task)
+        connect = asyncio.create_task(self._monitor.connect(sock, QMP_CONNECT_TIMEOUT_S))
+        died = self._proc.wait()
+        done, _ = await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+        if connect in done:
+            connect.result()
+            return
+        connect.cancel()
+        with contextlib.suppress(asyncio.CancelledError, MonitorError):
+            await connect
+        code, _sig = died.result()
+        raise LaunchError("QEMU exited during start-up", exit_code=code, stderr_tail=tail(self.stderr))
+
+    async def _abort_launch(self) -> None:
+        """Leave nothing behind after a failed launch."""
+        if self._watcher:
+            self._watcher.cancel()
+        if self._proc:
+            self._proc.kill_group()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._proc.wait(), 5)
+            self._proc.close()
+        if self._monitor:
+            await self._monitor.disconnect()
+        self._cleanup_files()
+        self.state = VMState.EXITED
+
+    def _save_record(self) -> None:
+        path = self.task_dir.state_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.record().model_dump_json())
+        tmp.chmod(0o600)
+        tmp.replace(path)
+
+    def _cleanup_files(self) -> None:
+        for p in (self.task_dir.qmp_socket, self.task_dir.qga_socket, self.task_dir.state_file):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    # Section: bottom half
+
+    async def _watch(self) -> None:
+        """Record events until QEMU exits, then settle the result."""
+        assert self._proc is not None and self._monitor is not None
+        try:
+            async with self._monitor.events(*LIFECYCLE_EVENTS) as listener:
+                self._listener = listener
+                reader = asyncio.create_task(self._read_events(listener))
+                try:
+                    code, sig = await self._proc.wait()
+                    await self._drain(listener)
+                finally:
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+            await self._monitor.disconnect()
+            self._cleanup_files()
+            self.state = VMState.EXITED
+            self._result.set_result(self._classify(code, sig))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("watcher of VM %s failed", self.id)
+            if not self._result.done():
+                self._result.set_exception(exc)
+
+    async def _read_events(self, listener: EventListener) -> None:
+        async for event in listener:
+            self._on_event(dict(event))
+
+    async def _drain(self, listener: EventListener) -> None:
+        """Take the events QEMU sent just before exiting, which may still be in flight."""
+        assert self._monitor is not None
+        deadline = time.monotonic() + 1.0
+        while self._monitor.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for event in listener.clear():
+            self._on_event(dict(event))
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        name = event.get("event")
+        log.debug("VM %s event %s %s", self.id, name, event.get("data"))
+        if name == "POWERDOWN":
+            self._powerdown.set()
+
+    def _classify(self, code: int, sig: int) -> ExitResult:
+        names = [e.get("event") for e in self._events]
+        shutdown = next((e.get("data", {}) for e in self._events if e.get("event") == "SHUTDOWN"), None)
+        reason = str(shutdown.get("reason", "")) if shutdown else ""
+        clean = reason == "guest-shutdown"
+        if not self._proc or not self._proc.child:
+            # A re-attached VM's exit status is unknowable; QEMU exits 0 after SHUTDOWN.
+            code = 0 if shutdown is not None else -1
+        stderr = tail(self.stderr) if code not in (0,) else ""
+        if "GUEST_PANICKED" in names or reason == "guest-panic":
+            return ExitResult(ExitKind.PANICKED, code, sig, stderr)
+        if self._stop_requested:
+            kind = ExitKind.KILLED if self._forced else ExitKind.STOPPED
+            return ExitResult(kind, code, sig, "", clean)
+        if "POWERDOWN" in names and clean:
+            return ExitResult(ExitKind.STOPPED, code, sig, "", clean)
+        if reason in ("guest-shutdown", "guest-reset") and code == 0:
+            return ExitResult(ExitKind.GUEST_POWEROFF, code, sig, "", clean)
+        if reason.startswith("host-") and code == 0:
+            return ExitResult(ExitKind.STOPPED, code, sig, "", clean)
+        if code == -1:
+            return ExitResult(ExitKind.LOST, code, sig)
+        return ExitResult(ExitKind.CRASHED, code, sig, tail(self.stderr))
+
+    async def _stop(self, timeout: float | None, signal: str | None) -> ExitResult:
+        assert self._proc is not None
+        policy = self.spec.shutdown
+        timeout = policy.timeout_s if timeout is None else timeout
+        sig = _signum(signal or policy.signal)
+        self._stop_requested = True
+        self.state = VMState.STOPPING
+        if policy.graceful and self._monitor and self._monitor.connected:
+            if await self._press_power_button():
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(self.wait(), timeout)
+                log.info("VM %s: guest did not power off within %.1fs", self.id, timeout)
+            self._forced = True
+            grace = min(SIGNAL_GRACE_S, max(timeout, 1.0))
+        else:
+            grace = timeout
+        self._proc.send_signal(sig)
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(self.wait(), grace)
+        self._forced = True
+        self._proc.kill_group()
+        return await self.wait()
+
+    async def _press_power_button(self) -> bool:
+        """ACPI power button over QMP, confirmed by the POWERDOWN event."""
+        assert self._monitor is not None
+        try:
+            await self._monitor.execute("system_powerdown")
+            await asyncio.wait_for(self._powerdown.wait(), POWERDOWN_CONFIRM_S)
+        except (MonitorError, TimeoutError) as exc:
+            log.warning("VM %s: power button press not confirmed: %s", self.id, exc)
+            return False
+        return True

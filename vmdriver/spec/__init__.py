@@ -1,0 +1,27 @@
+"""The canonical VM spec every face maps into."""
+
+from vmdriver.spec.artifact import ArtifactSpec
+from vmdriver.spec.model import (
+    Accelerator,
+    Drive,
+    DriveInterface,
+    NetworkSpec,
+    PortForward,
+    Resources,
+    ShutdownPolicy,
+    VMSpec,
+    resolve_in,
+)
+
+__all__ = [
+    "ArtifactSpec",
+    "Accelerator",
+    "Drive",
+    "DriveInterface",
+    "NetworkSpec",
+    "PortForward",
+    "Resources",
+    "ShutdownPolicy",
+    "VMSpec",
+    "resolve_in",
+]
