@@ -1,0 +1,78 @@
+"""Shared fixtures: the test guest, short state dirs, a host config, leak checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from vmdriver.host.config import HostConfig
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_LINK = REPO / "guest" / "out"
+#: The guest's readiness line prefix (see guest/README.md).
+READY = "VMDRIVER-GUEST-READY"
+#: The guest serves HTTP on this port.
+GUEST_HTTP_PORT = 8080
+
+
+@pytest.fixture(scope="session")
+def guest_dir() -> Path:
+    """The built test guest; built on first use if CI did not build it already."""
+    if not (GUEST_LINK / "manifest.json").exists():
+        subprocess.run(("bash", str(REPO / "guest" / "build.sh")), check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    manifest = json.loads((GUEST_LINK / "manifest.json").read_text())
+    assert manifest, "empty guest manifest"
+    return GUEST_LINK.resolve()
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A short private state dir (unix socket paths must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="vmd-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def host(state_dir: Path) -> HostConfig:
+    """A permissive host config rooted in the test's state dir."""
+    return HostConfig(state_dir=state_dir)
+
+
+def qemu_processes() -> set[int]:
+    """Pids of every QEMU system emulator running on this machine."""
+    out = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        name = p.info.get("name") or ""
+        if name.startswith("qemu-system"):
+            out.add(p.pid)
+    return out
+
+
+@pytest.fixture
+def no_leaks(state_dir: Path) -> Iterator[None]:
+    """Fail the test if it leaves a QEMU process or a socket behind."""
+    before = qemu_processes()
+    yield
+    leaked = qemu_processes() - before
+    for pid in leaked:
+        with __import__("contextlib").suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    assert not leaked, f"QEMU processes left behind: {sorted(leaked)}"
+    sockets = [p for p in state_dir.rglob("*.sock")]
+    assert not sockets, f"sockets left behind: {sockets}"
+
+
+def pytest_report_header() -> str:
+    return f"vmdriver tests; guest cache {os.environ.get('VMDRIVER_GUEST_CACHE', '/var/cache/vmdriver/guest')}"
