@@ -52,12 +52,12 @@ def loads(text: str, where: str) -> dict[str, Any]:
         elif isinstance(exc, UnexpectedCharacters):
             what = f"unexpected character {exc.char!r}"
         raise JobFileError(f"HCL syntax error: {what}",
-                           where=f"{where}:{exc.line}:{exc.column}") from None  # fmt: skip
+                           where=f"{where}:{exc.line}:{exc.column}") from None
     except (LarkError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            RecursionError, AssertionError) as exc:  # fmt: skip
+            RecursionError, AssertionError) as exc:
         # python-hcl2 raises a zoo of exceptions for odd input; each is a bad file.
         raise JobFileError(f"cannot parse HCL: {type(exc).__name__}: {str(exc)[:160]}",
-                           where=where) from None  # fmt: skip
+                           where=where) from None
     if not isinstance(data, dict):
         raise JobFileError("expected HCL blocks at top level", where=where)
     return _clean(data)  # type: ignore[no-any-return]

@@ -11,10 +11,11 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from vmdriver.artifacts import fetch_artifacts
 from vmdriver.cli.main import err_console, print_json
-from vmdriver.errors import InputError, SpecError, VmdriverError
+from vmdriver.errors import InputError, VmdriverError
 from vmdriver.host.config import HostConfig
 from vmdriver.host.fingerprint import fingerprint
 from vmdriver.jobfile.model import load_job
@@ -45,7 +46,7 @@ async def _prepare_all(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -
         plan.task_dir.create()
         await asyncio.to_thread(fetch_artifacts, plan.artifacts, plan.task_dir.path, job_dir)
         out.append(await asyncio.to_thread(prepare, plan.spec, plan.task_dir, host,
-                                           where=plan.task.where))  # fmt: skip
+                                           where=plan.task.where))
     return out
 
 
@@ -71,6 +72,7 @@ async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     presses = 0
+    killers: set[asyncio.Task[object]] = set()
 
     def on_signal() -> None:
         nonlocal presses
@@ -80,7 +82,9 @@ async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
             stop_requested.set()
         else:
             for vm in sup.vms():
-                loop.create_task(vm.kill())
+                task: asyncio.Task[object] = loop.create_task(vm.kill())
+                killers.add(task)
+                task.add_done_callback(killers.discard)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -90,17 +94,17 @@ async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
         t0 = time.monotonic()
         for plan, prep in zip(plans, prepared, strict=True):
             vm = await sup.start(plan.vm_id, plan.spec, plan.task_dir, env=plan.env,
-                                 prepared=prep)  # fmt: skip
+                                 prepared=prep)
             started.append((plan, vm))
             fw = _forwards(plan)
             _status(f"task {plan.task.name!r} running (pid {vm.pid}, {prep.ctx.accelerator}, "
-                    f"{time.monotonic() - t0:.2f}s){'; ' + fw if fw else ''}")  # fmt: skip
+                    f"{time.monotonic() - t0:.2f}s){'; ' + fw if fw else ''}")
             consoles.append(asyncio.create_task(
                 _console(plan, vm, len(plans) > 1, args.quiet, ready_re),
-                name=f"console of {plan.task.name}"))  # fmt: skip
-        waits = asyncio.gather(*(vm.wait() for _, vm in started))
-        stopper = asyncio.create_task(stop_requested.wait())
-        await asyncio.wait({waits, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                name=f"console of {plan.task.name}"))
+        waits: asyncio.Future[list[object]] = asyncio.gather(*(vm.wait() for _, vm in started))
+        stopper: asyncio.Future[Any] = asyncio.create_task(stop_requested.wait())
+        await asyncio.wait([waits, stopper], return_when=asyncio.FIRST_COMPLETED)
         if stop_requested.is_set():
             await sup.stop_all()
         await waits
@@ -120,13 +124,13 @@ async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
         ok = ok and res.successful
         style = "green" if res.successful else "red"
         err_console.print(f"[bold cyan]vmdriver[/]: task {plan.task.name!r}: [{style}]"
-                          f"{res.describe()}[/]", highlight=False)  # fmt: skip
+                          f"{res.describe()}[/]", highlight=False)
     _status(f"logs in {plans[0].task_dir.shared / 'logs'}")
     return 0 if ok else 1
 
 
 async def _console(plan: TaskPlan, vm: VM, prefix: bool, quiet: bool,
-                   ready: re.Pattern[str] | None) -> None:  # fmt: skip
+                   ready: re.Pattern[str] | None) -> None:
     """Echo a VM's serial console and announce readiness."""
     tag = f"[{plan.task.name}] " if prefix else ""
     async for line in follow(vm.stdout):
@@ -167,9 +171,9 @@ def cmd_fingerprint(args: argparse.Namespace, host: HostConfig) -> int:
         "description": fp.description,
         "attributes": fp.attributes,
         "emulators": [{"arch": e.arch, "path": str(e.path), "version": e.version}
-                      for e in fp.emulators],  # fmt: skip
+                      for e in fp.emulators],
         "kvm": {"usable": fp.kvm.usable, "reason": fp.kvm.reason, "kernel": fp.kvm.kernel,
-                "probe_seconds": round(fp.kvm.seconds, 3)},  # fmt: skip
+                "probe_seconds": round(fp.kvm.seconds, 3)},
     }
     if args.json:
         print_json(data)
@@ -202,13 +206,13 @@ def cmd_ps(args: argparse.Namespace, host: HostConfig) -> int:
         if proc:
             proc.close()
         rows.append({"id": rec.id, "task": rec.task, "pid": rec.pid,
-                     "running": proc is not None, "started_at": rec.started_at})  # fmt: skip
+                     "running": proc is not None, "started_at": rec.started_at})
     if args.json:
         print_json(rows)
     else:
         for r in rows:
             sys.stdout.write(f"{r['id']}  {r['task']}  pid {r['pid']}  "
-                             f"{'running' if r['running'] else 'gone'}\n")  # fmt: skip
+                             f"{'running' if r['running'] else 'gone'}\n")
     return 0
 
 
@@ -216,9 +220,9 @@ async def cmd_stop(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver stop TARGET`: re-attach to matching VMs and stop them."""
     if not args.target and not args.all:
         raise InputError("name a VM (alloc id prefix or task name) or pass --all",
-                         where="vmdriver stop")  # fmt: skip
+                         where="vmdriver stop")
     recs = [r for r in _records(host)
-            if args.all or r.id.startswith(args.target) or r.task == args.target]  # fmt: skip
+            if args.all or r.id.startswith(args.target) or r.task == args.target]
     if not recs:
         raise InputError("no running VM matches", where="vmdriver stop", value=args.target)
     sup = Supervisor(host)

@@ -80,17 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="vmdriver: %(levelname)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+                        stream=sys.stderr)
     from vmdriver.cli import commands
 
     handler = {
         "run": commands.cmd_run, "argv": commands.cmd_argv, "fingerprint": commands.cmd_fingerprint,
         "stop": commands.cmd_stop, "ps": commands.cmd_ps,
-    }[args.command]  # fmt: skip
+    }[args.command]
     try:
         host = load_host(args)
         result = handler(args, host)
-        return asyncio.run(result) if asyncio.iscoroutine(result) else int(result)
+        if asyncio.iscoroutine(result):
+            return int(asyncio.run(result))
+        assert isinstance(result, int)
+        return result
     except VmdriverError as exc:
         err_console.print(f"vmdriver: error: {exc}", markup=False, soft_wrap=True)
         return exc.exit_status

@@ -45,8 +45,7 @@ def candidate_kernels() -> list[Path]:
     out.append(Path(f"/boot/vmlinuz-{release}"))
     out.extend(Path(p) for p in sorted(glob.glob("/boot/vmlinuz-*"), reverse=True))
     out.extend(Path(p) for p in sorted(glob.glob(str(GUEST_CACHE / "*" / "vmlinuz"))))
-    seen: set[Path] = set()
-    return [p for p in out if not (p in seen or seen.add(p)) and p.is_file()]
+    return [p for p in dict.fromkeys(out) if p.is_file()]
 
 
 def _boot_id() -> str:
@@ -76,7 +75,7 @@ def probe_kvm(qemu: Path, kernel: Path | None = None, timeout: float = PROBE_TIM
         str(qemu), "-machine", "pc,accel=kvm", "-cpu", "max", "-m", "128", "-nodefaults",
         "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
         "-append", "console=ttyS0 panic=-1 earlyprintk=serial",
-    )  # fmt: skip
+    )
     start = time.monotonic()
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

@@ -101,7 +101,7 @@ def _network(body: dict[str, Any], where: str) -> Network:
         unknown = set(pbody) - {"static", "to", "host_network"}
         if unknown:
             raise JobFileError("unknown key in port", where=pw, value=sorted(unknown)[0],
-                               allowed="static, to, host_network")  # fmt: skip
+                               allowed="static, to, host_network")
         static = parse_port(pbody["static"], where=f"{pw}.static") if "static" in pbody else None
         to = parse_port(pbody["to"], where=f"{pw}.to") if "to" in pbody else None
         ports.append(Port(label, static, to))
@@ -122,13 +122,13 @@ def _artifact(body: dict[str, Any], where: str) -> ArtifactSpec:
     unknown = set(body) - {"source", "destination", "mode", "options", "headers"}
     if unknown:
         raise JobFileError("unknown key in artifact", where=where, value=sorted(unknown)[0],
-                           allowed="source, destination, mode, options, headers")  # fmt: skip
+                           allowed="source, destination, mode, options, headers")
     if "source" not in body:
         raise JobFileError("artifact needs a source", where=where)
     mode = body.get("mode", "any")
     if mode not in ("any", "file", "dir"):
         raise JobFileError("invalid artifact mode", where=f"{where}.mode", value=mode,
-                           allowed="any, file, dir")  # fmt: skip
+                           allowed="any, file, dir")
 
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
         raw = one_block(body.get(key), f"{where}.{key}")
@@ -154,7 +154,7 @@ def _task(name: str, body: dict[str, Any], where: str) -> Task:
             raise JobFileError("env values must be strings", where=f"{where}.env.{k}", value=v)
         env_out[k] = str(v)
     kill_timeout = parse_duration(body.get("kill_timeout", DEFAULT_KILL_TIMEOUT_S),
-                                  where=f"{where}.kill_timeout")  # fmt: skip
+                                  where=f"{where}.kill_timeout")
     resources = one_block(body.get("resources"), f"{where}.resources")
     return Task(
         name=name,
@@ -166,9 +166,9 @@ def _task(name: str, body: dict[str, Any], where: str) -> Task:
         kill_signal=_str(body.get("kill_signal", DEFAULT_KILL_SIGNAL), f"{where}.kill_signal"),
         env=env_out,
         artifacts=tuple(_artifact(b, f"{where}.artifact[{i}]")
-                        for i, b in enumerate(blocks(body.get("artifact"), where))),  # fmt: skip
+                        for i, b in enumerate(blocks(body.get("artifact"), where))),
         networks=tuple(_network(b, f"{where}.network")
-                       for b in blocks(resources.get("network"), where)),  # fmt: skip
+                       for b in blocks(resources.get("network"), where)),
     )
 
 
@@ -184,11 +184,11 @@ def parse_job(data: dict[str, Any], path: Path) -> Job:
         count = gbody.get("count", 1)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 64:
             raise JobFileError("count must be a whole number from 0 to 64",
-                               where=f"{gwhere}.count", value=count)  # fmt: skip
+                               where=f"{gwhere}.count", value=count)
         nets = tuple(_network(b, f"{gwhere}.network")
-                     for b in blocks(gbody.get("network"), gwhere))  # fmt: skip
+                     for b in blocks(gbody.get("network"), gwhere))
         tasks = tuple(_task(tname, tbody, f"{path}: task {tname!r}")
-                      for tname, tbody in labelled(gbody.get("task"), gwhere))  # fmt: skip
+                      for tname, tbody in labelled(gbody.get("task"), gwhere))
         groups.append(Group(gname, count, nets, tasks))
     return Job(job_name, path, tuple(groups))
 

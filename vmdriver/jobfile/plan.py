@@ -18,7 +18,13 @@ import psutil
 
 from vmdriver.errors import JobFileError, SpecError
 from vmdriver.jobfile.model import DEFAULT_CPU_MHZ, DEFAULT_MEMORY_MB, Group, Job, Network, Task
-from vmdriver.jobfile.qemu import AllocatedPort, TaskInputs, build_spec, legacy_artifacts, parse_config
+from vmdriver.jobfile.qemu import (
+    AllocatedPort,
+    TaskInputs,
+    build_spec,
+    legacy_artifacts,
+    parse_config,
+)
 from vmdriver.runtime.taskdir import TaskDir
 from vmdriver.spec import ArtifactSpec, VMSpec
 
@@ -108,7 +114,7 @@ def _int(res: dict[str, Any], key: str, default: int | None, where: str) -> int 
 
 
 def task_env(job: Job, group: Group, task: Task, alloc: TaskDir, alloc_id: str,
-             ports: list[AllocatedPort], memory: int, cpu: int) -> dict[str, str]:  # fmt: skip
+             ports: list[AllocatedPort], memory: int, cpu: int) -> dict[str, str]:
     """The NOMAD_* variables a Nomad client would set, then the task's own env."""
     env = {
         "NOMAD_JOB_NAME": job.name, "NOMAD_GROUP_NAME": group.name,
@@ -116,7 +122,7 @@ def task_env(job: Job, group: Group, task: Task, alloc: TaskDir, alloc_id: str,
         "NOMAD_ALLOC_DIR": str(alloc.shared), "NOMAD_TASK_DIR": str(alloc.local),
         "NOMAD_SECRETS_DIR": str(alloc.secrets), "NOMAD_MEMORY_LIMIT": str(memory),
         "NOMAD_CPU_LIMIT": str(cpu),
-    }  # fmt: skip
+    }
     for p in ports:
         env[f"NOMAD_HOST_PORT_{p.label}"] = str(p.host_port)
         env[f"NOMAD_PORT_{p.label}"] = str(p.to or p.host_port)
@@ -138,14 +144,14 @@ def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None) -> li
                 if task.driver not in DRIVERS:
                     continue
                 plans.append(_plan_task(job, group, task, alloc_id, index, state_dir,
-                                        taken, host_memory_mb))  # fmt: skip
+                                        taken, host_memory_mb))
     if not plans:
         raise JobFileError('job has no task with driver = "qemu"', where=str(job.path))
     return plans
 
 
 def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, index: int, state_dir: Path,
-               taken: set[int], host_memory_mb: int) -> TaskPlan:  # fmt: skip
+               taken: set[int], host_memory_mb: int) -> TaskPlan:
     where = task.where
     cfg = parse_config(task.config, where)  # early, typed check before any side effect
     del index
@@ -157,14 +163,14 @@ def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, index: int, st
     env = task_env(job, group, task, alloc, alloc_id, ports, memory, cpu)
     cfg = parse_config(interpolate(task.config, env), where)
     dns = next((n for n in (*task.networks, *group.networks) if n.dns_servers or n.dns_searches),
-               None)  # fmt: skip
+               None)
     inputs = TaskInputs(
         name=task.name, where=where, memory_mb=memory,
         memory_max_mb=_int(res, "memory_max", None, where), cores=_int(res, "cores", None, where),
         cpu_shares=cpu, kill_timeout_s=task.kill_timeout_s, kill_signal=task.kill_signal,
         env=env, ports=tuple(ports), dns_servers=dns.dns_servers if dns else (),
         dns_searches=dns.dns_searches if dns else (), host_memory_mb=host_memory_mb,
-    )  # fmt: skip
+    )
     spec = build_spec(cfg, inputs)
     return TaskPlan(alloc_id, group.name, task, spec, alloc, env, tuple(ports),
-                    (*task.artifacts, *legacy_artifacts(cfg)))  # fmt: skip
+                    (*task.artifacts, *legacy_artifacts(cfg)))

@@ -86,15 +86,15 @@ def parse_config(raw: dict[str, Any], where: str) -> QemuTaskConfig:
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(QemuTaskConfig.model_fields)
             raise SpecError("unknown config key", where=f"{where}.config.{loc}",
-                            allowed=allowed) from None  # fmt: skip
+                            allowed=allowed) from None
         if err["type"] == "enum":
             allowed = str(err.get("ctx", {}).get("expected", ""))
         raise SpecError(err["msg"].lower(), where=f"{where}.config.{loc}",
-                        value=err.get("input"), allowed=allowed) from None  # fmt: skip
+                        value=err.get("input"), allowed=allowed) from None
     used = [k for k in _LEGACY if getattr(cfg, k) is not None]
     if used:
         log.warning("%s: config keys %s are deprecated (Nomad 0.1); use an artifact block "
-                    "and port_map instead", where, ", ".join(used))  # fmt: skip
+                    "and port_map instead", where, ", ".join(used))
     if not cfg.image_path and not cfg.image_source:
         raise SpecError("image_path must be set", where=f"{where}.config.image_path")
     return cfg
@@ -106,7 +106,7 @@ def legacy_artifacts(cfg: QemuTaskConfig) -> tuple[ArtifactSpec, ...]:
         return ()
     options = (("checksum", f"md5:{cfg.checksum}"),) if cfg.checksum else ()
     return (ArtifactSpec(source=cfg.image_source, destination="local/", mode="file",
-                         options=options),)  # fmt: skip
+                         options=options),)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def _forwards(cfg: QemuTaskConfig, inputs: TaskInputs) -> list[PortForward]:
         if port is None:
             raise SpecError(f"port_map label {label!r} is not a declared port",
                             where=f"{inputs.where}.config.port_map.{label}",
-                            allowed=sorted(by_label) or "no ports declared")  # fmt: skip
+                            allowed=sorted(by_label) or "no ports declared")
         guest_port = parse_port(guest, where=f"{inputs.where}.config.port_map.{label}")
         out.append(PortForward(label=label, host_port=port.host_port, guest_port=guest_port))
     for label in cfg.ports:
@@ -157,13 +157,13 @@ def _forwards(cfg: QemuTaskConfig, inputs: TaskInputs) -> list[PortForward]:
                             where=f"{inputs.where}.config.ports", allowed=sorted(by_label))
         if label not in cfg.port_map:
             out.append(PortForward(label=label, host_port=port.host_port,
-                                   guest_port=port.to or port.host_port))  # fmt: skip
+                                   guest_port=port.to or port.host_port))
     if cfg.host_port is not None and cfg.guest_port is not None:
         out.append(PortForward(
             label="legacy",
             host_port=parse_port(cfg.host_port, where=f"{inputs.where}.config.host_port"),
             guest_port=parse_port(cfg.guest_port, where=f"{inputs.where}.config.guest_port"),
-        ))  # fmt: skip
+        ))
     return out
 
 
@@ -172,14 +172,14 @@ def _resources(inputs: TaskInputs) -> Resources:
     top = min(MAX_MEMORY_MB, inputs.host_memory_mb or MAX_MEMORY_MB)
     if not MIN_MEMORY_MB <= inputs.memory_mb <= top:
         raise SpecError("memory out of bounds", where=f"{where}.memory", value=inputs.memory_mb,
-                        allowed=f"{MIN_MEMORY_MB} to {top} (MB)")  # fmt: skip
+                        allowed=f"{MIN_MEMORY_MB} to {top} (MB)")
     mmax = inputs.memory_max_mb
     if mmax is not None and mmax not in (0, -1) and mmax < inputs.memory_mb:
         raise SpecError("memory_max is below memory", where=f"{where}.memory_max", value=mmax,
-                        allowed=f">= {inputs.memory_mb}, or -1 for no limit")  # fmt: skip
+                        allowed=f">= {inputs.memory_mb}, or -1 for no limit")
     if inputs.cores is not None and not 1 <= inputs.cores <= 1024:
         raise SpecError("cores out of bounds", where=f"{where}.cores", value=inputs.cores,
-                        allowed="1 to 1024")  # fmt: skip
+                        allowed="1 to 1024")
     return Resources(
         memory_mib=inputs.memory_mb,
         memory_max_mib=mmax if mmax and mmax > 0 else None,
@@ -195,11 +195,11 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
     signal = signal if signal.startswith("SIG") else f"SIG{signal}"
     if signal not in _SIGNALS:
         raise SpecError("unsupported kill_signal", where=f"{inputs.where}.kill_signal",
-                        value=inputs.kill_signal, allowed=_SIGNALS)  # fmt: skip
+                        value=inputs.kill_signal, allowed=_SIGNALS)
     for server in inputs.dns_servers:
         if not server.replace(".", "").replace(":", "").isalnum():
             raise SpecError("not an IP address", where=f"{inputs.where}.network.dns.servers",
-                            value=server)  # fmt: skip
+                            value=server)
     for search in inputs.dns_searches:
         check_hostname(search, where=f"{inputs.where}.network.dns.searches")
     image = cfg.image_path or "local/" + (cfg.image_source or "").rstrip("/").rsplit("/", 1)[-1]
@@ -207,7 +207,7 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
     network = None
     if forwards or inputs.dns_servers or inputs.dns_searches:
         network = NetworkSpec(forwards=tuple(forwards), dns_servers=inputs.dns_servers,
-                              dns_searches=inputs.dns_searches)  # fmt: skip
+                              dns_searches=inputs.dns_searches)
     # An ISO boots as a CD (El Torito) where the bus can carry one; Nomad's plain
     # disk drive only boots hybrid ISOs.
     cd_bus = cfg.drive_interface in (DriveInterface.IDE, DriveInterface.SCSI)
@@ -224,7 +224,7 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
         network=network,
         resources=_resources(inputs),
         shutdown=ShutdownPolicy(graceful=cfg.graceful_shutdown, timeout_s=inputs.kill_timeout_s,
-                                signal=signal),  # fmt: skip
+                                signal=signal),
         guest_agent=cfg.guest_agent,
         args=tuple(cfg.args),
         env=tuple(sorted(inputs.env.items())),

@@ -102,7 +102,7 @@ def render_argv(spec: VMSpec, ctx: RenderContext) -> tuple[str, ...]:
             f"socket,path={qemu_escape(str(ctx.qga_socket))},server=on,wait=off,id=qga0",
             "-device", "virtio-serial",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ]  # fmt: skip
+        ]
     argv += spec.args
     argv += _network_args(spec)
     if ctx.accelerator == "kvm":
@@ -140,7 +140,7 @@ def _network_args(spec: VMSpec) -> list[str]:
     opts += [f"dnssearch={qemu_escape(s)}" for s in net.dns_searches]
     for fwd in sorted(net.forwards, key=lambda f: f.label):
         opts += [f"hostfwd={proto}:{fwd.host_ip}:{fwd.host_port}-:{fwd.guest_port}"
-                 for proto in fwd.protocols]  # fmt: skip
+                 for proto in fwd.protocols]
     return ["-netdev", ",".join(opts), "-device", f"{net.model},netdev=user.0"]
 
 

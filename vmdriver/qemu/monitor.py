@@ -47,7 +47,7 @@ class Monitor:
         try:
             return await asyncio.wait_for(self._client.execute(cmd, args), timeout)
         except ExecuteError as exc:
-            raise MonitorError(f"QMP {cmd} on {self.name}: {exc.error.desc}") from exc
+            raise MonitorError(f"QMP {cmd} on {self.name}: {exc.error.error.desc}") from exc
         except (QMPError, OSError, TimeoutError) as exc:
             raise MonitorError(f"QMP {cmd} on {self.name}: {exc or type(exc).__name__}") from exc
 

@@ -64,7 +64,7 @@ class QemuProcess:
             proc = subprocess.Popen(
                 argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=err, pass_fds=pass_fds, process_group=0, close_fds=True,
-            )  # fmt: skip
+            )
         except OSError as exc:
             raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
         finally:
@@ -92,7 +92,7 @@ class QemuProcess:
         if self._exit is not None and self._exit.done():
             return False
         try:
-            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+            return bool(psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE)
         except psutil.NoSuchProcess:
             return False
 

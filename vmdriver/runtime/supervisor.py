@@ -83,7 +83,7 @@ class Supervisor:
         return vm
 
     async def stop(self, vm_id: str, timeout: float | None = None,
-                   signal: str | None = None) -> ExitResult:  # fmt: skip
+                   signal: str | None = None) -> ExitResult:
         """Stop a VM with its shutdown ladder."""
         return await self.get(vm_id).stop(timeout, signal)
 

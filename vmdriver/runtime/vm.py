@@ -111,7 +111,7 @@ class VM:
             self._proc = QemuProcess.spawn(
                 self.argv, cwd=self.task_dir.path, env=env, stdout=self.stdout,
                 stderr=self.stderr, pass_fds=(theirs.fileno(),),
-            )  # fmt: skip
+            )
             theirs.close()
             self.started_at = time.time()
             await self._connect(ours)
@@ -194,7 +194,7 @@ class VM:
             qmp_socket=str(self.task_dir.qmp_socket), argv=list(self.argv),
             spec=self.spec.model_dump(mode="json"), started_at=self.started_at,
             stdout=str(self.stdout), stderr=str(self.stderr),
-        )  # fmt: skip
+        )
 
     # Section: launch helpers
 
@@ -205,9 +205,12 @@ class VM:
     async def _connect(self, sock: socket.socket) -> None:
         assert self._proc is not None
         self._monitor = Monitor(self.task_dir.task)
-        connect = asyncio.create_task(self._monitor.connect(sock, QMP_CONNECT_TIMEOUT_S))
+        connect: asyncio.Future[None] = asyncio.ensure_future(
+            self._monitor.connect(sock, QMP_CONNECT_TIMEOUT_S)
+        )
         died = self._proc.wait()
-        done, _ = await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+        futures: list[asyncio.Future[Any]] = [connect, died]
+        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
         if connect in done:
             connect.result()
             return

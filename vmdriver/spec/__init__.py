@@ -14,8 +14,8 @@ from vmdriver.spec.model import (
 )
 
 __all__ = [
-    "ArtifactSpec",
     "Accelerator",
+    "ArtifactSpec",
     "Drive",
     "DriveInterface",
     "NetworkSpec",

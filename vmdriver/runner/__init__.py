@@ -1,0 +1,1 @@
+"""The pod runner face (VM-Operator style): one supervised VM from a YAML config."""
