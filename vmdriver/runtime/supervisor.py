@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vmdriver.errors import TaskNotFound, VmdriverError
@@ -59,8 +59,12 @@ class Supervisor:
         stdout: Path | None = None,
         stderr: Path | None = None,
         prepared: Prepared | None = None,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> VM:
-        """Check, launch and register a VM; returns once the guest is running."""
+        """Check, launch and register a VM; returns once the guest is running.
+
+        ``on_spawn`` is passed to :meth:`VM.launch` (called with QEMU's pid while paused).
+        """
         if vm_id in self._vms:
             raise VmdriverError(f"a VM with id {vm_id!r} is already started")
         task_dir.create()
@@ -68,7 +72,8 @@ class Supervisor:
         vm = VM(vm_id, prepared.spec, task_dir)
         self._vms[vm_id] = vm
         try:
-            await vm.launch(prepared.ctx, env=self._env(env), stdout=stdout, stderr=stderr)
+            await vm.launch(prepared.ctx, env=self._env(env), stdout=stdout, stderr=stderr,
+                            on_spawn=on_spawn)  # fmt: skip
         except BaseException:
             del self._vms[vm_id]
             raise

@@ -15,7 +15,7 @@ import logging
 import signal as _signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,13 @@ class VM:
         env: Mapping[str, str],
         stdout: Path | None = None,
         stderr: Path | None = None,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> None:
-        """Start QEMU paused, connect QMP, watch it, then let the guest run."""
+        """Start QEMU paused, connect QMP, watch it, then let the guest run.
+
+        ``on_spawn(pid)`` runs right after QEMU is spawned, while it is still
+        paused (the Nomad plugin puts it into the task's cgroups there).
+        """
         self._require(VMState.DEFINED, "defined")
         self.state = VMState.LAUNCHING
         self.stdout, self.stderr = stdout or self.stdout, stderr or self.stderr
@@ -114,6 +119,8 @@ class VM:
             )
             theirs.close()
             self.started_at = time.time()
+            if on_spawn is not None:
+                on_spawn(self._proc.pid)
             await self._connect(ours)
             self._watcher = asyncio.create_task(self._watch(), name=f"watcher of VM {self.id}")
             self._save_record()
