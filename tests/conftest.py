@@ -50,25 +50,28 @@ def host(state_dir: Path) -> HostConfig:
     return HostConfig(state_dir=state_dir)
 
 
-def qemu_processes() -> set[int]:
-    """Pids of every QEMU system emulator running on this machine."""
+def qemu_processes(mentioning: str = "") -> set[int]:
+    """Pids of running QEMU system emulators, optionally only those whose argv names a path."""
     out = set()
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
         name = p.info.get("name") or ""
-        if name.startswith("qemu-system"):
-            out.add(p.pid)
+        if not name.startswith("qemu-system") or p.info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        if mentioning and not any(mentioning in arg for arg in p.info.get("cmdline") or ()):
+            continue
+        out.add(p.pid)
     return out
 
 
 @pytest.fixture
 def no_leaks(state_dir: Path) -> Iterator[None]:
     """Fail the test if it leaves a QEMU process or a socket behind."""
-    before = qemu_processes()
+    # Only QEMUs of this test: other test runs may share the machine.
     yield
-    leaked = qemu_processes() - before
+    leaked = qemu_processes(str(state_dir))
     for pid in leaked:
         with __import__("contextlib").suppress(psutil.NoSuchProcess):
-            psutil.Process(pid).kill()
+            psutil.Process(pid).kill()  # don't let one failure cascade
     assert not leaked, f"QEMU processes left behind: {sorted(leaked)}"
     sockets = [p for p in state_dir.rglob("*.sock")]
     assert not sockets, f"sockets left behind: {sockets}"
@@ -76,3 +79,8 @@ def no_leaks(state_dir: Path) -> Iterator[None]:
 
 def pytest_report_header() -> str:
     return f"vmdriver tests; guest cache {os.environ.get('VMDRIVER_GUEST_CACHE', '/var/cache/vmdriver/guest')}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regen-golden", action="store_true",
+                     help="rewrite tests/golden/*.argv from the current renderer")

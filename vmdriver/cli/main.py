@@ -20,7 +20,7 @@ from vmdriver import __version__
 from vmdriver.errors import VmdriverError
 from vmdriver.host.config import DEFAULT_HOST_CONFIG, HostConfig, load_host_config
 
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def load_host(args: argparse.Namespace) -> HostConfig:

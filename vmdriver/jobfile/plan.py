@@ -10,6 +10,7 @@ import contextlib
 import re
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ def task_env(job: Job, group: Group, task: Task, alloc: TaskDir, alloc_id: str,
     return env
 
 
-def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None) -> list[TaskPlan]:
+def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
+             new_alloc_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> list[TaskPlan]:
     """Plan every qemu task of ``job`` (``count`` instances of each group)."""
     if host_memory_mb is None:
         host_memory_mb = psutil.virtual_memory().total // (1024 * 1024)
@@ -139,7 +141,7 @@ def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None) -> li
     taken: set[int] = set()
     for group in job.groups:
         for index in range(group.count):
-            alloc_id = str(uuid.uuid4())
+            alloc_id = new_alloc_id()
             for task in group.tasks:
                 if task.driver not in DRIVERS:
                     continue

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vmdriver.errors import SpecError
+from vmdriver.host.emulators import normalize_emulator
 from vmdriver.spec import (
     Accelerator,
     ArtifactSpec,
@@ -217,7 +218,7 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
     return VMSpec(
         name=inputs.name,
         display_name=image.rstrip("/").rsplit("/", 1)[-1],
-        emulator=cfg.emulator,
+        emulator=normalize_emulator(cfg.emulator),
         machine_type=cfg.machine_type,
         accelerator=cfg.accelerator,
         drives=(Drive(path=image, interface=cfg.drive_interface, media=media),),

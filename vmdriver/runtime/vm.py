@@ -218,13 +218,18 @@ class VM:
         died = self._proc.wait()
         futures: list[asyncio.Future[Any]] = [connect, died]
         done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-        if connect in done:
-            connect.result()
+        if connect in done and connect.exception() is None:
             return
-        connect.cancel()
+        if connect not in done:
+            connect.cancel()
         with contextlib.suppress(asyncio.CancelledError, MonitorError):
             await connect
-        code, _sig = died.result()
+        try:
+            # A failed handshake usually means QEMU is on its way out: report its exit.
+            code, _sig = await asyncio.wait_for(asyncio.shield(died), 5)
+        except TimeoutError:
+            connect.result()
+            raise
         raise LaunchError("QEMU exited during start-up", exit_code=code, stderr_tail=tail(self.stderr))
 
     async def _abort_launch(self) -> None:

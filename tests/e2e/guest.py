@@ -1,0 +1,46 @@
+"""Helpers for tests that boot the test guest."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from vmdriver.spec import Drive, NetworkSpec, PortForward, ShutdownPolicy, VMSpec
+
+READY = "VMDRIVER-GUEST-READY"
+GUEST_HTTP_PORT = 8080
+
+
+def overlay(guest_dir: Path, dest: Path) -> Path:
+    """A private copy-on-write disk over the shared guest image."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                    "-b", str(guest_dir / "disk.qcow2"), str(dest)), check=True)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def guest_spec(name: str, *, mode: str = "normal", graceful: bool = True, timeout: float = 30.0,
+               host_port: int | None = None, guest_agent: bool = False) -> VMSpec:
+    """A spec that boots the test guest from ``local/disk.qcow2`` in its task dir."""
+    args: tuple[str, ...] = ()
+    if mode != "normal":
+        args = ("-fw_cfg", f"name=opt/vmdriver/mode,string={mode}")
+    network = None
+    if host_port:
+        network = NetworkSpec(forwards=(PortForward(label="http", host_port=host_port,
+                                                    guest_port=GUEST_HTTP_PORT),))
+    return VMSpec(
+        name=name,
+        drives=(Drive(path="local/disk.qcow2", format="qcow2"),),
+        network=network,
+        shutdown=ShutdownPolicy(graceful=graceful, timeout_s=timeout),
+        guest_agent=guest_agent,
+        args=args,
+    )

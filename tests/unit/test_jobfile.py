@@ -1,0 +1,133 @@
+"""Job file parsing and the qemu task config → VMSpec mapping."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from vmdriver.errors import JobFileError, SpecError
+from vmdriver.jobfile.model import load_job
+from vmdriver.jobfile.plan import plan_job
+from vmdriver.spec import Accelerator, DriveInterface
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.hcl"
+    path.write_text(body)
+    return path
+
+
+def job(config: str, extra: str = "", group_extra: str = "") -> str:
+    return f"""
+job "j" {{
+  group "g" {{
+    {group_extra}
+    task "t" {{
+      driver = "qemu"
+      config {{
+        {config}
+      }}
+      {extra}
+    }}
+  }}
+}}
+"""
+
+
+def plan(tmp_path: Path, body: str):  # type: ignore[no-untyped-def]
+    return plan_job(load_job(write(tmp_path, body)), tmp_path / "state", host_memory_mb=8192)
+
+
+def test_defaults_follow_nomad(tmp_path: Path) -> None:
+    (p,) = plan(tmp_path, job('image_path = "local/a.img"'))
+    spec = p.spec
+    assert spec.emulator == "x86_64" and spec.machine_type == "pc"
+    assert spec.accelerator is Accelerator.TCG
+    assert spec.drives[0].interface is DriveInterface.IDE
+    assert spec.resources.memory_mib == 300
+    assert spec.shutdown.timeout_s == 5.0 and spec.shutdown.signal == "SIGINT"
+    assert not spec.shutdown.graceful and spec.network is None
+
+
+def test_group_network_ports_are_forwarded(tmp_path: Path) -> None:
+    # Nomad #10033: group-level ports were ignored by port_map.
+    body = job('image_path = "x.img"\nport_map { http = 80 }',
+               group_extra='network { port "http" { static = 18080 } }')
+    (p,) = plan(tmp_path, body)
+    assert p.spec.network is not None
+    (fwd,) = p.spec.network.forwards
+    assert (fwd.host_port, fwd.guest_port, fwd.label) == (18080, 80, "http")
+    assert p.env["NOMAD_HOST_PORT_http"] == "18080"
+
+
+def test_dynamic_port_gets_a_free_host_port(tmp_path: Path) -> None:
+    body = job('image_path = "x.img"\nport_map { web = 8080 }',
+               group_extra='network { port "web" {} }')
+    (p,) = plan(tmp_path, body)
+    assert p.spec.network is not None
+    assert 20000 <= p.spec.network.forwards[0].host_port < 32000
+
+
+def test_port_map_label_must_be_declared(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="port_map label 'db' is not a declared port"):
+        plan(tmp_path, job('image_path = "x.img"\nport_map { db = 5432 }'))
+
+
+def test_unknown_config_key_names_field_and_allowed(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as exc:
+        plan(tmp_path, job('image_path = "x.img"\nimage_pth = "y"'))
+    assert "config.image_pth" in str(exc.value) and "image_path" in str(exc.value)
+
+
+@pytest.mark.parametrize(("config", "needle"), [
+    ('image_path = "x.img"\ndrive_interface = "virtio-foo"', "drive_interface"),
+    ('image_path = "x.img"\naccelerator = "hvf"', "accelerator"),
+    ('image_path = "x.img"\ngraceful_shutdown = "yes"', "graceful_shutdown"),
+    ('image_path = 3', "image_path"),
+    ('emulator = "x86_64"', "image_path must be set"),
+])
+def test_bad_values_are_spec_errors(tmp_path: Path, config: str, needle: str) -> None:
+    with pytest.raises(SpecError, match=needle):
+        plan(tmp_path, job(config))
+
+
+def test_memory_bounds(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="memory out of bounds"):
+        plan(tmp_path, job('image_path = "x.img"', "resources { memory = 64 }"))
+    with pytest.raises(SpecError, match="memory out of bounds"):
+        plan(tmp_path, job('image_path = "x.img"', "resources { memory = 100000 }"))
+
+
+def test_interpolation_of_task_dir_in_args(tmp_path: Path) -> None:
+    (p,) = plan(tmp_path, job('image_path = "x.img"\nargs = ["-drive", "file=${NOMAD_TASK_DIR}/d.img"]'))
+    assert p.spec.args[1] == f"file={p.task_dir.local}/d.img"
+
+
+def test_legacy_keys_warn_and_map(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    body = job('image_source = "http://h/x.img"\nchecksum = "abc"\nhost_port = 18081\nguest_port = 81')
+    with caplog.at_level(logging.WARNING):
+        (p,) = plan(tmp_path, body)
+    assert "deprecated" in caplog.text
+    assert p.artifacts[0].source == "http://h/x.img"
+    assert dict(p.artifacts[0].options)["checksum"] == "md5:abc"
+    assert p.spec.drives[0].path == "local/x.img"
+    assert p.spec.network is not None and p.spec.network.forwards[0].guest_port == 81
+
+
+def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, 'job "j" {\n  group "g" {\n    task = = 3\n')
+    with pytest.raises(JobFileError, match=r"job\.hcl:3"):
+        load_job(path)
+
+
+def test_no_qemu_task_is_an_error(tmp_path: Path) -> None:
+    body = 'job "j" { group "g" { task "t" { driver = "docker" } } }'
+    with pytest.raises(JobFileError, match='no task with driver = "qemu"'):
+        plan(tmp_path, body)
+
+
+def test_group_count_runs_instances(tmp_path: Path) -> None:
+    plans = plan(tmp_path, job('image_path = "x.img"', group_extra="count = 3"))
+    assert len(plans) == 3 and len({p.alloc_id for p in plans}) == 3
