@@ -1,38 +1,203 @@
-"""Placing a task's artifacts into its task dir.
+"""Fetching a task's artifacts into its task dir: the one entry point faces call.
 
-Interim implementation: local files only (a path relative to the job file, or
-file://), copied into the destination. HTTP(S), checksums, archives and the
-shared cache come with the artifacts issue.
+Each artifact is checked first (all of them, before any byte moves), then fetched
+into a hidden work dir inside the task dir (or the shared cache when it has a
+checksum), verified, unpacked, and moved into place by rename. Any failure removes
+the work dir, so neither the task dir nor the cache ever holds half a file.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import shutil
+import tempfile
+import threading
 from pathlib import Path
-from urllib.parse import urlparse
 
+from vmdriver.artifacts.archive import decompress, move_tree, unpack
+from vmdriver.artifacts.cache import ArtifactCache, Entry, cache_key
+from vmdriver.artifacts.http import HttpSettings, download
+from vmdriver.artifacts.place import place_file
+from vmdriver.artifacts.progress import Phase, ProgressCallback, ProgressEvent
+from vmdriver.artifacts.source import Source, parse_source
+from vmdriver.artifacts.transfer import Cancelled, DiskFull, Sink, copy_stream
 from vmdriver.errors import ArtifactError
 from vmdriver.spec import ArtifactSpec
 
 
-def fetch_artifacts(artifacts: tuple[ArtifactSpec, ...], task_dir: Path, job_dir: Path) -> list[Path]:
-    """Fetch each artifact into ``task_dir``; return the paths placed."""
-    placed = []
-    for art in artifacts:
-        url = urlparse(art.source)
-        if url.scheme not in ("", "file"):
-            raise ArtifactError(art.source, f"scheme {url.scheme!r} is not supported yet")
-        src = Path(url.path if url.scheme else art.source)
-        src = src if src.is_absolute() else job_dir / src
-        if not src.is_file():
-            raise ArtifactError(art.source, "no such file")
-        dest_dir = (task_dir / art.destination).resolve()
-        if task_dir.resolve() not in (dest_dir, *dest_dir.parents):
-            raise ArtifactError(art.source, "destination leaves the task dir")
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / src.name
-        tmp = dest.with_name(dest.name + ".part")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
-        placed.append(dest)
+class _Job:
+    """One artifact being fetched: its source and how to report on it."""
+
+    def __init__(self, src: Source, progress: ProgressCallback | None,
+                 cancel: threading.Event | None, http: HttpSettings | None) -> None:  # fmt: skip
+        self.src = src
+        self.progress = progress
+        self.cancel = cancel
+        self.http = http
+
+    def emit(self, phase: Phase, done: int = 0, total: int | None = None, *,
+             finished: bool = False, message: str = "") -> None:  # fmt: skip
+        if self.progress:
+            self.progress(ProgressEvent(self.src.display, phase, done, total, finished, message))
+
+    def counter(self, phase: Phase, total: int | None) -> functools.partial[None]:
+        """A per-chunk callback that reports a running total."""
+        seen = [0]
+
+        def step(n: int) -> None:
+            seen[0] += n
+            self.emit(phase, seen[0], total)
+
+        return functools.partial(step)
+
+    def obtain(self, sink: Sink) -> None:
+        """Fill ``sink`` from the source (download or local copy) and verify it."""
+        src = self.src
+        if src.kind == "http":
+            download(src.location, src.headers, sink, src.display, settings=self.http,
+                     progress=lambda done, total: self.emit("download", done, total),
+                     cancel=self.cancel)  # fmt: skip
+            self.emit("download", sink.size, sink.size, finished=True)
+        else:
+            path = src.local_path
+            if not path.is_file():
+                raise ArtifactError(src.display, f"no such file: {path}")
+            total = path.stat().st_size
+            with open(path, "rb") as f:
+                copy_stream(f, sink, cancel=self.cancel, progress=self.counter("copy", total))
+            self.emit("copy", sink.size, total, finished=True)
+        sink.close()
+        if src.checksum and sink.hexdigest() != src.checksum.hexdigest:
+            raise ArtifactError(src.display, f"checksum mismatch: expected {src.checksum}, got "
+                                             f"{src.checksum.algorithm}:{sink.hexdigest()}")  # fmt: skip
+
+    def fill(self, tmp: Path) -> dict[str, object]:
+        """Fill a new cache entry: the verified blob, and its decompressed form."""
+        sink = Sink(tmp / "blob", self.src.checksum)
+        try:
+            self.obtain(sink)
+        finally:
+            sink.abort()
+        archive = self.src.archive
+        if archive is not None and archive.single:
+            self.decompress(tmp / "blob", tmp / "data")
+        return {"source": self.src.display, "size": sink.size, "name": self.src.file_name}
+
+    def decompress(self, blob: Path, out: Path) -> None:
+        assert self.src.archive is not None
+        total = blob.stat().st_size
+        decompress(blob, out, self.src.archive, self.src.display,
+                   progress=self.counter("unpack", total), cancel=self.cancel)  # fmt: skip
+        self.emit("unpack", total, total, finished=True)
+
+    def materialize(self, blob: Path, data: Path | None, work: Path,
+                    entry: tuple[ArtifactCache, Entry] | None) -> list[Path]:  # fmt: skip
+        """Put the verified ``blob`` (or its ``data``) where the artifact says."""
+        src = self.src
+        if src.archive is not None and not src.archive.single:
+            stage = work / "tree"
+            stage.mkdir()
+            total = blob.stat().st_size
+            unpack(blob, stage, src.archive, src.display, progress=self.counter("unpack", total),
+                   cancel=self.cancel)  # fmt: skip
+            self.emit("unpack", total, total, finished=True)
+            return move_tree(stage, src.target)
+        dest = src.target / src.file_name if src.is_dir else src.target
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir():
+            raise ArtifactError(src.display, f"destination {dest} is a directory")
+        file = blob
+        if src.archive is not None:  # single compressed file
+            if data is None:
+                data = work / "data"
+                self.decompress(blob, data)
+            file = data
+        if work in file.parents:
+            file.replace(dest)  # our own temporary file: just move it
+            return [dest]
+        pin = (lambda p: entry[0].pin(entry[1], p)) if entry else None
+        how = place_file(file, dest, src.display, cow=entry is not None, pin=pin)
+        if entry:
+            self.emit("done", message=f"{'overlay on' if how == 'overlay' else 'copied from'} "
+                                      f"the cached copy → {dest.name}")  # fmt: skip
+        return [dest]
+
+    def run(self, task_dir: Path, cache: ArtifactCache | None) -> list[Path]:
+        src = self.src
+        work = Path(tempfile.mkdtemp(prefix=".vmdriver-fetch-", dir=task_dir))
+        try:
+            if src.checksum and cache:
+                filled = []
+
+                def fill(tmp: Path) -> dict[str, object]:
+                    filled.append(True)
+                    return self.fill(tmp)
+
+                with cache.use(cache_key(src.checksum, src.location), fill) as entry:
+                    if not filled:
+                        self.emit("cached", message=f"in the cache ({src.checksum.algorithm} "
+                                                    "matches); nothing downloaded")  # fmt: skip
+                    return self.materialize(entry.blob, entry.data, work, (cache, entry))
+            if src.kind == "file" and not src.checksum:
+                if not src.local_path.is_file():
+                    raise ArtifactError(src.display, f"no such file: {src.local_path}")
+                return self.materialize(src.local_path, None, work, None)
+            sink = Sink(work / "blob", src.checksum)
+            try:
+                self.obtain(sink)
+            finally:
+                sink.abort()
+            return self.materialize(work / "blob", None, work, None)
+        except Cancelled:
+            raise ArtifactError(src.display, "cancelled") from None
+        except DiskFull as exc:
+            raise ArtifactError(src.display, str(exc.strerror)) from None
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise ArtifactError(src.display, f"{exc.strerror or exc}{where}") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def fetch_artifacts(artifacts: tuple[ArtifactSpec, ...], task_dir: Path, job_dir: Path, *,
+                    cache: ArtifactCache | None = None, progress: ProgressCallback | None = None,
+                    cancel: threading.Event | None = None,
+                    http: HttpSettings | None = None) -> list[Path]:  # fmt: skip
+    """Fetch each artifact into ``task_dir``; return the paths placed (files or top entries).
+
+    ``job_dir`` anchors relative sources. With a ``cache``, artifacts that carry a
+    checksum are fetched once per host and shared. ``progress`` may be called from
+    this thread at any time; setting ``cancel`` stops the fetch at the next chunk.
+    Raises :class:`~vmdriver.errors.ArtifactError` naming the artifact and the cause.
+    """
+    task_dir.mkdir(parents=True, exist_ok=True)
+    sources = [parse_source(spec, task_dir, job_dir) for spec in artifacts]
+    placed: list[Path] = []
+    for src in sources:
+        placed += _Job(src, progress, cancel, http).run(task_dir, cache)
     return placed
+
+
+async def fetch_artifacts_async(artifacts: tuple[ArtifactSpec, ...], task_dir: Path,
+                                job_dir: Path, *, cache: ArtifactCache | None = None,
+                                progress: ProgressCallback | None = None,
+                                http: HttpSettings | None = None) -> list[Path]:  # fmt: skip
+    """:func:`fetch_artifacts` in a worker thread; cancelling this stops the worker too."""
+    cancel = threading.Event()
+    call = functools.partial(fetch_artifacts, artifacts, task_dir, job_dir, cache=cache,
+                             progress=progress, cancel=cancel, http=http)  # fmt: skip
+    fut = asyncio.get_running_loop().run_in_executor(None, call)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+        # Wait for the worker to clean up its temporary files; its "cancelled" error is
+        # expected, a second cancellation of this wait still propagates.
+        with contextlib.suppress(Exception):
+            await fut
+        raise
+
+
+__all__ = ["fetch_artifacts", "fetch_artifacts_async"]

@@ -1,0 +1,229 @@
+"""Archives and compressed files: tar (plain, gz, bz2, xz, zst), zip, and single files
+compressed with gz, bz2, xz or zst.
+
+Unpacking refuses, before writing anything, entries that would land outside the
+destination: absolute names, ``..``, links pointing out, device files. tarfile's
+``data`` filter runs as well, as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import lzma
+import posixpath
+import shutil
+import stat
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import zstandard
+
+from vmdriver.artifacts.transfer import CountingReader, ProgressFn, Sink, check_cancel, copy_stream
+from vmdriver.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class ArchiveKind:
+    """What a file is packed as."""
+
+    #: Canonical name, as accepted by ``archive=``.
+    name: str
+    #: ``tar``, ``zip``, or ``None`` for a single compressed file.
+    container: str | None
+    #: ``gz``, ``bz2``, ``xz``, ``zst`` or ``None``.
+    compression: str | None
+
+    @property
+    def single(self) -> bool:
+        """A single compressed file (``disk.qcow2.xz``), not a tree."""
+        return self.container is None
+
+
+KINDS = {k.name: k for k in (
+    ArchiveKind("tar", "tar", None), ArchiveKind("tar.gz", "tar", "gz"),
+    ArchiveKind("tar.bz2", "tar", "bz2"), ArchiveKind("tar.xz", "tar", "xz"),
+    ArchiveKind("tar.zst", "tar", "zst"), ArchiveKind("zip", "zip", None),
+    ArchiveKind("gz", None, "gz"), ArchiveKind("bz2", None, "bz2"),
+    ArchiveKind("xz", None, "xz"), ArchiveKind("zst", None, "zst"),
+)}  # fmt: skip
+#: File name endings, longest first so ``.tar.gz`` wins over ``.gz``.
+SUFFIXES = (
+    (".tar.gz", "tar.gz"), (".tar.bz2", "tar.bz2"), (".tar.xz", "tar.xz"),
+    (".tar.zst", "tar.zst"), (".tgz", "tar.gz"), (".tbz2", "tar.bz2"), (".tbz", "tar.bz2"),
+    (".txz", "tar.xz"), (".tzst", "tar.zst"), (".tar", "tar"), (".zip", "zip"),
+    (".gz", "gz"), (".bz2", "bz2"), (".xz", "xz"), (".zst", "zst"),
+)  # fmt: skip
+_ALIASES = {suffix.lstrip("."): name for suffix, name in SUFFIXES}
+
+
+def kind_from_name(name: str) -> ArchiveKind | None:
+    """The kind a file name says, or ``None`` for a plain file."""
+    lower = name.lower()
+    return next((KINDS[k] for suffix, k in SUFFIXES if lower.endswith(suffix)), None)
+
+
+def kind_from_option(option: str) -> ArchiveKind | None:
+    """The value of ``archive=``: a kind, or ``false`` to keep the file as it is."""
+    value = option.strip().lower()
+    if value in ("false", "0", "no"):
+        return None
+    if value in _ALIASES:
+        return KINDS[_ALIASES[value]]
+    raise ValueError(f"unknown archive type {option!r} (allowed: false, {', '.join(KINDS)})")
+
+
+def strip_suffix(name: str, kind: ArchiveKind) -> str:
+    """``disk.qcow2.xz`` → ``disk.qcow2``; a name without the suffix stays as it is."""
+    lower = name.lower()
+    for suffix, k in SUFFIXES:
+        if k == kind.name and lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@contextlib.contextmanager
+def _decompressed(raw: BinaryIO, compression: str | None) -> Iterator[BinaryIO]:
+    if compression is None:
+        yield raw
+    elif compression == "gz":
+        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            yield cast(BinaryIO, f)
+    elif compression == "bz2":
+        with bz2.BZ2File(raw, "rb") as f:
+            yield cast(BinaryIO, f)
+    elif compression == "xz":
+        with lzma.LZMAFile(raw, "rb") as f:
+            yield cast(BinaryIO, f)
+    else:
+        with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as f:
+            yield cast(BinaryIO, f)
+
+
+# Errors each decompressor raises on corrupt input.
+_CORRUPT = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, tarfile.TarError,
+            zipfile.BadZipFile)  # fmt: skip
+
+
+def decompress(src: Path, dest: Path, kind: ArchiveKind, display: str, *,
+               progress: ProgressFn | None = None,
+               cancel: threading.Event | None = None) -> None:  # fmt: skip
+    """Write the single file compressed in ``src`` to ``dest`` (holes kept)."""
+    sink = Sink(dest, None)
+    try:
+        with open(src, "rb") as raw, _decompressed(
+                cast(BinaryIO, CountingReader(raw, progress, cancel)), kind.compression) as f:
+            copy_stream(f, sink, cancel=cancel)
+        sink.close()
+    except _CORRUPT as exc:
+        sink.abort()
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # a real I/O error (disk full), not corrupt input
+        raise ArtifactError(display, f"cannot decompress ({kind.name}): {exc}") from None
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def unpack(src: Path, dest: Path, kind: ArchiveKind, display: str, *,
+           progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> None:
+    """Unpack a tar or zip archive into the empty directory ``dest``."""
+    try:
+        if kind.container == "zip":
+            _unzip(src, dest, display, progress, cancel)
+            return
+        with open(src, "rb") as raw, _decompressed(
+                cast(BinaryIO, CountingReader(raw, progress, cancel)), kind.compression) as f, \
+                tarfile.open(fileobj=f, mode="r|") as tar:  # fmt: skip
+            for member in tar:
+                check_cancel(cancel)
+                _check_tar_member(member, display)
+                tar.extract(member, dest, set_attrs=False, filter="data")
+    except tarfile.FilterError as exc:
+        raise ArtifactError(display, f"unsafe archive entry refused: {exc}") from None
+    except _CORRUPT as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise ArtifactError(display, f"cannot unpack ({kind.name}): {exc}") from None
+
+
+def _inside(name: str) -> bool:
+    """A relative name that stays inside the destination, however it is spelled."""
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    return not (name.startswith(("/", "\\")) or norm == ".." or norm.startswith("../"))
+
+
+def _check_tar_member(m: tarfile.TarInfo, display: str) -> None:
+    if not _inside(m.name):
+        raise ArtifactError(display, f"archive entry {m.name!r} would land outside the "
+                                     "destination")  # fmt: skip
+    if m.ischr() or m.isblk() or m.isfifo():
+        raise ArtifactError(display, f"archive entry {m.name!r} is a device or fifo; refused")
+    if m.issym():
+        target = posixpath.join(posixpath.dirname(m.name), m.linkname)
+        if m.linkname.startswith("/") or not _inside(target):
+            raise ArtifactError(display, f"archive entry {m.name!r} is a symlink pointing "
+                                         f"outside the destination ({m.linkname!r})")  # fmt: skip
+    if m.islnk() and not _inside(m.linkname):
+        raise ArtifactError(display, f"archive entry {m.name!r} is a hard link to "
+                                     f"{m.linkname!r}, outside the destination")  # fmt: skip
+
+
+def _unzip(src: Path, dest: Path, display: str, progress: ProgressFn | None,
+           cancel: threading.Event | None) -> None:  # fmt: skip
+    with zipfile.ZipFile(src) as zf:
+        infos = zf.infolist()
+        for info in infos:  # check all first: nothing is written from a hostile archive
+            mode = info.external_attr >> 16
+            if not _inside(info.filename) or ":" in info.filename.split("/")[0]:
+                raise ArtifactError(display, f"archive entry {info.filename!r} would land "
+                                             "outside the destination")  # fmt: skip
+            if stat.S_ISLNK(mode):
+                raise ArtifactError(display, f"archive entry {info.filename!r} is a symlink; "
+                                             "zip symlinks are refused")  # fmt: skip
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+                raise ArtifactError(display, f"archive entry {info.filename!r} is a device or "
+                                             "fifo; refused")  # fmt: skip
+        for info in infos:
+            check_cancel(cancel)
+            path = dest / posixpath.normpath(info.filename)
+            if info.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sink = Sink(path, None)
+            try:
+                with zf.open(info) as f:
+                    copy_stream(cast(BinaryIO, f), sink, cancel=cancel)
+                sink.close()
+            except BaseException:
+                sink.abort()
+                raise
+            if (info.external_attr >> 16) & 0o111:
+                path.chmod(0o755)
+            if progress:
+                progress(info.compress_size)
+
+
+def move_tree(src: Path, dest: Path) -> list[Path]:
+    """Move what ``src`` holds into ``dest``, merging directories, replacing files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for entry in sorted(src.iterdir()):
+        target = dest / entry.name
+        if entry.is_dir() and not entry.is_symlink() and target.is_dir() \
+                and not target.is_symlink():  # fmt: skip
+            move_tree(entry, target)
+        else:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            entry.replace(target)
+        moved.append(target)
+    return moved
+
