@@ -25,7 +25,7 @@ def fetch(source: str, task_dir: Path, *, cache: ArtifactCache | None = None,
     headers = fields.pop("headers", {})
     assert isinstance(opts, dict) and isinstance(headers, dict)
     spec = ArtifactSpec(source=source, options=tuple(sorted(opts.items())),
-                        headers=tuple(sorted(headers.items())), **fields)  # type: ignore[arg-type]
+                        headers=tuple(sorted(headers.items())), **fields)
     return fetch_artifacts((spec,), task_dir, job_dir or task_dir, cache=cache,
                            progress=events.append if events is not None else None,
                            http=http)  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_transient_500_is_retried(server: ArtifactServer, tmp_path: Path) -> Non
 
 
 def _fails(source: str, task: Path, cache: ArtifactCache | None = None,
-           http: HttpSettings = FAST, **kw: object) -> str:  # fmt: skip
+           http: HttpSettings = FAST, **kw: Any) -> str:  # fmt: skip
     with pytest.raises(ArtifactError) as info:
         fetch(source, task, cache=cache, http=http, **kw)
     msg = str(info.value)

@@ -1,28 +1,22 @@
-"""Disk image facts from ``qemu-img info``, and the files an image makes QEMU open.
+"""Disk image facts from ``qemu-img info``: what placing an artifact needs to know.
 
-A qcow2 image can name a backing file, a qcow2 external data file, and a vmdk
-descriptor names extent files: QEMU opens each of them on the host. A downloaded
-image, or a raw disk a guest rewrote with a qcow2 header, could point them at
-host files, so every such file must lie in the task dir, the artifact cache or an
-operator's ``image_paths``, and every backing file must have its format recorded
-(else QEMU would probe it, with the same risk one level down).
+``qemu-img info`` reads the header only; it does not open backing files. Whether
+the files an image names (backing, data file, extents) are allowed is decided
+before launch by :mod:`vmdriver.policy.images`.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmdriver.errors import PolicyError, SpecError
+from vmdriver.errors import SpecError
 
 #: Formats QEMU may be told an image has; anything else is refused.
 KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "dmg", "parallels")
-#: Backing chains longer than this are refused (a loop would never end).
-MAX_CHAIN = 16
 
 
 @dataclass(frozen=True)
@@ -80,51 +74,3 @@ def _extra_files(spec: dict[str, Any]) -> tuple[str, ...]:
         if isinstance(extent, dict) and extent.get("filename"):
             files.append(str(extent["filename"]))
     return tuple(files)
-
-
-def detect_format(path: Path, *, where: str) -> str:
-    """The image's format as ``qemu-img info`` reads it."""
-    return image_info(path, where=where).format
-
-
-def _is_under(path: Path, bases: Sequence[Path]) -> bool:
-    return any(path == b or b in path.parents for b in bases)
-
-
-def _host_file(name: str, image: Path, allowed: Sequence[Path], what: str, where: str) -> Path:
-    """Resolve a file an image names and insist it lies in an allowed place."""
-    head = name.split("/", 1)[0]
-    if name.startswith("json:") or ":" in head:
-        raise PolicyError(f"image {what} names a protocol, not a file", where=where, value=name)
-    candidate = Path(name) if Path(name).is_absolute() else image.parent / name
-    try:
-        resolved = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise SpecError(f"image {what} does not exist", where=where, value=name) from None
-    if not _is_under(resolved, allowed):
-        raise PolicyError(f"image {what} is outside the allowed paths", where=where, value=name,
-                          allowed="the task dir, the artifact cache, image_paths")  # fmt: skip
-    return resolved
-
-
-def check_image_files(info: ImageInfo, allowed: Sequence[Path], *, where: str = "") -> None:
-    """Follow the backing chain; refuse any file in it outside ``allowed`` (resolved dirs)."""
-    bases = [Path(p).resolve() for p in allowed]
-    seen = {info.path.resolve()}
-    current = info
-    for _ in range(MAX_CHAIN):
-        for extra in current.extra_files:
-            _host_file(extra, current.path, bases, "data or extent file", where)
-        if current.backing is None:
-            return
-        backing = _host_file(current.backing, current.path, bases, "backing file", where)
-        if not current.backing_format:
-            raise PolicyError("image backing file has no recorded format (QEMU would have to "
-                              "probe it); recreate the overlay with -F FORMAT", where=where,
-                              value=current.backing)  # fmt: skip
-        if backing in seen:
-            raise SpecError("image backing chain loops", where=where, value=str(backing))
-        seen.add(backing)
-        current = image_info(backing, fmt=current.backing_format, where=where)
-    raise SpecError(f"image backing chain is longer than {MAX_CHAIN}", where=where,
-                    value=str(info.path))  # fmt: skip

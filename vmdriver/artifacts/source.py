@@ -102,7 +102,9 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path) -> Source:
     scheme = parts.scheme.lower()
     if len(scheme) == 1:  # a Windows drive letter is no scheme; paths here are POSIX
         scheme = ""
-    display = redact(raw)
+    # Messages name the artifact without go-getter options or credentials.
+    display = redact(urlunsplit(parts._replace(query=urlencode(
+        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in OPTIONS]))))
     if scheme and scheme not in SCHEMES:
         raise ArtifactError(display, f"scheme {scheme!r} is not supported "
                                      f"(allowed: {', '.join(SCHEMES)}, or a path)")  # fmt: skip

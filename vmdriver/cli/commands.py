@@ -13,7 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmdriver.artifacts import fetch_artifacts
+from vmdriver.artifacts import (
+    ArtifactCache,
+    default_cache_dir,
+    fetch_artifacts_async,
+    progress_display,
+)
 from vmdriver.cli.main import err_console, print_json
 from vmdriver.errors import InputError, VmdriverError
 from vmdriver.host.config import HostConfig
@@ -42,9 +47,13 @@ def _forwards(plan: TaskPlan) -> str:
 async def _prepare_all(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -> list[Prepared]:
     """Artifacts and checks for every task before any VM starts."""
     out = []
+    cache = ArtifactCache(default_cache_dir(host.state_dir))
     for plan in plans:
         plan.task_dir.create()
-        await asyncio.to_thread(fetch_artifacts, plan.artifacts, plan.task_dir.path, job_dir)
+        if plan.artifacts:
+            with progress_display(err_console) as on_progress:
+                await fetch_artifacts_async(plan.artifacts, plan.task_dir.path, job_dir,
+                                            cache=cache, progress=on_progress)  # fmt: skip
         out.append(await asyncio.to_thread(prepare, plan.spec, plan.task_dir, host,
                                            where=plan.task.where))
     return out
