@@ -1,0 +1,253 @@
+"""The Driver service: Nomad's task lifecycle calls, translated for the shared core.
+
+Handlers run on grpcio's thread pool; the work runs on the plugin's event loop
+(:class:`~vmdriver.nomad.loop.LoopThread`). Streams (Fingerprint, TaskEvents,
+TaskStats) stay open until Nomad cancels them, as Nomad re-opens a closed
+stream at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import psutil
+from google.protobuf import timestamp_pb2
+
+from vmdriver.host.fingerprint import fingerprint
+from vmdriver.nomad import hclspec
+from vmdriver.nomad.base import PluginState
+from vmdriver.nomad.proto import driver_pb2 as pb
+from vmdriver.nomad.proto import driver_pb2_grpc, structs_pb2
+from vmdriver.nomad.status import rpc, stream
+from vmdriver.nomad.taskconfig import plan_start
+from vmdriver.runtime.state import ExitResult
+from vmdriver.runtime.stats import ProcessSample, ProcessSampler
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_PERIOD_S = 30.0
+DEFAULT_STATS_INTERVAL_S = 1.0
+HANDLE_VERSION = 1
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _ended(context: grpc.ServicerContext) -> threading.Event:
+    """An event set when the RPC ends (Nomad cancelled the stream)."""
+    done = threading.Event()
+    context.add_callback(done.set)
+    return done
+
+
+def exit_result(result: ExitResult, oom: bool = False) -> pb.ExitResult:
+    """vmdriver's ExitResult in Nomad's terms."""
+    return pb.ExitResult(exit_code=result.exit_code, signal=result.signal, oom_killed=oom)
+
+
+def usage(sample: ProcessSample) -> pb.TaskResourceUsage:
+    """A psutil sample as Nomad's TaskResourceUsage (every field it reads is set)."""
+    cpu_fields = [pb.CPUUsage.SYSTEM_MODE, pb.CPUUsage.USER_MODE, pb.CPUUsage.TOTAL_TICKS,
+                  pb.CPUUsage.PERCENT]  # fmt: skip
+    mem_fields = [pb.MemoryUsage.RSS, pb.MemoryUsage.SWAP]
+    return pb.TaskResourceUsage(
+        cpu=pb.CPUUsage(system_mode=sample.system_percent, user_mode=sample.user_percent,
+                        total_ticks=sample.total_ticks, percent=sample.cpu_percent,
+                        measured_fields=cpu_fields),
+        memory=pb.MemoryUsage(rss=sample.rss, swap=sample.swap, measured_fields=mem_fields),
+    )  # fmt: skip
+
+
+class DriverService(driver_pb2_grpc.DriverServicer):
+    """``hashicorp.nomad.plugins.drivers.proto.Driver``."""
+
+    def __init__(self, state: PluginState) -> None:
+        self.state = state
+
+    # Section: schema, capabilities, fingerprint
+
+    @rpc
+    def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> pb.InitResponse:
+        """Nothing to do: the plugin is ready once SetConfig ran."""
+        return pb.InitResponse()
+
+    @rpc
+    def TaskConfigSchema(self, request: pb.TaskConfigSchemaRequest,
+                         context: grpc.ServicerContext) -> pb.TaskConfigSchemaResponse:  # fmt: skip
+        """The qemu task config as an hclspec object."""
+        return pb.TaskConfigSchemaResponse(spec=hclspec.task_config_spec())
+
+    @rpc
+    def Capabilities(self, request: pb.CapabilitiesRequest,
+                     context: grpc.ServicerContext) -> pb.CapabilitiesResponse:  # fmt: skip
+        """Honest capabilities: no signals, no exec (not implemented yet); host networking."""
+        caps = pb.DriverCapabilities(
+            send_signals=False, exec=False, fs_isolation=pb.DriverCapabilities.NONE,
+            network_isolation_modes=[pb.NetworkIsolationSpec.HOST],
+            mount_configs=pb.DriverCapabilities.NO_MOUNTS,
+        )  # fmt: skip
+        return pb.CapabilitiesResponse(capabilities=caps)
+
+    def _fingerprint(self) -> pb.FingerprintResponse:
+        host = self.state.host
+        try:
+            fp = fingerprint(host.state_dir, host.emulators_allowlist)
+        except Exception as exc:
+            log.exception("fingerprint failed")
+            return pb.FingerprintResponse(health=pb.FingerprintResponse.UNHEALTHY,
+                                          health_description=f"fingerprint failed: {exc}")
+        attrs = {}
+        for key, value in fp.attributes.items():
+            attr = structs_pb2.Attribute()
+            if isinstance(value, bool):
+                attr.bool_val = value
+            else:
+                attr.string_val = str(value)
+            attrs[key] = attr
+        if fp.healthy:
+            health = pb.FingerprintResponse.HEALTHY
+        elif not fp.emulators:
+            health = pb.FingerprintResponse.UNDETECTED
+        else:
+            health = pb.FingerprintResponse.UNHEALTHY
+        return pb.FingerprintResponse(attributes=attrs, health=health,
+                                      health_description=fp.description)  # fmt: skip
+
+    @stream
+    def Fingerprint(self, request: pb.FingerprintRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.FingerprintResponse]:  # fmt: skip
+        """First answer at once, then one whenever it changed and at least every 30 s."""
+        ended = _ended(context)
+        last = None
+        next_periodic = 0.0
+        while not ended.is_set():
+            current = self._fingerprint()
+            now = time.monotonic()
+            if current != last or now >= next_periodic:
+                yield current
+                last, next_periodic = current, now + FINGERPRINT_PERIOD_S
+            ended.wait(FINGERPRINT_PERIOD_S / 3)
+
+    # Section: task lifecycle
+
+    @rpc
+    def StartTask(self, request: pb.StartTaskRequest,
+                  context: grpc.ServicerContext) -> pb.StartTaskResponse:  # fmt: skip
+        """Decode, check, launch (confined), and hand back a handle with everything re-attaching needs."""
+        plan = plan_start(request.task)
+        task = self.state.loop.call(self.state.tasks.start(plan))
+        log.info("task %s started: pid %s", task.id, task.vm.pid)
+        handle = pb.TaskHandle(version=HANDLE_VERSION, config=request.task, state=pb.RUNNING,
+                               driver_state=task.driver_state())  # fmt: skip
+        return pb.StartTaskResponse(result=pb.StartTaskResponse.SUCCESS, handle=handle)
+
+    @rpc
+    def RecoverTask(self, request: pb.RecoverTaskRequest,
+                    context: grpc.ServicerContext) -> pb.RecoverTaskResponse:  # fmt: skip
+        """Re-attach to a VM an earlier plugin process started (Nomad sends only the handle)."""
+        task_id = request.handle.config.id or request.task_id
+        task = self.state.loop.call(
+            self.state.tasks.recover(task_id, request.handle.driver_state))
+        log.info("task %s recovered: pid %s", task.id, task.vm.pid)
+        return pb.RecoverTaskResponse()
+
+    @rpc
+    def WaitTask(self, request: pb.WaitTaskRequest,
+                 context: grpc.ServicerContext) -> pb.WaitTaskResponse:  # fmt: skip
+        """Block until the VM ends; cancelled with the RPC."""
+        tasks = self.state.tasks
+        result = self.state.loop.call(tasks.wait(request.task_id), context)
+        task = tasks.find(request.task_id)
+        oom = bool(task and task.oom_killed)
+        return pb.WaitTaskResponse(result=exit_result(result, oom),
+                                   err="" if result.successful else result.describe())
+
+    @rpc
+    def StopTask(self, request: pb.StopTaskRequest,
+                 context: grpc.ServicerContext) -> pb.StopTaskResponse:  # fmt: skip
+        """Power button (if the job asked for graceful shutdown), signal, wait, kill."""
+        timeout = None
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToTimedelta().total_seconds()
+        self.state.loop.call(self.state.tasks.stop(request.task_id, timeout, request.signal))
+        return pb.StopTaskResponse()
+
+    @rpc
+    def DestroyTask(self, request: pb.DestroyTaskRequest,
+                    context: grpc.ServicerContext) -> pb.DestroyTaskResponse:  # fmt: skip
+        """Forget the task; with force, kill the VM first."""
+        self.state.loop.call(self.state.tasks.destroy(request.task_id, request.force))
+        return pb.DestroyTaskResponse()
+
+    @rpc
+    def InspectTask(self, request: pb.InspectTaskRequest,
+                    context: grpc.ServicerContext) -> pb.InspectTaskResponse:  # fmt: skip
+        """State, times and result (always set: Nomad dereferences them)."""
+        task = self.state.tasks.get(request.task_id)
+        vm = task.vm
+        result = vm.result
+        status = pb.TaskStatus(
+            id=task.id, name=task.name, state=pb.EXITED if result else pb.RUNNING,
+            started_at=_ts(vm.started_at), completed_at=_ts(task.completed_at or 0.0),
+            result=exit_result(result, task.oom_killed) if result else pb.ExitResult(),
+        )  # fmt: skip
+        attrs = {"pid": str(vm.pid or ""), "state": vm.state.value,
+                 "qmp_socket": str(vm.task_dir.qmp_socket)}  # fmt: skip
+        return pb.InspectTaskResponse(task=status, driver=pb.TaskDriverStatus(attributes=attrs))
+
+    @stream
+    def TaskStats(self, request: pb.TaskStatsRequest,
+                  context: grpc.ServicerContext) -> Iterator[pb.TaskStatsResponse]:  # fmt: skip
+        """QEMU's CPU and memory every ``collection_interval``, until the VM ends."""
+        task = self.state.tasks.get(request.task_id)
+        interval = request.collection_interval.ToTimedelta().total_seconds()
+        interval = interval if interval > 0 else DEFAULT_STATS_INTERVAL_S
+        pid = task.vm.pid
+        if pid is None:
+            return
+        ended = _ended(context)
+        try:
+            sampler = ProcessSampler(pid)
+            while not ended.is_set() and task.vm.result is None:
+                sample = sampler.sample()
+                stats = pb.TaskStats(id=task.id, timestamp=_ts(sample.timestamp),
+                                     agg_resource_usage=usage(sample),
+                                     resource_usage_by_pid={str(pid): usage(sample)})
+                yield pb.TaskStatsResponse(stats=stats)
+                ended.wait(interval)
+        except psutil.NoSuchProcess:
+            return
+
+    @stream
+    def TaskEvents(self, request: pb.TaskEventsRequest,
+                   context: grpc.ServicerContext) -> Iterator[pb.DriverTaskEvent]:  # fmt: skip
+        """Task events (VM started, re-attached, exited, cgroup warnings) until cancelled."""
+        events = self.state.events
+        sub = events.subscribe()
+        ended = _ended(context)
+        try:
+            while not ended.is_set():
+                try:
+                    ev = sub.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                yield pb.DriverTaskEvent(task_id=ev.task_id, alloc_id=ev.alloc_id,
+                                         task_name=ev.name, timestamp=_ts(ev.timestamp),
+                                         message=ev.message, annotations=ev.annotations)
+        finally:
+            events.unsubscribe(sub)
+
+    @rpc
+    def Shutdown(self, request: pb.ShutdownRequest,
+                 context: grpc.ServicerContext) -> pb.ShutdownResponse:  # fmt: skip
+        """Nomad's client is going away: let go of the VMs, leave them running."""
+        self.state.loop.call(self.state.tasks.detach_all(), timeout=2.0)
+        return pb.ShutdownResponse()

@@ -1,0 +1,108 @@
+"""From Nomad's TaskConfig message to the inputs the shared core takes.
+
+The qemu task config is decoded from msgpack and mapped by the same
+:func:`~vmdriver.jobfile.qemu.parse_config` / :func:`~vmdriver.jobfile.qemu.build_spec`
+`vmdriver run` uses; this module only adds what Nomad decided: the task dir,
+the allocated ports and resources, the log FIFOs and the task's cgroups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from vmdriver.jobfile.qemu import AllocatedPort, TaskInputs, build_spec, parse_config
+from vmdriver.nomad.codec import decode_config
+from vmdriver.nomad.proto import driver_pb2 as pb
+from vmdriver.runtime.cgroup import CgroupLimits, memory_limit_mib
+from vmdriver.runtime.taskdir import TaskDir
+from vmdriver.spec import VMSpec
+
+#: Task config attributes of HCL type number (see hclspec.TASK_TYPE_OVERRIDES).
+NUMBER_KEYS = frozenset({"host_port", "guest_port"})
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """Everything StartTask decided before anything runs."""
+
+    task_id: str
+    alloc_id: str
+    name: str
+    spec: VMSpec
+    task_dir: TaskDir
+    stdout: Path | None
+    stderr: Path | None
+    env: dict[str, str]
+    #: Nomad's scheduler limit (max(memory, memory_max)), 0 if unset.
+    task_memory_limit_bytes: int
+    cpu_shares: int | None
+    cpuset_cpus: str
+    cpuset_cgroup: str
+
+    def limits(self, accelerator: str) -> CgroupLimits:
+        """The cgroup limits for this task once the accelerator is known."""
+        res = self.spec.resources
+        task_mib = self.task_memory_limit_bytes // MIB or None
+        mem = memory_limit_mib(res.memory_mib, res.cores or 1, accelerator, task_mib)
+        # Nomad's own cpuset cgroup already pins the CPUs; set them only without it.
+        cpus = "" if self.cpuset_cgroup else self.cpuset_cpus
+        return CgroupLimits(memory_max_bytes=mem * MIB, cpu_shares=self.cpu_shares,
+                            cpuset_cpus=cpus)  # fmt: skip
+
+
+def _ports(res: pb.Resources) -> tuple[AllocatedPort, ...]:
+    ports = [AllocatedPort(p.label, p.value, p.to or None) for p in res.ports]
+    if not ports:
+        # Older clients only fill the network resources.
+        for net in res.allocated_resources.networks:
+            for p in (*net.reserved_ports, *net.dynamic_ports):
+                ports.append(AllocatedPort(p.label, p.value, None))
+    return tuple(ports)
+
+
+def _cpu_count(cpus: str) -> int:
+    count = 0
+    for part in filter(None, cpus.split(",")):
+        lo, _, hi = part.partition("-")
+        count += int(hi) - int(lo) + 1 if hi else 1
+    return count
+
+
+def plan_start(task: pb.TaskConfig) -> StartPlan:
+    """Decode and check a StartTask request; raises InputError with the field at fault."""
+    where = task.name or "task"
+    raw = decode_config(task.msgpack_driver_config, where=f"{where}.config", numbers=NUMBER_KEYS)
+    cfg = parse_config(raw, where)
+    res = task.resources
+    linux = res.linux_resources
+    mem = res.allocated_resources.memory
+    memory_mb = int(mem.memory_mb) or (int(linux.memory_limit_bytes) // MIB) or 300
+    reserved = "reserve" in linux.cpuset_cgroup or (linux.cpuset_cpus and not linux.cpuset_cgroup)
+    cores = _cpu_count(linux.cpuset_cpus) if reserved and linux.cpuset_cpus else None
+    shares = int(linux.cpu_shares or res.allocated_resources.cpu.cpu_shares) or None
+    inputs = TaskInputs(
+        name=task.name,
+        where=where,
+        memory_mb=memory_mb,
+        memory_max_mb=int(mem.memory_max_mb) or None,
+        cores=cores,
+        cpu_shares=shares,
+        env=dict(task.env),
+        ports=_ports(res),
+        dns_servers=tuple(task.dns.servers),
+        dns_searches=tuple(task.dns.searches),
+        host_memory_mb=psutil.virtual_memory().total // MIB,
+    )
+    spec = build_spec(cfg, inputs)
+    return StartPlan(
+        task_id=task.id, alloc_id=task.alloc_id, name=task.name, spec=spec,
+        task_dir=TaskDir(Path(task.alloc_dir), task.name),
+        stdout=Path(task.stdout_path) if task.stdout_path else None,
+        stderr=Path(task.stderr_path) if task.stderr_path else None,
+        env=dict(task.env), task_memory_limit_bytes=int(linux.memory_limit_bytes),
+        cpu_shares=shares, cpuset_cpus=linux.cpuset_cpus, cpuset_cgroup=linux.cpuset_cgroup,
+    )  # fmt: skip

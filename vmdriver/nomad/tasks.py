@@ -1,0 +1,250 @@
+"""The plugin's tasks: Nomad's task ids mapped onto the shared supervisor.
+
+Everything here runs on the plugin's event loop. A task's QEMU is launched,
+stopped and measured only through :class:`~vmdriver.runtime.supervisor.Supervisor`
+(the same code `vmdriver run` uses); this layer adds Nomad's ids, the task's
+cgroups, task events and the opaque ``driver_state`` that re-attaching needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import queue
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmdriver.errors import InputError, LaunchError, TaskNotFound
+from vmdriver.nomad.taskconfig import StartPlan
+from vmdriver.runtime import cgroup
+from vmdriver.runtime.record import VMRecord
+from vmdriver.runtime.state import ExitResult
+from vmdriver.runtime.supervisor import Supervisor
+from vmdriver.runtime.vm import VM
+
+log = logging.getLogger(__name__)
+
+#: Format of ``driver_state``; bump on incompatible changes.
+STATE_VERSION = 1
+
+
+@dataclass
+class Task:
+    """One Nomad task and its VM."""
+
+    id: str
+    alloc_id: str
+    name: str
+    vm: VM
+    cgroup_paths: tuple[str, ...] = ()
+    cgroups_created: tuple[str, ...] = ()
+    completed_at: float | None = None
+    oom_killed: bool = False
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def driver_state(self) -> bytes:
+        """What a later plugin process needs to re-attach, as JSON."""
+        return json.dumps({
+            "version": STATE_VERSION,
+            "task": {"id": self.id, "alloc_id": self.alloc_id, "name": self.name},
+            "record": self.vm.record().model_dump(mode="json"),
+            "cgroups": {"paths": list(self.cgroup_paths), "created": list(self.cgroups_created)},
+        }).encode()  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """A line for Nomad's task event stream."""
+
+    task_id: str
+    alloc_id: str
+    name: str
+    message: str
+    timestamp: float
+    annotations: dict[str, str]
+
+
+class EventHub:
+    """Fan-out of task events to every open TaskEvents stream (thread-safe queues)."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[queue.Queue[TaskEvent]] = []
+
+    def subscribe(self) -> queue.Queue[TaskEvent]:
+        """A new queue receiving every later event."""
+        q: queue.Queue[TaskEvent] = queue.Queue(maxsize=1000)
+        self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[TaskEvent]) -> None:
+        """Stop feeding ``q``."""
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(q)
+
+    def emit(self, task: Task, message: str, **annotations: str) -> None:
+        """Send an event about ``task``."""
+        event = TaskEvent(task.id, task.alloc_id, task.name, message, time.time(), annotations)
+        for q in list(self._subscribers):
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(event)
+
+
+def _check_log_fifo(path: Path | None) -> None:
+    """Refuse to start when Nomad's log FIFO has no reader (opening it would block)."""
+    if path is None:
+        return
+    try:
+        if not stat.S_ISFIFO(path.stat().st_mode):
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise LaunchError(f"nobody reads the log FIFO {path} (is logmon running?)") from None
+        raise LaunchError(f"cannot open the log FIFO {path}: {exc.strerror}") from None
+    os.close(fd)
+
+
+class TaskTable:
+    """Nomad tasks of this plugin process."""
+
+    def __init__(self, supervisor: Supervisor, events: EventHub) -> None:
+        self.supervisor = supervisor
+        self.events = events
+        self._tasks: dict[str, Task] = {}
+
+    def get(self, task_id: str) -> Task:
+        """The task with this id; :class:`TaskNotFound` otherwise."""
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise TaskNotFound(f"no task with id {task_id!r} in this plugin") from None
+
+    def find(self, task_id: str) -> Task | None:
+        """The task with this id, if known."""
+        return self._tasks.get(task_id)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def start(self, plan: StartPlan) -> Task:
+        """Prepare, launch (confined to the task's cgroups) and register a VM."""
+        if plan.task_id in self._tasks:
+            raise InputError("task is already started", where=plan.task_id)
+        _check_log_fifo(plan.stdout)
+        _check_log_fifo(plan.stderr)
+        plan.task_dir.create()
+        prepared = await self.supervisor.prepare(plan.spec, plan.task_dir, where=plan.name)
+        limits = plan.limits(prepared.ctx.accelerator)
+        placed: list[cgroup.Placement] = []
+
+        def confine(pid: int) -> None:
+            placed.append(cgroup.apply(pid, limits, f"{plan.alloc_id}.{plan.name}",
+                                       parent="nomad", cpuset_cgroup=plan.cpuset_cgroup))
+
+        vm = await self.supervisor.start(
+            plan.task_id, plan.spec, plan.task_dir, env=plan.env, stdout=plan.stdout,
+            stderr=plan.stderr, prepared=prepared, on_spawn=confine,
+        )  # fmt: skip
+        placement = placed[0] if placed else None
+        task = Task(plan.task_id, plan.alloc_id, plan.name, vm,
+                    placement.paths if placement else (),
+                    placement.created if placement else ())  # fmt: skip
+        self._register(task)
+        self.events.emit(task, f"VM started (pid {vm.pid}, {prepared.ctx.accelerator})",
+                         accelerator=prepared.ctx.accelerator, reason=prepared.accel_reason)
+        for warning in placement.warnings if placement else ():
+            self.events.emit(task, f"running without a cgroup limit: {warning}")
+        return task
+
+    async def recover(self, task_id: str, driver_state: bytes) -> Task:
+        """Re-attach to a running VM from its driver_state; a no-op if already known."""
+        if task_id in self._tasks:
+            return self._tasks[task_id]
+        try:
+            state = json.loads(driver_state)
+            record = VMRecord.model_validate(state["record"])
+            cg = state.get("cgroups", {})
+            info = state["task"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"driver_state is not vmdriver's: {exc}", where=task_id) from None
+        vm = await self.supervisor.recover(record)
+        task = Task(task_id or info["id"], info.get("alloc_id", ""), info.get("name", record.task),
+                    vm, tuple(cg.get("paths", ())), tuple(cg.get("created", ())))  # fmt: skip
+        self._register(task)
+        self.events.emit(task, f"re-attached to the running VM (pid {vm.pid})")
+        return task
+
+    def _register(self, task: Task) -> None:
+        self._tasks[task.id] = task
+        task.watcher = asyncio.create_task(self._watch(task), name=f"nomad task {task.id}")
+
+    async def _watch(self, task: Task) -> None:
+        """Note the end of a VM: time, OOM kill, cgroup cleanup, an event."""
+        try:
+            result = await task.vm.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("task %s: supervising its VM failed: %s", task.id, exc)
+            self.events.emit(task, f"VM supervision failed: {exc}")
+            task.completed_at = time.time()
+            return
+        task.completed_at = time.time()
+        task.oom_killed = result.signal == 9 and cgroup.oom_kills(task.cgroup_paths) > 0
+        cgroup.remove(task.cgroups_created)
+        text = result.describe() + (" (out of memory)" if task.oom_killed else "")
+        self.events.emit(task, f"VM exited: {text}", exit_code=str(result.exit_code))
+
+    async def wait(self, task_id: str) -> ExitResult:
+        """Block until the task's VM ends."""
+        task = self.get(task_id)
+        result = await task.vm.wait()
+        if task.watcher is not None:
+            # Let the watcher record OOM and completion time before answering.
+            await asyncio.shield(task.watcher)
+        return result
+
+    async def stop(self, task_id: str, timeout: float | None, signal: str) -> None:
+        """The graceful ladder with Nomad's timeout and signal; unknown ids are already stopped."""
+        task = self.find(task_id)
+        if task is None or task.vm.result is not None:
+            return
+        await task.vm.stop(timeout, signal or None)
+
+    async def destroy(self, task_id: str, force: bool) -> None:
+        """Forget a task; with ``force`` kill a VM that still runs."""
+        task = self.find(task_id)
+        if task is None:
+            return
+        if task.vm.result is None:
+            if not force:
+                raise InputError("task is still running; stop it first or destroy with force",
+                                 where=task_id)  # fmt: skip
+            await task.vm.kill()
+        if task.watcher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task.watcher)
+        cgroup.remove(task.cgroups_created)
+        self.supervisor.forget(task_id)
+        del self._tasks[task_id]
+
+    async def detach_all(self) -> None:
+        """Stop supervising every VM but leave them running (the plugin is going away)."""
+        for task in self._tasks.values():
+            if task.watcher is not None:
+                task.watcher.cancel()
+        await self.supervisor.detach_all()
+        self._tasks.clear()
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for logs."""
+        return {tid: t.vm.state.value for tid, t in self._tasks.items()}
