@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", help="list VMs running from the state dir")
     ps.add_argument("--json", action="store_true")
     common(ps)
+
+    plugin = sub.add_parser("nomad-plugin", help="serve as a Nomad task driver plugin "
+                            "(started by Nomad's client; see docs/nomad.md)")
+    plugin.add_argument("--name", default="vmdriver",
+                        help="driver name jobs use in driver = \"...\" (default: vmdriver)")
     return p
 
 
@@ -81,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="vmdriver: %(levelname)s: %(message)s",
                         stream=sys.stderr)
+    if args.command == "nomad-plugin":
+        from vmdriver.nomad.server import serve
+
+        return serve(args.name)
     from vmdriver.cli import commands
 
     handler = {
