@@ -1,25 +1,48 @@
 """Parsing of the scalar units jobs and configs use: sizes, durations, ports, names.
 
 Each parser raises :class:`~vmdriver.errors.SpecError` naming what it expected,
-so a caller only adds *where* the value came from.
+so a caller only adds *where* the value came from. Parsers accept ASCII digits
+only (Python's ``int()`` and ``\\d`` would also take full-width digits or ``"8_0"``) and
+do exact arithmetic, so no input can overflow into a traceback.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
+from fractions import Fraction
+from pathlib import Path
 
 from vmdriver.errors import SpecError
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?)(b?)\s*$", re.IGNORECASE)
+# re.ASCII: \d must not match other scripts' digits, nor IGNORECASE fold "K" (Kelvin) into k.
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?)(b?)\s*$", re.IGNORECASE | re.ASCII)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
+_NUMBER_RE = re.compile(r"^\s*\d+(\.\d+)?\s*$", re.ASCII)
+_INT_RE = re.compile(r"^\s*\d{1,20}\s*$", re.ASCII)
 
 SIZE_HELP = "a byte count or a size like 512MiB, 10GiB, 20GB"
 DURATION_HELP = "a duration like 500ms, 30s, 5m, 1h30m, or a number of seconds"
+#: The longest duration any field takes (a year), so no arithmetic overflows.
+MAX_DURATION_S = 365 * 86400
+MAX_SIZE = 2**63
 
-_DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_DUR_SCALE = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", re.ASCII)
+_DUR_SCALE = {
+    "ns": Fraction(1, 10**9), "us": Fraction(1, 10**6), "µs": Fraction(1, 10**6),
+    "ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600),
+}  # fmt: skip
 
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE | re.ASCII)
+
+MIB = 1024 * 1024
+#: Nomad's qemu driver refuses less guest memory than this (MiB).
+MIN_MEMORY_MIB = 128
+#: vCPUs QEMU accepts for any machine type we render.
+MAX_CORES = 1024
+#: sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 def parse_size(value: object, *, where: str = "", default_unit: str = "") -> int:
@@ -34,7 +57,7 @@ def parse_size(value: object, *, where: str = "", default_unit: str = "") -> int
     if isinstance(value, int):
         text = f"{value}{default_unit}"
     elif isinstance(value, str):
-        text = value if not value.strip().isdigit() else f"{value.strip()}{default_unit}"
+        text = f"{value.strip()}{default_unit}" if _NUMBER_RE.match(value) else value
     else:
         raise SpecError("expected a size", where=where, value=value, allowed=SIZE_HELP)
     m = _SIZE_RE.match(text)
@@ -44,13 +67,15 @@ def parse_size(value: object, *, where: str = "", default_unit: str = "") -> int
     prefix = prefix.lower()
     if binary and not prefix:
         raise SpecError("not a size", where=where, value=value, allowed=SIZE_HELP)
+    if len(number) > 40:
+        raise SpecError("size is too large", where=where, value=value, allowed=f"<= {MAX_SIZE}")
     # "GB" with an explicit B and no i is decimal; "G" and "GiB" are binary.
     base = 1000 if (byte and not binary and prefix) else 1024
-    result = float(number) * base ** _POWERS[prefix]
-    if result != int(result) or result < 0:
+    result = Fraction(number) * base ** _POWERS[prefix]
+    if result.denominator != 1:
         raise SpecError("size must be a whole number of bytes", where=where, value=value)
-    if result > 2**63:
-        raise SpecError("size is too large", where=where, value=value)
+    if result > MAX_SIZE:
+        raise SpecError("size is too large", where=where, value=value, allowed=f"<= {MAX_SIZE}")
     return int(result)
 
 
@@ -58,42 +83,47 @@ def parse_duration(value: object, *, where: str = "") -> float:
     """Return a duration in seconds from Go-style text (``1h30m``) or a number."""
     if isinstance(value, bool):
         raise SpecError("expected a duration", where=where, value=value, allowed=DURATION_HELP)
-    if isinstance(value, int | float):
-        seconds = float(value)
+    if isinstance(value, int):
+        seconds = Fraction(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
+        seconds = Fraction(value)
     elif isinstance(value, str):
         text = value.strip()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)
+        if len(text) > 64:
+            raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
+        if _NUMBER_RE.match(text):
+            seconds = Fraction(text)
         else:
-            pos, seconds = 0, 0.0
+            pos, seconds = 0, Fraction(0)
             for m in _DUR_RE.finditer(text):
                 if m.start() != pos:
                     break
-                seconds += float(m.group(1)) * _DUR_SCALE[m.group(2)]
+                seconds += Fraction(m.group(1)) * _DUR_SCALE[m.group(2)]
                 pos = m.end()
             if pos != len(text) or not text:
                 raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
     else:
         raise SpecError("expected a duration", where=where, value=value, allowed=DURATION_HELP)
-    if not 0 <= seconds <= 365 * 86400:
+    if not 0 <= seconds <= MAX_DURATION_S:
         raise SpecError("duration out of range", where=where, value=value, allowed="0s to 8760h")
-    return seconds
+    return float(seconds)
 
 
 def parse_port(value: object, *, where: str = "", allow_zero: bool = False) -> int:
     """Return a TCP/UDP port number (1-65535, or 0 when ``allow_zero``)."""
     low = 0 if allow_zero else 1
+    allowed = f"a whole number from {low} to 65535"
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise SpecError("expected a port number", where=where, value=value, allowed=f"{low}-65535")
-    try:
-        port = int(value)
-    except ValueError:
-        raise SpecError(
-            "not a port number", where=where, value=value, allowed=f"{low}-65535"
-        ) from None
-    if not low <= port <= 65535:
-        raise SpecError("port out of range", where=where, value=value, allowed=f"{low}-65535")
-    return port
+        raise SpecError("expected a port number", where=where, value=value, allowed=allowed)
+    if isinstance(value, str):
+        if not _INT_RE.match(value):
+            raise SpecError("not a port number", where=where, value=value, allowed=allowed)
+        value = int(value)
+    if not low <= value <= 65535:
+        raise SpecError("port out of range", where=where, value=value, allowed=allowed)
+    return value
 
 
 def check_hostname(value: object, *, where: str = "") -> str:
@@ -101,9 +131,53 @@ def check_hostname(value: object, *, where: str = "") -> str:
     allowed = "RFC 1123 host name: dot-separated labels of letters, digits and '-', <= 253 chars"
     if not isinstance(value, str) or not value or len(value) > 253:
         raise SpecError("not a host name", where=where, value=value, allowed=allowed)
-    if not all(_HOST_LABEL.match(label) for label in value.rstrip(".").split(".")):
+    if not all(_HOST_LABEL.match(label) for label in value.removesuffix(".").split(".")):
         raise SpecError("not a host name", where=where, value=value, allowed=allowed)
     return value
 
 
-MIB = 1024 * 1024
+def parse_memory_mib(value: object, *, where: str = "", host_mib: int | None = None,
+                     minimum: int = MIN_MEMORY_MIB) -> int:  # fmt: skip
+    """Guest memory in MiB from a whole number of MiB or a size (``2GiB``).
+
+    Bounded below by ``minimum`` (Nomad's 128 MiB) and above by the host's memory.
+    """
+    top = host_mib if host_mib else MAX_SIZE // MIB
+    allowed = f"{minimum} to {top} MiB, as a number of MiB or a size like 2GiB"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise SpecError("expected an amount of memory", where=where, value=value, allowed=allowed)
+    try:
+        size = parse_size(value, where=where, default_unit="MiB")
+    except SpecError:
+        raise SpecError("not an amount of memory", where=where, value=value,
+                        allowed=allowed) from None  # fmt: skip
+    if size % MIB:
+        raise SpecError("memory must be a whole number of MiB", where=where, value=value,
+                        allowed=allowed)  # fmt: skip
+    mib = size // MIB
+    if not minimum <= mib <= top:
+        raise SpecError("memory out of bounds", where=where, value=value, allowed=allowed)
+    return mib
+
+
+def check_cores(value: object, *, where: str = "", maximum: int = MAX_CORES) -> int:
+    """A vCPU count: a whole number from 1 to ``maximum``."""
+    allowed = f"a whole number from 1 to {maximum}"
+    if isinstance(value, str) and _INT_RE.match(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError("expected a number of cores", where=where, value=value, allowed=allowed)
+    if not 1 <= value <= maximum:
+        raise SpecError("cores out of bounds", where=where, value=value, allowed=allowed)
+    return value
+
+
+def check_socket_path(path: Path | str, *, where: str = "") -> Path:
+    """``path`` if it fits a unix socket address (107 bytes on Linux)."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise SpecError(f"socket path is {size} bytes, longer than a unix socket allows",
+                        where=where or str(path), value=str(path),
+                        allowed=f"at most {MAX_SOCKET_PATH} bytes; use a shorter "
+                        "state dir or task name")  # fmt: skip
+    return Path(path)

@@ -2,18 +2,43 @@
 
 The same fields reach vmdriver three ways: ``vmdriver run --host-config FILE``
 (an HCL file holding that body), the Nomad plugin's SetConfig (msgpack), and
-defaults when neither is given.
+defaults when neither is given. ``vmdriver run`` and ``vmdriver argv`` read
+:data:`DEFAULT_HOST_CONFIG` when it exists and no ``--host-config`` is given.
+
+Example (``/etc/vmdriver/host.hcl``)::
+
+    image_paths         = ["/srv/images"]
+    args_allowlist      = ["-device", "-fw_cfg", "-smp"]
+    emulators_allowlist = ["x86_64"]
+    state_dir           = "/var/lib/vmdriver"
+    sandbox             = true
+
+Every field is checked here, so a typo is one error line naming the field
+rather than a policy that silently allows more than the operator meant.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-#: Where `vmdriver run` looks for a host config when none is given.
+from vmdriver.errors import HostConfigError, InputError
+
+#: Where `vmdriver run` and `vmdriver argv` look for a host config when none is given.
 DEFAULT_HOST_CONFIG = Path("/etc/vmdriver/host.hcl")
+
+#: An allowlisted QEMU flag: one or two dashes (optional) and an option name.
+_FLAG_RE = re.compile(r"^-{0,2}[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", re.ASCII)
+_EMULATOR_RE = re.compile(r"^[a-z0-9_]{1,32}$", re.ASCII)
+_EMULATOR_PREFIX = "qemu-system-"
+#: Bytes a task dir's socket path needs beyond the state dir, with a one-letter task
+#: name: ``/allocs/<8 hex>/t/qmp.sock``. Longer task names are checked per task.
+_SOCKET_SUFFIX = len("/allocs/12345678/t/qmp.sock")
+_MAX_SOCKET_PATH = 107
 
 
 def default_state_dir() -> Path:
@@ -24,49 +49,136 @@ def default_state_dir() -> Path:
     return Path(base) / "vmdriver"
 
 
+def _string_list(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ValueError(f"expected a list of {what}")  # noqa: TRY004 (pydantic wants ValueError)
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(f"item {i} is not a string: {item!r}")  # noqa: TRY004
+        if "\x00" in item:
+            raise ValueError(f"item {i} holds a NUL byte")
+    return tuple(value)
+
+
 class HostConfig(BaseModel):
-    """Operator settings. Empty allowlists allow everything, as in Nomad's qemu driver."""
+    """Operator settings. Empty allowlists allow everything, as in Nomad's qemu driver.
+
+    ``-readconfig``, ``-monitor`` and the other options listed in
+    :mod:`vmdriver.policy.args` stay refused unless ``args_allowlist`` names them.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    #: Host directories images may be loaded from, besides the task and alloc dirs.
+    #: Absolute host directories images (and paths in args) may come from,
+    #: besides the task and alloc dirs.
     image_paths: tuple[str, ...] = ()
-    #: QEMU flags a job's ``args`` may use; empty allows every flag.
+    #: QEMU flags a job's ``args`` may use (``-drive`` or ``drive``); empty allows every
+    #: flag except the refused-unless-listed ones.
     args_allowlist: tuple[str, ...] = ()
     #: Emulators (``x86_64`` or ``qemu-system-x86_64``) jobs may use; empty allows all.
     emulators_allowlist: tuple[str, ...] = ()
     #: Where task directories, sockets and logs of `vmdriver run` live.
     state_dir: Path = Field(default_factory=default_state_dir)
-    #: Apply QEMU's seccomp sandbox (``-sandbox on``) where QEMU supports it.
-    sandbox: bool = True
+    #: Apply QEMU's seccomp sandbox (``-sandbox on,...``) where this QEMU supports it.
+    sandbox: StrictBool = True
+
+    @field_validator("image_paths", mode="before")
+    @classmethod
+    def _image_paths(cls, value: Any) -> tuple[str, ...]:
+        paths = _string_list(value, "absolute directory paths")
+        for i, path in enumerate(paths):
+            if not path.strip() or not Path(path).is_absolute():
+                raise ValueError(f"item {i} is not an absolute path: {path!r} (relative "
+                                 "entries would never match)")  # fmt: skip
+        return paths
+
+    @field_validator("args_allowlist", mode="before")
+    @classmethod
+    def _args_allowlist(cls, value: Any) -> tuple[str, ...]:
+        flags = _string_list(value, "QEMU flags like -device")
+        for i, flag in enumerate(flags):
+            if not _FLAG_RE.match(flag.strip()):
+                raise ValueError(f"item {i} is not a QEMU flag: {flag!r} (expected a flag "
+                                 "like -device, without a value)")  # fmt: skip
+        return flags
+
+    @field_validator("emulators_allowlist", mode="before")
+    @classmethod
+    def _emulators(cls, value: Any) -> tuple[str, ...]:
+        names = _string_list(value, "emulator names like x86_64")
+        for i, name in enumerate(names):
+            short = name.strip().removeprefix(_EMULATOR_PREFIX)
+            if not _EMULATOR_RE.match(short):
+                raise ValueError(f"item {i} is not an emulator name: {name!r} (expected "
+                                 "x86_64 or qemu-system-x86_64)")  # fmt: skip
+        return names
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _state_dir(cls, value: Any) -> Path:
+        if not isinstance(value, str | Path) or not str(value).strip() or "\x00" in str(value):
+            raise ValueError("expected an absolute directory path")
+        path = Path(value)
+        if not path.is_absolute():
+            raise ValueError(f"not an absolute path: {str(value)!r}")
+        if len(os.fsencode(path)) + _SOCKET_SUFFIX > _MAX_SOCKET_PATH:
+            raise ValueError(f"{str(value)!r} is too long: no task's sockets under it would "
+                             f"fit the {_MAX_SOCKET_PATH} bytes of a unix socket path")  # fmt: skip
+        return path
 
 
-def host_config_from_mapping(data: dict[str, object], where: str) -> HostConfig:
+def host_config_from_mapping(data: object, where: str) -> HostConfig:
     """Validate a config body (from HCL or Nomad's SetConfig); errors name the field."""
-    from pydantic import ValidationError
-
-    from vmdriver.errors import HostConfigError
-
+    if not isinstance(data, dict):
+        raise HostConfigError("expected a block of settings", where=where,
+                              allowed=", ".join(HostConfig.model_fields))  # fmt: skip
     try:
         return HostConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
+        field = ".".join(str(p) for p in err["loc"]) or "config"
         if err["type"] == "extra_forbidden":
             raise HostConfigError("unknown field", where=f"{where}: {field}",
                                   allowed=", ".join(HostConfig.model_fields)) from None
-        raise HostConfigError(err["msg"].lower(), where=f"{where}: {field}",
-                              value=err.get("input")) from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        value = None if err["type"] == "value_error" else err.get("input")
+        raise HostConfigError(msg, where=f"{where}: {field}", value=value) from None
+
+
+def _unwrap(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The settings body, whether bare, in ``config { }``, or in ``plugin "x" { config { } }``."""
+    from vmdriver.hclfile import labelled, one_block
+
+    if set(data) == {"plugin"}:
+        plugins = labelled(data["plugin"], f"{where}: plugin")
+        if len(plugins) != 1:
+            raise HostConfigError("expected exactly one plugin block", where=where)
+        label, body = plugins[0]
+        if set(body) - {"config", "args"}:
+            raise HostConfigError("unknown key in plugin block", where=f"{where}: plugin "
+                                  f"{label!r}", allowed="config")  # fmt: skip
+        data = {"config": body.get("config")} if "config" in body else {}
+    if set(data) == {"config"}:
+        data = one_block(data["config"], f"{where}: config")
+    return data
 
 
 def load_host_config(path: Path) -> HostConfig:
     """Read an operator file: the body of a Nomad ``plugin { config { } }`` block.
 
-    The file may hold the fields at top level, or wrapped in ``config { }``.
+    The file may hold the fields at top level, wrapped in ``config { }``, or as
+    a whole ``plugin "qemu" { config { } }`` block copied from a Nomad agent config.
     """
-    from vmdriver.hclfile import load, one_block
+    from vmdriver.hclfile import load
 
-    data = load(path)
-    if set(data) == {"config"}:
-        data = one_block(data["config"], f"{path}: config")
-    return host_config_from_mapping(data, str(path))
+    where = f"host config {path}"
+    try:
+        data = _unwrap(load(path), where)
+    except HostConfigError:
+        raise
+    except InputError as exc:
+        # A syntax error or unreadable file: same message, the operator's error class.
+        raise HostConfigError(exc.message, where=f"host config {exc.where}", value=exc.value,
+                              allowed=exc.allowed) from None  # fmt: skip
+    return host_config_from_mapping(data, where)

@@ -1,5 +1,33 @@
-"""Operator policy: which images, QEMU flags and emulators a job may use."""
+"""Operator policy: which images, QEMU flags, paths and emulators a job may use.
 
-from vmdriver.policy.checks import check_args, check_emulator, check_image_path
+See docs/policy.md for the decisions; the entry points:
 
-__all__ = ["check_args", "check_emulator", "check_image_path"]
+* :func:`check_emulator`: ``emulator`` against ``emulators_allowlist``;
+* :func:`check_args`: ``args`` against ``args_allowlist`` and the path policy;
+* :func:`check_image_path`, :func:`open_image`, :func:`inspect_image`: an image
+  resolved, opened once, and checked for the files it references.
+"""
+
+from vmdriver.policy.args import check_args
+from vmdriver.policy.checks import DEFAULT_EMULATOR, check_emulator
+from vmdriver.policy.images import KNOWN_FORMATS, inspect_image
+from vmdriver.policy.paths import (
+    OpenedImage,
+    PathPolicy,
+    check_image_path,
+    open_image,
+    resolve_allowed,
+)
+
+__all__ = [
+    "DEFAULT_EMULATOR",
+    "KNOWN_FORMATS",
+    "OpenedImage",
+    "PathPolicy",
+    "check_args",
+    "check_emulator",
+    "check_image_path",
+    "inspect_image",
+    "open_image",
+    "resolve_allowed",
+]

@@ -1,0 +1,248 @@
+"""The escape table: real files and symlinks in temp dirs, each escape refused, each legit path kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vmdriver.errors import InputError, PolicyError, SpecError
+from vmdriver.host.config import HostConfig
+from vmdriver.policy import PathPolicy, check_image_path, inspect_image, open_image
+from vmdriver.policy.images import checked_image
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    """An alloc dir with a task dir, an allowed image dir, and the places escapes aim at."""
+    alloc = tmp_path / "alloc-1"
+    task = alloc / "web"
+    (task / "local").mkdir(parents=True)
+    (alloc / "alloc" / "data").mkdir(parents=True)
+    allowed = tmp_path / "opt" / "qemu"
+    allowed.mkdir(parents=True)
+    other = tmp_path / "opt" / "qemu-other"
+    other.mkdir(parents=True)
+    secret = tmp_path / "secret.img"
+    for f in (task / "local" / "disk.img", allowed / "base.img", other / "x.img", secret,
+              task / "..x", alloc / "alloc" / "data" / "shared.img", task / "local" / "..img"):
+        f.write_bytes(b"\0" * 4096)
+    (allowed / "sub").mkdir()
+    (allowed / "sub" / "deep.img").write_bytes(b"\0" * 4096)
+    return {"alloc": alloc, "task": task, "allowed": allowed, "other": other, "secret": secret,
+            "tmp": tmp_path}
+
+
+def host_for(tree: dict[str, Path]) -> HostConfig:
+    return HostConfig(image_paths=(str(tree["allowed"]),), state_dir=tree["tmp"])
+
+
+def check(tree: dict[str, Path], image: str) -> Path:
+    return check_image_path(image, tree["task"], tree["alloc"], host_for(tree), where="image_path")
+
+
+def link(at: Path, target: str | Path) -> str:
+    at.symlink_to(target)
+    return str(at)
+
+
+# Each builder makes whatever the attempt needs on disk and returns the image_path to try.
+ESCAPES: dict[str, Callable[[dict[str, Path]], str]] = {
+    "absolute outside": lambda t: str(t["secret"]),
+    "etc shadow": lambda t: "/etc/shadow",
+    "relative climb": lambda t: "../../secret.img",
+    "relative climb via local": lambda t: "local/../../../secret.img",
+    "relative climb into alloc": lambda t: "../alloc/data/shared.img",
+    "prefix match sibling dir": lambda t: str(t["other"] / "x.img"),
+    "dotdot out of allowed dir": lambda t: str(t["allowed"]) + "/../qemu-other/x.img",
+    "symlink in task dir to outside": lambda t: link(t["task"] / "local" / "l.img", t["secret"]),
+    "relative symlink in task dir": lambda t: link(t["task"] / "local" / "r.img",
+                                                   "../../../secret.img"),
+    "symlink in allowed dir to outside": lambda t: link(t["allowed"] / "evil.img", t["secret"]),
+    "symlinked dir in allowed dir": lambda t: link(t["allowed"] / "d", t["other"]) + "/x.img",
+    "symlink chain leaving": lambda t: link(
+        t["task"] / "local" / "a.img", link(t["task"] / "local" / "b.img", t["secret"])),
+    "proc self root": lambda t: "/proc/self/root" + str(t["allowed"] / "base.img"),
+    "proc self cwd": lambda t: "/proc/self/cwd/local/disk.img",
+    "symlink to proc": lambda t: link(t["task"] / "local" / "p.img",
+                                      "/proc/self/root" + str(t["secret"])),
+    "dev fd": lambda t: "/dev/fd/0",
+    "directory": lambda t: "local",
+    "allowed dir itself": lambda t: str(t["allowed"]),
+    "device file": lambda t: "/dev/null",
+    "symlink to device": lambda t: link(t["task"] / "local" / "n.img", "/dev/zero"),
+    "fifo": lambda t: (os.mkfifo(t["task"] / "local" / "f.img"), "local/f.img")[1],
+    "missing": lambda t: "local/nope.img",
+    "symlink loop": lambda t: (link(t["task"] / "local" / "x1", "x2"),
+                               link(t["task"] / "local" / "x2", "x1"))[0],
+    "nul byte": lambda t: "local/disk.img\0.x",
+    "empty": lambda t: "",
+}
+
+LEGIT: dict[str, tuple[Callable[[dict[str, Path]], str], Callable[[dict[str, Path]], Path]]] = {
+    "relative in local": (lambda t: "local/disk.img", lambda t: t["task"] / "local/disk.img"),
+    "dot-dot-x file name": (lambda t: "..x", lambda t: t["task"] / "..x"),
+    "dot-dot-img in local": (lambda t: "local/..img", lambda t: t["task"] / "local/..img"),
+    "climb and come back": (lambda t: "local/../local/disk.img",
+                            lambda t: t["task"] / "local/disk.img"),
+    "absolute in task dir": (lambda t: str(t["task"] / "local/disk.img"),
+                             lambda t: t["task"] / "local/disk.img"),
+    "absolute in alloc dir": (lambda t: str(t["alloc"] / "alloc/data/shared.img"),
+                              lambda t: t["alloc"] / "alloc/data/shared.img"),
+    "in image_paths": (lambda t: str(t["allowed"] / "base.img"),
+                       lambda t: t["allowed"] / "base.img"),
+    "nested in image_paths": (lambda t: str(t["allowed"] / "sub/deep.img"),
+                              lambda t: t["allowed"] / "sub/deep.img"),
+    "double slash": (lambda t: str(t["allowed"]) + "//base.img",
+                     lambda t: t["allowed"] / "base.img"),
+    "symlink in task dir to image_paths": (
+        lambda t: link(t["task"] / "local" / "ok.img", t["allowed"] / "base.img"),
+        lambda t: t["allowed"] / "base.img"),
+    "symlink inside task dir": (lambda t: link(t["task"] / "local" / "s.img", "disk.img"),
+                                lambda t: t["task"] / "local/disk.img"),
+}
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_escape_attempt_is_refused(tree: dict[str, Path], name: str) -> None:
+    image = ESCAPES[name](tree)
+    with pytest.raises(InputError) as info:
+        check(tree, image)
+    assert "\n" not in str(info.value)
+    assert "image_path" in str(info.value)
+
+
+@pytest.mark.parametrize("name", LEGIT)
+def test_legitimate_path_is_accepted(tree: dict[str, Path], name: str) -> None:
+    make, expected = LEGIT[name]
+    assert check(tree, make(tree)) == expected(tree).resolve()
+
+
+def test_operator_symlinked_image_dir_still_matches(tree: dict[str, Path]) -> None:
+    alias = tree["tmp"] / "images-alias"
+    alias.symlink_to(tree["allowed"])
+    host = HostConfig(image_paths=(str(alias),), state_dir=tree["tmp"])
+    got = check_image_path(str(alias / "base.img"), tree["task"], tree["alloc"], host)
+    assert got == tree["allowed"] / "base.img"
+
+
+def test_outside_paths_are_policy_errors_and_name_what_is_allowed(tree: dict[str, Path]) -> None:
+    with pytest.raises(PolicyError) as info:
+        check(tree, str(tree["other"] / "x.img"))
+    assert str(tree["allowed"]) in str(info.value)
+    with pytest.raises(SpecError, match="directory"):
+        check(tree, "local")
+
+
+def test_preview_checks_where_a_missing_image_leads(tree: dict[str, Path]) -> None:
+    host = host_for(tree)
+    ok = check_image_path("local/later.img", tree["task"], tree["alloc"], host, must_exist=False)
+    assert ok == tree["task"] / "local" / "later.img"
+    with pytest.raises(PolicyError):
+        check_image_path("/nowhere/later.img", tree["task"], tree["alloc"], host,
+                         must_exist=False)
+
+
+# Section: the open file is the checked file
+
+
+def test_open_image_gives_same_inode_read_only_and_read_write(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    path = tree["task"] / "local" / "disk.img"
+    image = open_image(path, policy, writable=True, where="image_path", value="x")
+    try:
+        assert image.rw_fd is not None
+        st = os.stat(path)
+        for fd in image.fds:
+            assert (os.fstat(fd).st_ino, os.fstat(fd).st_dev) == (st.st_ino, st.st_dev)
+            assert not os.get_inheritable(fd)
+        os.write(image.rw_fd, b"x")
+        with pytest.raises(OSError):
+            os.write(image.ro_fd, b"x")
+    finally:
+        image.close()
+    assert image.fds == (-1,)
+
+
+def test_symlink_swapped_in_after_check_is_not_followed(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    path = tree["task"] / "local" / "disk.img"
+    checked = check(tree, "local/disk.img")
+    path.unlink()
+    path.symlink_to(tree["secret"])  # the race: swapped between check and open
+    with pytest.raises(InputError):
+        open_image(checked, policy, writable=False, where="image_path", value="local/disk.img")
+
+
+def test_directory_swapped_above_the_image_is_caught(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    checked = check(tree, "local/disk.img")
+    local = tree["task"] / "local"
+    local.rename(tree["task"] / "old")
+    outside = tree["tmp"] / "outside"
+    outside.mkdir()
+    (outside / "disk.img").write_bytes(b"\0" * 512)
+    local.symlink_to(outside)
+    with pytest.raises(PolicyError, match="changed"):
+        open_image(checked, policy, writable=False, where="image_path", value="local/disk.img")
+
+
+# Section: files an image references
+
+
+def qcow2(path: Path, *options: str) -> Path:
+    subprocess.run(("qemu-img", "create", "-q", "-f", "qcow2", *options, str(path), "1M"),
+                   check=True)
+    return path
+
+
+def test_backing_file_outside_allowed_dirs_is_refused(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    qcow2(tree["task"] / "local" / "evil.qcow2", "-b", str(tree["secret"]), "-F", "raw")
+    with pytest.raises(PolicyError, match="backing file"):
+        checked_image("local/evil.qcow2", policy, fmt=None, writable=True, where="image_path")
+
+
+def test_backing_via_protocol_is_refused(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    qcow2(tree["task"] / "local" / "n.qcow2", "-u", "-b", "nbd://127.0.0.1:1/x", "-F", "raw")
+    with pytest.raises(PolicyError, match="protocol"):
+        checked_image("local/n.qcow2", policy, fmt=None, writable=True, where="image_path")
+
+
+def test_backing_chain_inside_allowed_dirs_is_accepted(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    base = qcow2(tree["allowed"] / "base.qcow2")
+    mid = qcow2(tree["allowed"] / "mid.qcow2", "-b", str(base), "-F", "qcow2")
+    qcow2(tree["task"] / "local" / "top.qcow2", "-b", str(mid), "-F", "qcow2")
+    image, fmt = checked_image("local/top.qcow2", policy, fmt=None, writable=True,
+                               where="image_path")
+    image.close()
+    assert fmt == "qcow2"
+
+
+def test_second_level_backing_escape_is_refused(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    mid = qcow2(tree["allowed"] / "mid.qcow2", "-u", "-b", str(tree["secret"]), "-F", "raw")
+    qcow2(tree["task"] / "local" / "top.qcow2", "-b", str(mid), "-F", "qcow2")
+    with pytest.raises(PolicyError, match="backing file"):
+        checked_image("local/top.qcow2", policy, fmt=None, writable=True, where="image_path")
+
+
+def test_external_data_file_is_refused(tree: dict[str, Path]) -> None:
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    qcow2(tree["task"] / "local" / "d.qcow2", "-o", f"data_file={tree['task']}/local/d.raw")
+    with pytest.raises(PolicyError, match="data file"):
+        checked_image("local/d.qcow2", policy, fmt=None, writable=True, where="image_path")
+
+
+def test_raw_image_that_looks_like_qcow2_is_read_as_declared(tree: dict[str, Path]) -> None:
+    """With the format given, a qcow2 header pointing at a secret is just data."""
+    policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
+    evil = qcow2(tree["task"] / "local" / "looks.raw", "-b", str(tree["secret"]), "-F", "raw")
+    assert inspect_image(str(evil), policy, fmt="raw", where="w", value="v") == "raw"
+    with pytest.raises(PolicyError):
+        inspect_image(str(evil), policy, fmt=None, where="w", value="v", base_dir=evil.parent)
