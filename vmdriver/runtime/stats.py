@@ -74,7 +74,6 @@ class ProcessSampler:
         self.pid = pid
         self._proc = psutil.Process(pid)
         self._last: tuple[float, float, float] | None = None
-        self._full = True
 
     def sample(self) -> ProcessSample:
         """Measure now. Raises :class:`psutil.NoSuchProcess` once the process is gone."""
@@ -93,11 +92,18 @@ class ProcessSampler:
         return ProcessSample(now, rss, swap, times.user, times.system, user_pct, sys_pct)
 
     def _memory(self) -> tuple[int, int]:
-        # memory_full_info reads smaps_rollup (cheap); fall back where it is not readable.
-        if self._full:
-            try:
-                full = self._proc.memory_full_info()
-                return int(full.rss), int(getattr(full, "swap", 0))
-            except psutil.AccessDenied:
-                self._full = False
-        return int(self._proc.memory_info().rss), 0
+        # RSS from statm, swap from /proc/PID/status: ~40 us together. memory_full_info
+        # reads smaps_rollup, ~0.5 ms per QEMU process (1.6 % of a core at 32 VMs/s, bench/).
+        return int(self._proc.memory_info().rss), _swap_bytes(self.pid)
+
+
+def _swap_bytes(pid: int) -> int:
+    """``VmSwap`` of ``/proc/PID/status`` in bytes; 0 where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmSwap:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
