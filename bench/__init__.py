@@ -1,0 +1,1 @@
+"""Benchmarks: vmdriver against bare QEMU and libvirt, interleaved in one run (python -m bench)."""

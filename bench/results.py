@@ -1,0 +1,195 @@
+"""Collected samples, the targets they are judged against, and the markdown table."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLOOR = "bare"
+PEER = "libvirt"
+#: Arms in the order the table lists them.
+ARM_ORDER = ["vmdriver", "vmdriver run", "bare", "libvirt"]
+
+
+@dataclass
+class Row:
+    """All samples of one metric of one arm."""
+
+    bench: str
+    metric: str
+    arm: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        """Median, NaN if there are no samples."""
+        return statistics.median(self.values) if self.values else math.nan
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue, checked on the vmdriver arm's medians."""
+
+    text: str
+    check: Callable[[Row, Row | None, Row | None], bool | None]
+
+
+def _ratio(row: Row, other: Row | None) -> float:
+    if other is None or not other.values or other.median == 0:
+        return math.nan
+    return row.median / other.median
+
+
+def _start_ok(row: Row, floor: Row | None, peer: Row | None) -> bool | None:
+    r = _ratio(row, floor)
+    if math.isnan(r):
+        return None
+    p = _ratio(row, peer)
+    return r <= 1.25 and (math.isnan(p) or p <= 0.1)
+
+
+TARGETS: dict[tuple[str, str], Target] = {
+    ("start", "request → running"): Target("≤ 1.25x bare, ≥ 10x faster than libvirt", _start_ok),
+    ("boot", "request → guest ready line"): Target(
+        "≤ 1.05x bare", lambda r, f, _: None if f is None else _ratio(r, f) <= 1.05
+    ),
+    ("burst", "supervisor PSS per VM"): Target("≤ 3 MiB per VM", lambda r, f, _: r.median <= 3.0),
+    ("stop", "graceful: guest power-off (SHUTDOWN) → exit reported"): Target(
+        "≤ 50 ms", lambda r, f, _: r.median <= 50.0
+    ),
+}
+
+
+def target_for(bench: str, metric: str) -> Target | None:
+    """The target of a metric; burst wall time and stats labels carry their sizes."""
+    if bench == "burst" and metric.endswith("→ all running"):
+        return Target("≤ 1.3x bare", lambda r, f, _: None if f is None else _ratio(r, f) <= 1.3)
+    if bench == "stats" and metric.startswith("sampling"):
+        return Target("≤ 2 % of one core", lambda r, f, _: r.median <= 2.0)
+    return TARGETS.get((bench, metric))
+
+
+class Results:
+    """Everything one run produced."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, str], Row] = {}
+        self.curves: dict[str, tuple[list[float], list[float]]] = {}
+        self.notes: list[str] = []
+        self.skips: list[str] = []
+        self.host: dict[str, Any] = {}
+        self.argv: list[str] = []
+
+    def add(self, bench: str, metric: str, arm: str, value: float, unit: str) -> None:
+        """One sample."""
+        key = (bench, metric, arm)
+        if key not in self.rows:
+            self.rows[key] = Row(bench, metric, arm, unit)
+        self.rows[key].values.append(float(value))
+
+    def series(self, name: str, xs: list[float], ys: list[float]) -> None:
+        """A curve for the plot (scale)."""
+        self.curves[name] = (list(xs), list(ys))
+
+    def note(self, text: str) -> None:
+        """A remark for the report."""
+        self.notes.append(text)
+
+    def skip(self, what: str, why: str) -> None:
+        """A part that did not run, with its one-line reason (also printed at once)."""
+        line = f"{what}: skipped: {why}"
+        self.skips.append(line)
+        print(f"bench: {line}", flush=True)
+
+    def get(self, bench: str, metric: str, arm: str) -> Row | None:
+        """A row if it has samples."""
+        row = self.rows.get((bench, metric, arm))
+        return row if row and row.values else None
+
+    def metrics(self) -> list[tuple[str, str]]:
+        """(bench, metric) pairs in first-seen order."""
+        seen: dict[tuple[str, str], None] = {}
+        for bench, metric, _ in self.rows:
+            seen[(bench, metric)] = None
+        return list(seen)
+
+    def verdicts(self) -> list[tuple[str, str, str, bool | None]]:
+        """(bench, metric, target text, met) for every metric with a target."""
+        out = []
+        for bench, metric in self.metrics():
+            target = target_for(bench, metric)
+            row = self.get(bench, metric, "vmdriver")
+            if target is None or row is None:
+                continue
+            ok = target.check(row, self.get(bench, metric, FLOOR), self.get(bench, metric, PEER))
+            out.append((bench, metric, target.text, ok))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Raw samples and context, for later analysis."""
+        return {
+            "host": self.host, "argv": self.argv, "notes": self.notes, "skips": self.skips,
+            "rows": [{"bench": r.bench, "metric": r.metric, "arm": r.arm, "unit": r.unit,
+                      "values": r.values} for r in self.rows.values()],
+            "curves": {k: {"x": v[0], "y": v[1]} for k, v in self.curves.items()},
+        }  # fmt: skip
+
+    def write_json(self, path: Path) -> None:
+        """Dump :meth:`to_json` (NaN becomes null)."""
+        text = json.dumps(self.to_json(), indent=1, default=str)
+        path.write_text(text.replace("NaN", "null"))
+
+
+def _fmt(v: float) -> str:
+    if math.isnan(v):
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _fmt_ratio(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.2f}x"
+
+
+def markdown(res: Results, title: str) -> str:
+    """The results table with host facts, verdicts, skips and notes."""
+    lines = [f"# {title}", ""]
+    lines += ["Host: " + ", ".join(f"{k} {v}" for k, v in res.host.items()), ""]
+    lines += ["| Benchmark | Metric | Arm | n | median | min | max | unit | x bare | x libvirt |",
+              "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
+    for bench, metric in res.metrics():
+        floor, peer = res.get(bench, metric, FLOOR), res.get(bench, metric, PEER)
+        arms = sorted((a for b, m, a in res.rows if (b, m) == (bench, metric)),
+                      key=lambda a: ARM_ORDER.index(a) if a in ARM_ORDER else 99)  # fmt: skip
+        for arm in arms:
+            row = res.get(bench, metric, arm)
+            if row is None:
+                continue
+            lines.append(
+                f"| {bench} | {metric} | {arm} | {len(row.values)} | {_fmt(row.median)} | "
+                f"{_fmt(min(row.values))} | {_fmt(max(row.values))} | {row.unit} | "
+                f"{_fmt_ratio(_ratio(row, floor)) if arm != FLOOR else '1.00x'} | "
+                f"{_fmt_ratio(_ratio(row, peer)) if peer else '-'} |"
+            )
+    lines += ["", "## Targets (vmdriver arm, medians)", "", "| Benchmark | Metric | Target | Met |",
+              "|---|---|---|---|"]  # fmt: skip
+    for bench, metric, text, ok in res.verdicts():
+        mark = "n/a" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {bench} | {metric} | {text} | {mark} |")
+    if res.skips:
+        lines += ["", "## Skipped", ""] + [f"- {s}" for s in res.skips]
+    if res.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
+    if res.argv:
+        lines += ["", "## QEMU argv of the start/burst/scale VMs (both arms)", "", "```",
+                  " ".join(res.argv), "```"]  # fmt: skip
+    return "\n".join(lines) + "\n"
