@@ -37,8 +37,9 @@ class Alloc:
         out = FifoReader(logs / f".{name}.stdout.fifo", logs / f"{name}.stdout.0")
         err = FifoReader(logs / f".{name}.stderr.fifo", logs / f"{name}.stderr.0")
         self.readers += [out, err]
-        linux = pb.LinuxResources(cpu_shares=cpu_shares,
-                                  memory_limit_bytes=(memory_limit_mb or memory_mb) << 20)
+        linux = pb.LinuxResources(
+            cpu_shares=cpu_shares, memory_limit_bytes=(memory_limit_mb or memory_mb) << 20
+        )
         res = pb.Resources(
             allocated_resources=pb.AllocatedTaskResources(
                 cpu=pb.AllocatedCpuResources(cpu_shares=cpu_shares),

@@ -53,8 +53,7 @@ class Waiter(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        self.response = self.plugin.driver.WaitTask(pb.WaitTaskRequest(task_id=self.task_id),
-                                                    timeout=120)
+        self.response = self.plugin.driver.WaitTask(pb.WaitTaskRequest(task_id=self.task_id), timeout=120)
 
     def result(self, timeout: float) -> pb.WaitTaskResponse:
         self.join(timeout)
@@ -92,8 +91,9 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
         assert int(limit) == cgroup.memory_limit_mib(256, 1, "tcg", 256) << 20
         assert Path(f"/sys/fs/cgroup/cpu/nomad/{scope}/cpu.shares").read_text().strip() == "700"
 
-    stats = plugin.driver.TaskStats(pb.TaskStatsRequest(
-        task_id=task.id, collection_interval=duration_pb2.Duration(nanos=200_000_000)))
+    stats = plugin.driver.TaskStats(
+        pb.TaskStatsRequest(task_id=task.id, collection_interval=duration_pb2.Duration(nanos=200_000_000))
+    )
     samples = [next(stats) for _ in range(3)]
     stats.cancel()
     last = samples[-1].stats
@@ -108,8 +108,10 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
     time.sleep(0.5)
     assert waiter.response is None  # WaitTask blocks while the VM runs
     t0 = time.monotonic()
-    plugin.driver.StopTask(pb.StopTaskRequest(
-        task_id=task.id, timeout=duration_pb2.Duration(seconds=30), signal="SIGINT"), timeout=60)
+    plugin.driver.StopTask(
+        pb.StopTaskRequest(task_id=task.id, timeout=duration_pb2.Duration(seconds=30), signal="SIGINT"),
+        timeout=60,
+    )
     result = waiter.result(30)
     assert result.result.exit_code == 0 and result.result.signal == 0, result
     assert not result.err  # the guest powered off on the ACPI button: a clean stop
@@ -163,8 +165,9 @@ def test_vm_survives_plugin_kill_and_shutdown(start_plugin: Callable[..., Plugin
     third = start_plugin()
     third.driver.RecoverTask(pb.RecoverTaskRequest(handle=stored), timeout=30)
     waiter = Waiter(third, task.id)
-    third.driver.StopTask(pb.StopTaskRequest(
-        task_id=task.id, timeout=duration_pb2.Duration(seconds=30)), timeout=60)
+    third.driver.StopTask(
+        pb.StopTaskRequest(task_id=task.id, timeout=duration_pb2.Duration(seconds=30)), timeout=60
+    )
     result = waiter.result(30)
     # The real end of the VM: the guest powered off on ACPI, QEMU exited 0.
     assert result.result.exit_code == 0 and not result.err, result

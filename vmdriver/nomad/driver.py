@@ -102,8 +102,9 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             fp = fingerprint(host.state_dir, host.emulators_allowlist)
         except Exception as exc:
             log.exception("fingerprint failed")
-            return pb.FingerprintResponse(health=pb.FingerprintResponse.UNHEALTHY,
-                                          health_description=f"fingerprint failed: {exc}")
+            return pb.FingerprintResponse(
+                health=pb.FingerprintResponse.UNHEALTHY, health_description=f"fingerprint failed: {exc}"
+            )
         attrs = {}
         for key, value in fp.attributes.items():
             attr = structs_pb2.Attribute()
@@ -154,8 +155,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
                     context: grpc.ServicerContext) -> pb.RecoverTaskResponse:  # fmt: skip
         """Re-attach to a VM an earlier plugin process started (Nomad sends only the handle)."""
         task_id = request.handle.config.id or request.task_id
-        task = self.state.loop.call(
-            self.state.tasks.recover(task_id, request.handle.driver_state))
+        task = self.state.loop.call(self.state.tasks.recover(task_id, request.handle.driver_state))
         log.info("task %s recovered: pid %s", task.id, task.vm.pid)
         return pb.RecoverTaskResponse()
 
@@ -167,8 +167,9 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         result = self.state.loop.call(tasks.wait(request.task_id), context)
         task = tasks.find(request.task_id)
         oom = bool(task and task.oom_killed)
-        return pb.WaitTaskResponse(result=exit_result(result, oom),
-                                   err="" if result.successful else result.describe())
+        return pb.WaitTaskResponse(
+            result=exit_result(result, oom), err="" if result.successful else result.describe()
+        )
 
     @rpc
     def StopTask(self, request: pb.StopTaskRequest,
@@ -218,9 +219,12 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             sampler = ProcessSampler(pid)
             while not ended.is_set() and task.vm.result is None:
                 sample = sampler.sample()
-                stats = pb.TaskStats(id=task.id, timestamp=_ts(sample.timestamp),
-                                     agg_resource_usage=usage(sample),
-                                     resource_usage_by_pid={str(pid): usage(sample)})
+                stats = pb.TaskStats(
+                    id=task.id,
+                    timestamp=_ts(sample.timestamp),
+                    agg_resource_usage=usage(sample),
+                    resource_usage_by_pid={str(pid): usage(sample)},
+                )
                 yield pb.TaskStatsResponse(stats=stats)
                 ended.wait(interval)
         except psutil.NoSuchProcess:
@@ -239,11 +243,50 @@ class DriverService(driver_pb2_grpc.DriverServicer):
                     ev = sub.get(timeout=1.0)
                 except queue.Empty:
                     continue
-                yield pb.DriverTaskEvent(task_id=ev.task_id, alloc_id=ev.alloc_id,
-                                         task_name=ev.name, timestamp=_ts(ev.timestamp),
-                                         message=ev.message, annotations=ev.annotations)
+                yield pb.DriverTaskEvent(
+                    task_id=ev.task_id,
+                    alloc_id=ev.alloc_id,
+                    task_name=ev.name,
+                    timestamp=_ts(ev.timestamp),
+                    message=ev.message,
+                    annotations=ev.annotations,
+                )
         finally:
             events.unsubscribe(sub)
+
+    # Section: not implemented (Capabilities says so)
+
+    @rpc
+    def SignalTask(self, request: pb.SignalTaskRequest,
+                   context: grpc.ServicerContext) -> pb.SignalTaskResponse:  # fmt: skip
+        """Not yet: Capabilities.send_signals is false."""
+        raise NotImplementedError("the vmdriver plugin does not send signals to VMs yet")
+
+    @rpc
+    def ExecTask(self, request: pb.ExecTaskRequest,
+                 context: grpc.ServicerContext) -> pb.ExecTaskResponse:  # fmt: skip
+        """Not yet: Capabilities.exec is false."""
+        raise NotImplementedError("the vmdriver plugin cannot exec in VMs yet")
+
+    @stream
+    def ExecTaskStreaming(self, request_iterator: Iterator[pb.ExecTaskStreamingRequest],
+                          context: grpc.ServicerContext,
+                          ) -> Iterator[pb.ExecTaskStreamingResponse]:  # fmt: skip
+        """Not yet: Capabilities.exec is false."""
+        raise NotImplementedError("the vmdriver plugin cannot exec in VMs yet")
+        yield pb.ExecTaskStreamingResponse()  # a generator, like every stream handler
+
+    @rpc
+    def CreateNetwork(self, request: pb.CreateNetworkRequest,
+                      context: grpc.ServicerContext) -> pb.CreateNetworkResponse:  # fmt: skip
+        """Not used: Capabilities.must_create_network is false."""
+        raise NotImplementedError("the vmdriver plugin does not create networks")
+
+    @rpc
+    def DestroyNetwork(self, request: pb.DestroyNetworkRequest,
+                       context: grpc.ServicerContext) -> pb.DestroyNetworkResponse:  # fmt: skip
+        """Not used: Capabilities.must_create_network is false."""
+        raise NotImplementedError("the vmdriver plugin does not create networks")
 
     @rpc
     def Shutdown(self, request: pb.ShutdownRequest,

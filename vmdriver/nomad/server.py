@@ -62,6 +62,14 @@ class HealthService(health_pb2_grpc.HealthServicer):
                   else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)  # fmt: skip
         return health_pb2.HealthCheckResponse(status=status)
 
+    def Watch(self, request: health_pb2.HealthCheckRequest,
+              context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:  # fmt: skip
+        """The status once; it never changes while the server runs."""
+        yield self.Check(request, context)
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        ended.wait()
+
 
 class StdioService(plugin_pb2_grpc.GRPCStdioServicer):
     """``plugin.GRPCStdio``: held open and silent (nothing but the handshake uses stdout)."""

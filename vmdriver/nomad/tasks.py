@@ -147,8 +147,15 @@ class TaskTable:
         placed: list[cgroup.Placement] = []
 
         def confine(pid: int) -> None:
-            placed.append(cgroup.apply(pid, limits, f"{plan.alloc_id}.{plan.name}",
-                                       parent="nomad", cpuset_cgroup=plan.cpuset_cgroup))
+            placed.append(
+                cgroup.apply(
+                    pid,
+                    limits,
+                    f"{plan.alloc_id}.{plan.name}",
+                    parent="nomad",
+                    cpuset_cgroup=plan.cpuset_cgroup,
+                )
+            )
 
         vm = await self.supervisor.start(
             plan.task_id, plan.spec, plan.task_dir, env=plan.env, stdout=plan.stdout,
@@ -159,8 +166,12 @@ class TaskTable:
                     placement.paths if placement else (),
                     placement.created if placement else ())  # fmt: skip
         self._register(task)
-        self.events.emit(task, f"VM started (pid {vm.pid}, {prepared.ctx.accelerator})",
-                         accelerator=prepared.ctx.accelerator, reason=prepared.accel_reason)
+        self.events.emit(
+            task,
+            f"VM started (pid {vm.pid}, {prepared.ctx.accelerator})",
+            accelerator=prepared.ctx.accelerator,
+            reason=prepared.accel_reason,
+        )
         for warning in placement.warnings if placement else ():
             self.events.emit(task, f"running without a cgroup limit: {warning}")
         return task
@@ -194,7 +205,7 @@ class TaskTable:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("task %s: supervising its VM failed: %s", task.id, exc)
+            log.exception("task %s: supervising its VM failed", task.id)
             self.events.emit(task, f"VM supervision failed: {exc}")
             task.completed_at = time.time()
             return

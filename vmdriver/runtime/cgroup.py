@@ -58,7 +58,7 @@ def detect_mode(root: Path = ROOT) -> CgroupMode:
 def memory_headroom_mib(guest_mib: int, vcpus: int = 1, accelerator: str = "tcg") -> int:
     """What QEMU needs beyond the guest's RAM, in MiB.
 
-    ``192 + guest/8 + 4 × vCPUs``, plus 256 under TCG. For a 300 MiB TCG guest
+    ``192 + guest/8 + 4 * vCPUs``, plus 256 under TCG. For a 300 MiB TCG guest
     with one vCPU: 192 + 37 + 4 + 256 = 489 MiB.
     """
     headroom = HEADROOM_BASE_MIB + guest_mib // HEADROOM_RAM_DIVISOR
@@ -249,3 +249,15 @@ def cgroups_of(pid: int) -> dict[str, str]:
             for c in controllers.split(",") if controllers else [""]:
                 out[c] = path
     return out
+
+
+def oom_kills(paths: tuple[str, ...] | list[str]) -> int:
+    """How many processes the kernel OOM-killed in these cgroups (0 where it does not say)."""
+    total = 0
+    for path in paths:
+        for name in ("memory.events", "memory.oom_control"):
+            for line in _read(Path(path) / name).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    total += int(value)
+    return total
