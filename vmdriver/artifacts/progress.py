@@ -62,9 +62,14 @@ class PlainProgress:
             if ev.message:
                 self._write(f"artifact {ev.artifact}: {ev.message}")
                 return
-            start = self._started.setdefault(key, now)
-            if not ev.finished and now - self._last.get(key, start - self._interval) \
-                    < self._interval:  # fmt: skip
+            if key not in self._started:
+                self._started[key] = self._last[key] = now
+                size = f" {_mib(ev.total)}" if ev.total else ""
+                if not ev.finished:
+                    self._write(f"artifact {ev.artifact}: {ev.phase}{size} started")
+                    return
+            start = self._started[key]
+            if not ev.finished and now - self._last[key] < self._interval:
                 return
             self._last[key] = now
             rate = ev.done / max(now - start, 1e-6)
