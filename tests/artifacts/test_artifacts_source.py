@@ -129,3 +129,21 @@ def test_cancelling_the_async_fetch_stops_the_worker(server: ArtifactServer,
     waited = asyncio.run(main())
     assert waited < 2  # the worker noticed within a chunk or so, and cleaned up first
     assert files(tmp_path) == [] and leftovers(tmp_path) == []
+
+
+def test_terminal_gets_a_rich_bar_with_rate() -> None:
+    import io
+
+    from rich.console import Console
+
+    from vmdriver.artifacts import progress_display
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    with progress_display(console) as show:
+        for done in range(0, 65, 16):
+            show(ProgressEvent("http://h/disk.img", "download", done << 20, 64 << 20,
+                               finished=done == 64))  # fmt: skip
+            time.sleep(0.01)
+    text = buf.getvalue()
+    assert "download disk.img" in text and "64.0/64.0 MiB" in text and "/s" in text

@@ -111,7 +111,7 @@ def progress_display(console: Console, *, prefix: str = "vmdriver: ") -> Iterato
                                                        highlight=False))  # fmt: skip
         return
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
         TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False,
     )  # fmt: skip
     with bar:
