@@ -46,7 +46,13 @@ def _signum(name: str) -> int:
 
 
 def tail(path: Path, limit: int = 4000) -> str:
-    """The last ``limit`` bytes of a log file, as text."""
+    """The last ``limit`` bytes of a log file, as text.
+
+    Only regular files: Nomad's log FIFOs cannot be re-read (opening one for
+    reading blocks, and reading would take the lines from logmon).
+    """
+    if not path.is_file():
+        return ""
     try:
         with path.open("rb") as f:
             f.seek(0, 2)
