@@ -13,6 +13,7 @@ Nomad's built-in qemu driver or for the virt driver.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import shutil
@@ -135,6 +136,8 @@ def serve(name: str, *, log_level: int = logging.INFO) -> int:
     # Ctrl-C on a foreground agent goes to the whole process group; the agent decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     hclog.setup(log_level)
+    # `kill -USR1 <pid>` dumps every thread's stack to stderr (the agent log), for debugging.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     sock_dir = Path(tempfile.mkdtemp(prefix="vmdriver-plugin-"))
     sock = sock_dir / "plugin.sock"
     state = PluginState(name)
