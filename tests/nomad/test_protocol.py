@@ -158,3 +158,20 @@ def test_plugin_process_survives_cancelled_calls(start_plugin: Callable[..., Plu
     assert plugin.proc.poll() is None
     assert plugin.base.PluginInfo(base_pb2.PluginInfoRequest(), timeout=5).name == "vmdriver"
     assert sys.executable  # the plugin ran under this interpreter
+
+
+def test_destroy_with_force_kills_a_running_vm(start_plugin: Callable[..., Plugin], alloc: Alloc,
+                                               no_leaks: None) -> None:  # fmt: skip
+    # A VM with no guest OS (blank disk, -nodefaults) is enough: no boot needed.
+    plugin = start_plugin()
+    (alloc.root / "vm" / "local").mkdir(parents=True)
+    (alloc.root / "vm" / "local" / "blank.img").write_bytes(b"\0" * 1048576)
+    task, _ = alloc.task("vm", {"image_path": "local/blank.img", "args": ["-nodefaults"]})
+    plugin.driver.StartTask(pb.StartTaskRequest(task=task), timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        plugin.driver.DestroyTask(pb.DestroyTaskRequest(task_id=task.id, force=False), timeout=10)
+    assert "still running" in err.value.details()
+    waiting = plugin.driver.WaitTask.future(pb.WaitTaskRequest(task_id=task.id), timeout=30)
+    plugin.driver.DestroyTask(pb.DestroyTaskRequest(task_id=task.id, force=True), timeout=20)
+    result = waiting.result().result
+    assert (result.exit_code, result.signal, result.oom_killed) == (137, 9, False)
