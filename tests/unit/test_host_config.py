@@ -42,7 +42,7 @@ def test_defaults() -> None:
     assert host.image_paths == host.args_allowlist == host.emulators_allowlist == ()
     assert host.sandbox is True
     assert host.state_dir.is_absolute()
-    assert DEFAULT_HOST_CONFIG == Path("/etc/vmdriver/host.hcl")
+    assert Path("/etc/vmdriver/host.hcl") == DEFAULT_HOST_CONFIG
 
 
 @pytest.mark.parametrize("data,field,words", [

@@ -25,7 +25,7 @@ def test_sizes(text: object, expected: int) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "", "GiB", "-1", "1.5", "10 GiBs", "1e9", "ten", "１０G", "1_000", True, None, 1.5, [],
+    "", "GiB", "-1", "1.5", "10 GiBs", "1e9", "ten", "\uff11\uff10G", "1_000", True, None, 1.5, [],
     "9" * 400, "99999999999EiB", "1i", "0x10",
 ])
 def test_bad_sizes_say_what_was_expected(text: object) -> None:
@@ -44,7 +44,7 @@ def test_durations(text: object, expected: float) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "", "s", "5 m", "-5s", "5d", "1h-1m", "９s", float("nan"), float("inf"), 10**400,
+    "", "s", "5 m", "-5s", "5d", "1h-1m", "\uff19s", float("nan"), float("inf"), 10**400,
     "9" * 300 + "h", True, None, "1e3s", "30s5", "1y",
 ])
 def test_bad_durations(text: object) -> None:
@@ -57,10 +57,10 @@ def test_ports(text: object, expected: int) -> None:
     assert parse_port(text) == expected
 
 
-@pytest.mark.parametrize("text", [0, 65536, -1, "８０", "8_0", "+80", "0x50", "", True, 80.0, None,
+@pytest.mark.parametrize("text", [0, 65536, -1, "\uff18\uff10", "8_0", "+80", "0x50", "", True, 80.0, None,
                                   "9" * 30])
 def test_bad_ports(text: object) -> None:
-    with pytest.raises(SpecError, match="1 to 65535|port"):
+    with pytest.raises(SpecError, match=r"1 to 65535|port"):
         parse_port(text, where="port")
 
 
