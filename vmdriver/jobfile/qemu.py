@@ -6,6 +6,7 @@ reading a job file, the Nomad plugin after decoding StartTask's msgpack.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -198,9 +199,11 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
         raise SpecError("unsupported kill_signal", where=f"{inputs.where}.kill_signal",
                         value=inputs.kill_signal, allowed=_SIGNALS)
     for server in inputs.dns_servers:
-        if not server.replace(".", "").replace(":", "").isalnum():
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
             raise SpecError("not an IP address", where=f"{inputs.where}.network.dns.servers",
-                            value=server)
+                            value=server) from None
     for search in inputs.dns_searches:
         check_hostname(search, where=f"{inputs.where}.network.dns.searches")
     image = cfg.image_path or "local/" + (cfg.image_source or "").rstrip("/").rsplit("/", 1)[-1]

@@ -63,6 +63,15 @@ class RenderContext:
     sandbox: bool = False
     #: Add ``-no-user-config`` so host-wide QEMU config files do not leak in.
     no_user_config: bool = True
+    #: Per drive, open fds of its image (read-only first, then read-write) that QEMU
+    #: inherits; a drive with fds is rendered as ``-add-fd`` + ``file=/dev/fdset/N``
+    #: so QEMU uses the very file policy checked. Empty: drives are opened by path.
+    drive_fds: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """Every image fd QEMU must inherit."""
+        return tuple(fd for fds in self.drive_fds for fd in fds)
 
 
 def _has_option(args: tuple[str, ...], name: str) -> bool:
@@ -86,7 +95,13 @@ def render_argv(spec: VMSpec, ctx: RenderContext) -> tuple[str, ...]:
     argv += ["-machine", f"type={spec.machine_type},accel={ctx.accelerator}"]
     argv += ["-name", qemu_escape(spec.display_name or spec.name)]
     argv += ["-m", f"{spec.resources.memory_mib}M"]
-    for drive, path, fmt in zip(spec.drives, ctx.drive_paths, ctx.drive_formats, strict=True):
+    for i, (drive, given, fmt) in enumerate(
+        zip(spec.drives, ctx.drive_paths, ctx.drive_formats, strict=True)
+    ):
+        fds = ctx.drive_fds[i] if i < len(ctx.drive_fds) else ()
+        for fd in fds:
+            argv += ["-add-fd", f"fd={fd},set={i + 1},opaque={drive.id}"]
+        path = f"/dev/fdset/{i + 1}" if fds else given
         opts = [f"file={qemu_escape(path)}", f"if={drive.interface.value}", f"id={drive.id}"]
         opts.append(f"format={fmt}")
         if drive.media == "cdrom":

@@ -15,11 +15,22 @@ from pathlib import Path
 from vmdriver.errors import AcceleratorUnavailable, SpecError
 from vmdriver.host.config import HostConfig
 from vmdriver.host.emulators import find_emulator
+from vmdriver.host.features import option_takes_arg, supports_sandbox
 from vmdriver.host.kvm import cached_probe
-from vmdriver.policy import check_args, check_emulator, check_image_path
-from vmdriver.qemu.argv import RenderContext
+from vmdriver.policy import (
+    OpenedImage,
+    PathPolicy,
+    check_args,
+    check_emulator,
+    check_image_path,
+    inspect_image,
+)
+from vmdriver.policy.args import static_arity
+from vmdriver.policy.images import checked_image
+from vmdriver.qemu.argv import SANDBOX_ARG, RenderContext
+from vmdriver.runtime.process import close_fds
 from vmdriver.runtime.taskdir import TaskDir
-from vmdriver.spec import Accelerator, VMSpec, resolve_in
+from vmdriver.spec import Accelerator, VMSpec
 
 #: Formats QEMU may be told an image has; anything else is refused.
 KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "dmg", "parallels")
@@ -34,6 +45,10 @@ class Prepared:
     #: Why the accelerator was chosen (for `run` output and the fingerprint).
     accel_reason: str = ""
 
+    def close(self) -> None:
+        """Release the image fds of a VM that will not be launched (launch closes them)."""
+        close_fds(self.ctx.pass_fds)
+
 
 def detect_format(path: Path, *, where: str) -> str:
     """The image's format as ``qemu-img info`` reads it."""
@@ -41,10 +56,10 @@ def detect_format(path: Path, *, where: str) -> str:
         out = subprocess.run(
             ("qemu-img", "info", "--output=json", "--", str(path)),
             capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
     except FileNotFoundError:
         raise SpecError("qemu-img is not installed; it is needed to detect image formats",
-                        where=where) from None  # fmt: skip
+                        where=where) from None
     except subprocess.TimeoutExpired:
         raise SpecError("qemu-img info timed out", where=where, value=str(path)) from None
     if out.returncode != 0:
@@ -65,12 +80,12 @@ def resolve_accelerator(requested: Accelerator, qemu: Path, cache_dir: Path) -> 
         return "kvm", verdict.reason
     if requested is Accelerator.KVM:
         raise AcceleratorUnavailable(f"accelerator \"kvm\" requested but KVM is not usable here: "
-                                     f"{verdict.reason}")  # fmt: skip
+                                     f"{verdict.reason}")
     return "tcg", f"auto: KVM unusable ({verdict.reason})"
 
 
 def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "",
-            preview: bool = False) -> Prepared:  # fmt: skip
+            preview: bool = False) -> Prepared:
     """Check ``spec`` against policy and this host; decide everything argv needs.
 
     With ``preview``, an image that is not there yet (it comes with the task's
@@ -78,28 +93,55 @@ def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "
     """
     prefix = f"{where}: " if where else ""
     emulator = check_emulator(spec.emulator, host, where=f"{prefix}config.emulator")
-    check_args(spec.args, host, where=f"{prefix}config.args")
     task_dir.check_socket_paths()
     binary = find_emulator(emulator)
+    policy = PathPolicy.for_task(task_dir.path, task_dir.alloc_dir, host)
+
+    def arity(name: str) -> bool | None:
+        known = static_arity(name)
+        return known if known is not None else option_takes_arg(binary, name)
+
+    def image_check(path: Path, fmt: str | None, here: str) -> None:
+        # An image named in args is opened by QEMU by path: check what it references.
+        if not preview:
+            inspect_image(str(path), policy, fmt=fmt, where=here, value=str(path),
+                          base_dir=path.parent)  # fmt: skip
+
+    check_args(spec.args, host, where=f"{prefix}config.args", task_dir=task_dir.path,
+               alloc_dir=task_dir.alloc_dir, arity=arity, image_check=image_check)  # fmt: skip
     paths: list[str] = []
     formats: list[str] = []
-    for i, drive in enumerate(spec.drives):
-        field = f"{prefix}config.image_path" if i == 0 else f"{prefix}drive[{i}]"
-        if preview and not resolve_in(task_dir.path, drive.path).exists():
-            paths.append(str(resolve_in(task_dir.path, drive.path)))
-            formats.append(drive.format or "<detected>")
-            continue
-        resolved = check_image_path(drive.path, task_dir.path, task_dir.alloc_dir, host,
-                                    where=field)  # fmt: skip
-        if drive.format is not None and drive.format not in KNOWN_FORMATS:
-            raise SpecError("unsupported image format", where=field, value=drive.format,
-                            allowed=KNOWN_FORMATS)  # fmt: skip
-        paths.append(str(resolved))
-        formats.append(drive.format or detect_format(resolved, where=field))
+    opened: list[OpenedImage] = []
+    try:
+        for i, drive in enumerate(spec.drives):
+            field = f"{prefix}config.image_path" if i == 0 else f"{prefix}drive[{i}]"
+            if preview:
+                shown = check_image_path(drive.path, task_dir.path, task_dir.alloc_dir, host,
+                                         where=field, must_exist=False)  # fmt: skip
+                if not shown.exists():
+                    # Artifacts may not be there yet: only where the path leads is checked.
+                    paths.append(str(shown))
+                    formats.append(drive.format or "<detected>")
+                    continue
+            writable = not drive.read_only and drive.media != "cdrom"
+            image, fmt = checked_image(drive.path, policy, fmt=drive.format, writable=writable,
+                                       where=field)  # fmt: skip
+            paths.append(str(image.path))
+            formats.append(fmt)
+            if preview:
+                image.close()  # shown by path; nothing will be launched
+            else:
+                opened.append(image)
+    except BaseException:
+        for image in opened:
+            image.close()
+        raise
     accel, reason = resolve_accelerator(spec.accelerator, binary, host.state_dir)
     ctx = RenderContext(
         binary=binary, accelerator=accel, qmp_socket=task_dir.qmp_socket,
         qga_socket=task_dir.qga_socket, drive_paths=tuple(paths),
-        drive_formats=tuple(formats), qmp_fd=None, sandbox=host.sandbox,
+        drive_formats=tuple(formats), qmp_fd=None,
+        sandbox=host.sandbox and supports_sandbox(binary, SANDBOX_ARG),
+        drive_fds=tuple(image.fds for image in opened),
     )  # fmt: skip
     return Prepared(spec.model_copy(update={"emulator": emulator}), ctx, reason)

@@ -36,6 +36,13 @@ def _open_output(path: Path) -> int:
     return os.open(path, flags, 0o600)
 
 
+def close_fds(fds: tuple[int, ...]) -> None:
+    """Close fds handed to QEMU (it has its own copies now); ignore ones already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class QemuProcess:
     """One QEMU process, with exit observed through a pidfd."""
 
@@ -64,6 +71,8 @@ class QemuProcess:
             proc = subprocess.Popen(
                 argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=err, pass_fds=pass_fds, process_group=0, close_fds=True,
+                # Sockets and files QEMU creates (QMP, guest agent) are the owner's only.
+                umask=0o177,
             )
         except OSError as exc:
             raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc

@@ -24,7 +24,7 @@ from qemu.qmp import EventListener
 from vmdriver.errors import LaunchError, MonitorError, StateError
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
-from vmdriver.runtime.process import QemuProcess
+from vmdriver.runtime.process import QemuProcess, close_fds
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitKind, ExitResult, VMState
 from vmdriver.runtime.taskdir import TaskDir
@@ -121,9 +121,10 @@ class VM:
             self.argv = render_argv(self.spec, ctx)
             self._proc = QemuProcess.spawn(
                 self.argv, cwd=self.task_dir.path, env=env, stdout=self.stdout,
-                stderr=self.stderr, pass_fds=(theirs.fileno(),),
+                stderr=self.stderr, pass_fds=(theirs.fileno(), *ctx.pass_fds),
             )
             theirs.close()
+            close_fds(ctx.pass_fds)
             self.started_at = time.time()
             if on_spawn is not None:
                 on_spawn(self._proc.pid)
@@ -134,6 +135,7 @@ class VM:
             await self._monitor.execute("cont")
         except BaseException:
             theirs.close()
+            close_fds(ctx.pass_fds)
             await self._abort_launch()
             raise
         self.state = VMState.RUNNING
