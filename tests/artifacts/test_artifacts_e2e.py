@@ -20,10 +20,10 @@ VMDRIVER = str(Path(sys.executable).with_name("vmdriver"))
 
 def test_run_boots_an_image_fetched_over_http(server: ArtifactServer, guest_dir: Path,
                                               state_dir: Path, tmp_path: Path) -> None:  # fmt: skip
-    # A raw image: the task gets a sparse copy. (A qcow2 one gets an overlay whose backing
-    # file is in the cache, which the launch policy must allow: see docs/artifacts.md.)
-    image = (guest_dir / "disk.raw").read_bytes()
-    url = server.add("/images/disk.raw", image, drop_after=len(image) // 3)  # one resume
+    # A qcow2 image: the task gets an overlay whose backing file is the cached copy,
+    # which the launch policy admits as a backing file only (docs/artifacts.md).
+    image = (guest_dir / "disk.qcow2").read_bytes()
+    url = server.add("/images/disk.qcow2", image, drop_after=len(image) // 3)  # one resume
     digest = hashlib.sha256(image).hexdigest()
     job = tmp_path / "job.nomad.hcl"
     job.write_text(f"""
@@ -32,7 +32,7 @@ job "art" {{
     task "vm" {{
       driver = "qemu"
       config {{
-        image_path        = "local/disk.raw"
+        image_path        = "local/disk.qcow2"
         graceful_shutdown = true
       }}
       resources {{
@@ -74,7 +74,7 @@ job "art" {{
     text = "".join(lines)
     # Plain progress lines (stderr is not a terminal), the resume, then the overlay.
     assert f"artifact {url}: download done {len(image) / 2**20:.1f} MiB" in text
-    assert server.hits["/images/disk.raw"] == 2 and server.ranges
-    assert "copied from the cached copy" in text
+    assert server.hits["/images/disk.qcow2"] == 2 and server.ranges
+    assert "overlay on the cached copy" in text
     blob = state_dir / "cache" / "entries" / f"sha256-{digest}" / "blob"
     assert blob.read_bytes() == image  # the guest ran and wrote; the cache did not change

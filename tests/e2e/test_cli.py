@@ -51,8 +51,13 @@ job "cli" {{
 
 
 def host_file(tmp: Path, image_dir: Path) -> Path:
+    # The overlay's backing file is the shared test guest: the operator allows both.
     path = tmp / "host.hcl"
-    path.write_text(f'image_paths = ["{image_dir}"]\n')
+    guest = (image_dir / "disk.qcow2").resolve()
+    backing = Path(__import__("json").loads(subprocess.run(
+        ("qemu-img", "info", "--output=json", str(guest)), capture_output=True, text=True,
+        check=True).stdout)["backing-filename"]).resolve().parent
+    path.write_text(f'image_paths = ["{image_dir}", "{backing}"]\n')
     return path
 
 

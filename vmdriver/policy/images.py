@@ -104,6 +104,7 @@ def _check_backing(backing: str, info: dict[str, Any], policy: PathPolicy, *, wh
                               value=backing, allowed="an absolute backing path, or a "
                               "flattened image (qemu-img convert)")  # fmt: skip
         path = str(base_dir / path)
+    policy = policy.for_backing()
     resolved = resolve_allowed(path, policy, where=bwhere, what="backing file")
     bfmt = info.get("backing-filename-format")
     inspect_image(str(resolved), policy, fmt=str(bfmt) if bfmt else None, where=where,

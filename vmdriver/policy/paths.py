@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import dataclasses
 import os
 import stat
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class PathPolicy:
     image_paths: tuple[Path, ...] = ()
     #: The operator's spelling of ``image_paths``, for messages.
     image_paths_text: tuple[str, ...] = ()
+    #: Dirs allowed for backing files only: the shared artifact cache. QEMU opens
+    #: backing files read-only; a job can never name them as a writable image.
+    backing_dirs: tuple[Path, ...] = ()
 
     @classmethod
     def for_task(cls, task_dir: Path, alloc_dir: Path, host: HostConfig) -> PathPolicy:
@@ -62,6 +66,17 @@ class PathPolicy:
             alloc_dir=Path(os.path.realpath(alloc_dir)),
             image_paths=tuple(Path(os.path.realpath(p)) for p in host.image_paths),
             image_paths_text=host.image_paths,
+            # Where vmdriver.artifacts keeps its cache (artifacts.cache.default_cache_dir).
+            backing_dirs=(Path(os.path.realpath(host.state_dir / "cache")),),
+        )
+
+    def for_backing(self) -> PathPolicy:
+        """The policy for backing files: the same dirs plus the artifact cache."""
+        return dataclasses.replace(
+            self,
+            image_paths=(*self.image_paths, *self.backing_dirs),
+            image_paths_text=(*self.image_paths_text, *(str(d) for d in self.backing_dirs)),
+            backing_dirs=(),
         )
 
     def allowed(self) -> str:

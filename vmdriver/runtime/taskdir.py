@@ -89,6 +89,6 @@ class TaskDir:
     def create(self) -> None:
         """Make the directories, private to the owner."""
         for d in (self.path, self.local, self.secrets, self.path / "tmp",
-                  self.shared / "data", self.shared / "logs", self.shared / "tmp"):  # fmt: skip
+                  self.shared / "data", self.shared / "logs", self.shared / "tmp"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.alloc_dir, 0o700)
