@@ -1,8 +1,8 @@
 """How should a task get its own writable copy of a cached image?
 
 Measures, for a small real image (the test guest's disk, ~12-15 MB) and a
-generated 1 GiB image (sparse, 256 MiB of data in it, like a cloud image), the wall time (including fsync of the result) and the
-disk blocks used by:
+generated 1 GiB image (sparse, 256 MiB of data in it, like a cloud image), the
+wall time (including fsync of the result) and the disk blocks used by:
 
 * ``copyfile``  - shutil.copyfile (sendfile: holes become real zeros)
 * ``cp-sparse`` - cp --reflink=auto --sparse=always (keeps holes, reflinks on btrfs/xfs)

@@ -78,7 +78,8 @@ def no_leaks(state_dir: Path) -> Iterator[None]:
 
 
 def pytest_report_header() -> str:
-    return f"vmdriver tests; guest cache {os.environ.get('VMDRIVER_GUEST_CACHE', '/var/cache/vmdriver/guest')}"
+    cache = os.environ.get("VMDRIVER_GUEST_CACHE", "/var/cache/vmdriver/guest")
+    return f"vmdriver tests; guest cache {cache}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

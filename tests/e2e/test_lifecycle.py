@@ -150,6 +150,6 @@ def test_reattach_after_supervisor_loss(host: HostConfig) -> None:
         assert result.kind is ExitKind.STOPPED
         # QEMU is still this test process's child (a real plugin restart would have
         # handed it to init): it must be dead, and reaping it here shows that.
-        assert os.waitpid(pid, 0)[0] == pid
+        assert (await asyncio.to_thread(os.waitpid, pid, 0))[0] == pid
 
     asyncio.run(main())

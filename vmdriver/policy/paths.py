@@ -18,8 +18,8 @@ so a path swapped after the check cannot change what the VM reads.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import dataclasses
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
