@@ -46,6 +46,11 @@ def _forwards(plan: TaskPlan) -> str:
 
 async def _prepare_all(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -> list[Prepared]:
     """Artifacts and checks for every task before any VM starts."""
+    # Task dirs hold sockets and images: private to the owner from the top (an
+    # existing dir, e.g. a --state-dir the user made, keeps its mode).
+    for d in (host.state_dir, host.state_dir / "allocs"):
+        if not d.exists():
+            d.mkdir(parents=True, mode=0o700)
     out = []
     cache = ArtifactCache(default_cache_dir(host.state_dir))
     for plan in plans:

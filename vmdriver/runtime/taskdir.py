@@ -87,8 +87,13 @@ class TaskDir:
                 )
 
     def create(self) -> None:
-        """Make the directories, private to the owner."""
+        """Make the directories, private to the owner.
+
+        An alloc dir that exists already (Nomad's) keeps its mode.
+        """
+        if not self.alloc_dir.exists():
+            self.alloc_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.alloc_dir.mkdir(mode=0o700, exist_ok=True)
         for d in (self.path, self.local, self.secrets, self.path / "tmp",
                   self.shared / "data", self.shared / "logs", self.shared / "tmp"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.alloc_dir, 0o700)
