@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -36,6 +37,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-rounds", type=int)
     p.add_argument("--boot-rounds", type=int)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="re-render OUT/results.json, run nothing")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other benchmarks' results from OUT/results.json (re-run some only)",
+    )
     return p.parse_args(argv)
 
 
@@ -101,10 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = _args(argv)
     t0 = time.monotonic()
-    res = asyncio.run(run(args))
-    res.note(f"suite wall time {time.monotonic() - t0:.0f} s"
-             + (" (smoke sizes: numbers are not meaningful)" if args.smoke else ""))  # fmt: skip
+    if args.report_only:
+        res = Results()
+        res.merge_from(args.out / "results.json", set())
+        res.notes = [n.removeprefix("(earlier run) ") for n in res.notes]
+        res.host = json.loads((args.out / "results.json").read_text())["host"]
+    else:
+        res = asyncio.run(run(args))
+        res.note(f"suite wall time {time.monotonic() - t0:.0f} s"
+                 + (" (smoke sizes: numbers are not meaningful)" if args.smoke else ""))  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge and not args.report_only and (args.out / "results.json").exists():
+        ran = {s.strip() for s in args.only.split(",")}
+        res.merge_from(args.out / "results.json", ran)
     title = "vmdriver benchmarks" + (" (smoke)" if args.smoke else "")
     if not args.no_plot:
         try:

@@ -48,8 +48,14 @@ class Arm:
 
     def _spec(self, kind: str, name: str, task_dir: TaskDir) -> VMSpec:
         if kind == "boot":
+            # guest/out may be re-pointed at a rebuilt guest while the run goes on.
+            self.host = self.host.model_copy(update={"image_paths": (str(self.root), str(GUEST.resolve()))})
+            self._host_changed()
             return boot_spec(name, make_overlay(task_dir.path / "local" / "disk.qcow2"))
         return tiny_spec(name)
+
+    def _host_changed(self) -> None:
+        """Hook for arms that hand the host config on."""
 
     async def start(self, n: int, kind: str) -> dict[str, Any]:
         """Start ``n`` VMs at once; per-VM seconds from the request to running (and ready)."""
@@ -100,6 +106,9 @@ class VmdriverArm(Arm):
         super().__init__(root)
         self.sup = Supervisor(self.host)
         self.live: list[VM] = []
+
+    def _host_changed(self) -> None:
+        self.sup.host = self.host
 
     async def start(self, n: int, kind: str) -> dict[str, Any]:
         jobs = []

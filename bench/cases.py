@@ -26,7 +26,7 @@ class Sizes:
 
     start_rounds: int = 30
     warmup: int = 3
-    boot_rounds: int = 8
+    boot_rounds: int = 6
     burst_n: int = 32
     burst_rounds: int = 5
     stats_vms: int = 32
@@ -170,10 +170,6 @@ async def bench_stats(env: Env) -> None:
                                  timeout=s.stats_ticks * s.stats_interval * 3 + 60)  # fmt: skip
     finally:
         await env.vmd.call("kill", timeout=120)
-    r.note(
-        "stats arms: vmdriver = vmdriver.runtime.stats.ProcessSampler per VM; psutil = "
-        "Process.oneshot() cpu_times + memory_info; bare = raw reads of /proc/PID/stat and statm"
-    )
     label = f"sampling {res['vms']} VMs every {s.stats_interval:g} s: % of one core"
     names = {"vmdriver": "vmdriver", "psutil": "psutil (cpu_times+memory_info)", "raw": "bare"}
     for sampler, cpu in res["cpu"].items():
