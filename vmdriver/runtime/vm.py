@@ -119,10 +119,21 @@ class VM:
             theirs.set_inheritable(True)
             ctx = dataclasses.replace(ctx, qmp_fd=theirs.fileno())
             self.argv = render_argv(self.spec, ctx)
-            self._proc = QemuProcess.spawn(
-                self.argv, cwd=self.task_dir.path, env=env, stdout=self.stdout,
-                stderr=self.stderr, pass_fds=(theirs.fileno(), *ctx.pass_fds),
-            )
+            # fork+exec blocks for tens of ms on a busy host: keep the event loop (and
+            # the QMP handshakes of VMs launched alongside) going meanwhile.
+            spawning = asyncio.ensure_future(asyncio.to_thread(
+                QemuProcess.spawn, self.argv, cwd=self.task_dir.path, env=env,
+                stdout=self.stdout, stderr=self.stderr,
+                pass_fds=(theirs.fileno(), *ctx.pass_fds),
+            ))
+            try:
+                self._proc = await asyncio.shield(spawning)
+            except asyncio.CancelledError:
+                # The thread finishes the spawn regardless; own the process so the
+                # abort below kills it.
+                with contextlib.suppress(Exception):
+                    self._proc = await spawning
+                raise
             theirs.close()
             close_fds(ctx.pass_fds)
             self.started_at = time.time()
