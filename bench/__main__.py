@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res = asyncio.run(run(args))
         res.note(f"suite wall time {time.monotonic() - t0:.0f} s"
-                 + (" (smoke sizes: numbers are not meaningful)" if args.smoke else ""))  # fmt: skip
+                 + (" (smoke sizes: numbers are not meaningful)" if args.smoke else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge and not args.report_only and (args.out / "results.json").exists():
         ran = {s.strip() for s in args.only.split(",")}

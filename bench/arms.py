@@ -132,7 +132,7 @@ class VmdriverArm(Arm):
         good = [r for r in results if not isinstance(r, BaseException)]
         self.live += [vm for vm, _, _ in good]
         out: dict[str, Any] = {"wall": wall, "each": [r for _, r, _ in good],
-                               "ready": [r for _, _, r in good]}  # fmt: skip
+                               "ready": [r for _, _, r in good]}
         if errors:
             out["error"] = errors[0]
         return out

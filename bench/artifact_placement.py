@@ -45,12 +45,12 @@ def place(kind: str, src: Path, fmt: str, dst: Path) -> None:
         subprocess.run(("cp", "--reflink=auto", "--sparse=always", str(src), str(dst)), check=True)
     else:
         subprocess.run(("qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(src),
-                        str(dst)), check=True)  # fmt: skip
+                        str(dst)), check=True)
 
 
 def measure(label: str, src: Path, fmt: str, out: Path) -> None:
     print(f"{label}: {src.stat().st_size / 2**20:.0f} MiB apparent, "
-          f"{used(src) / 2**20:.1f} MiB on disk ({fmt})")  # fmt: skip
+          f"{used(src) / 2**20:.1f} MiB on disk ({fmt})")
     for kind in ("copyfile", "cp-sparse", "overlay"):
         times = []
         for i in range(3):
@@ -79,7 +79,7 @@ def main() -> None:
         measure("generated big.raw", big, "raw", work)
         bigq = work / "big.qcow2"
         subprocess.run(("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(big), str(bigq)),
-                       check=True)  # fmt: skip
+                       check=True)
         measure("generated big.qcow2", bigq, "qcow2", work)
     finally:
         shutil.rmtree(work, ignore_errors=True)

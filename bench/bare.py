@@ -25,7 +25,7 @@ class BareVM:
     """One QEMU process under the minimal harness."""
 
     def __init__(self, argv: tuple[str, ...], qmp: socket.socket, theirs: socket.socket,
-                 fds: tuple[int, ...] = ()) -> None:  # fmt: skip
+                 fds: tuple[int, ...] = ()) -> None:
         self.argv = argv
         #: Other fds the argv names (image fds for ``-add-fd``); closed here once QEMU has them.
         self._fds = fds
@@ -61,7 +61,7 @@ class BareVM:
             self.argv, cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if console else subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, pass_fds=(self._theirs.fileno(), *self._fds),
-        )  # fmt: skip
+        )
         self._theirs.close()
         self._close_fds()
         self._pidfd = os.pidfd_open(self._proc.pid)

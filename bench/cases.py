@@ -40,7 +40,7 @@ class Sizes:
 
 #: One pass of everything on tiny sizes, for the smoke test.
 SMOKE = Sizes(start_rounds=1, warmup=0, boot_rounds=1, burst_n=2, burst_rounds=1, stats_vms=2,
-              stats_ticks=2, stats_interval=0.1, scale_top=2, scale_rounds=1, boot_parallel=True)  # fmt: skip
+              stats_ticks=2, stats_interval=0.1, scale_top=2, scale_rounds=1, boot_parallel=True)
 SCALE_POINTS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -108,7 +108,7 @@ async def _boot_once(env: Env, arm: str, i: int) -> None:
     off = await w.call("poweroff", timeout=120)
     r.add("stop", "graceful: request → exit reported", arm, off["call"][0] * 1000, "ms")
     r.add("stop", "graceful: guest power-off (SHUTDOWN) → exit reported", arm,
-          off["after_shutdown"][0] * 1000, "ms")  # fmt: skip
+          off["after_shutdown"][0] * 1000, "ms")
     if off["kinds"][0] != "STOPPED":
         r.note(f"{arm} graceful stop ended as {off['kinds'][0]}, not STOPPED")
 
@@ -167,7 +167,7 @@ async def bench_stats(env: Env) -> None:
     try:
         await asyncio.sleep(min(5.0, s.stats_interval * 3))  # let SeaBIOS settle in the guests
         res = await env.vmd.call("stats", ticks=s.stats_ticks, interval=s.stats_interval,
-                                 timeout=s.stats_ticks * s.stats_interval * 3 + 60)  # fmt: skip
+                                 timeout=s.stats_ticks * s.stats_interval * 3 + 60)
     finally:
         await env.vmd.call("kill", timeout=120)
     label = f"sampling {res['vms']} VMs every {s.stats_interval:g} s: % of one core"
@@ -178,7 +178,7 @@ async def bench_stats(env: Env) -> None:
     for sampler, why in res["skipped"].items():
         r.skip("stats", f"{sampler} sampler: {why}")
     r.add("stats", f"supervisor idle with {res['vms']} VMs: % of one core", "vmdriver",
-          res["idle_cpu_fraction"] * 100, "%")  # fmt: skip
+          res["idle_cpu_fraction"] * 100, "%")
 
 
 async def bench_scale(env: Env) -> None:
@@ -200,9 +200,9 @@ async def bench_scale(env: Env) -> None:
             tail = times[-min(8, len(times)) :]
             r.add("scale", "start time, first VM", arm, times[0], "ms")
             r.add("scale", f"start time, VMs {s.scale_top - len(tail) + 1}-{s.scale_top} (median)",
-                  arm, statistics.median(tail), "ms")  # fmt: skip
+                  arm, statistics.median(tail), "ms")
             r.add("scale", f"supervisor PSS slope over 0-{s.scale_top} VMs", arm,
-                  slope([float(k) for k in pss], list(pss.values())), "MiB/VM")  # fmt: skip
+                  slope([float(k) for k in pss], list(pss.values())), "MiB/VM")
 
 
 async def run_all(env: Env, only: set[str], guest_problem: str | None) -> None:

@@ -36,7 +36,7 @@ class Worker:
             sys.executable, "-m", "bench.worker", arm, str(root), cwd=REPO, env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             limit=1 << 24,
-        )  # fmt: skip
+        )
         return cls(arm, proc)
 
     async def call(self, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
@@ -109,7 +109,7 @@ async def cli_boot(root: Path, image: Path, timeout: float = 180.0) -> tuple[flo
         *argv, "run", str(job), "--ready", READY, "--quiet", "--state-dir", str(root / "state"),
         "--host-config", str(host), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=root,
-    )  # fmt: skip
+    )
     assert proc.stderr is not None
     seen: list[bytes] = []
     try:

@@ -26,7 +26,7 @@ BOOT_MIB = 256
 def tiny_spec(name: str) -> VMSpec:
     """A VM with no disk and no default devices: SeaBIOS finds nothing and idles."""
     return VMSpec(name=name, accelerator=Accelerator.TCG, resources=Resources(memory_mib=TINY_MIB),
-                  args=("-nodefaults",))  # fmt: skip
+                  args=("-nodefaults",))
 
 
 def boot_spec(name: str, image: Path) -> VMSpec:
@@ -35,7 +35,7 @@ def boot_spec(name: str, image: Path) -> VMSpec:
         name=name, accelerator=Accelerator.TCG, machine_type="pc",
         drives=(Drive(path=str(image)),), resources=Resources(memory_mib=BOOT_MIB),
         shutdown=ShutdownPolicy(graceful=True, timeout_s=30.0),
-    )  # fmt: skip
+    )
 
 
 def make_overlay(dest: Path) -> Path:
@@ -43,7 +43,7 @@ def make_overlay(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     base = (GUEST / "disk.qcow2").resolve()
     subprocess.run(("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
-                    str(dest)), check=True)  # fmt: skip
+                    str(dest)), check=True)
     return dest
 
 
@@ -110,7 +110,7 @@ def host_facts() -> dict[str, Any]:
     qemu = _first_line(("qemu-system-x86_64", "--version"))
     m = re.search(r"version ([\w.+~-]+)", qemu)
     commit = subprocess.run(("git", "-C", str(REPO), "rev-parse", "--short", "HEAD"),
-                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+                            capture_output=True, text=True, check=False).stdout.strip()
     return {
         "cores": os.cpu_count(),
         "cpu": cpu,

@@ -101,7 +101,7 @@ class Libvirt:
         self._proc = await asyncio.create_subprocess_exec(
             "unshare", "-m", "--propagation", "private", "sh", str(self.root / "start.sh"),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-        )  # fmt: skip
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -123,7 +123,7 @@ class Libvirt:
             "virsh", "-q", "-c", self.uri, *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         return await proc.wait()
 
     def domain_file(self, name: str) -> Path:
@@ -157,7 +157,7 @@ class Libvirt:
             "virsh", "-q", "-c", self.uri, "domstate", name,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         out, _ = await proc.communicate()
         return out.strip() == b"running"
 
@@ -169,7 +169,7 @@ class Libvirt:
             "virsh", "-q", "-c", self.uri, "list", "--name",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         out, _ = await proc.communicate()
         for name in out.decode().split():
             with contextlib.suppress(RuntimeError):

@@ -7,7 +7,7 @@ from pathlib import Path
 from bench.results import ARM_ORDER, Results
 
 COLORS = {"vmdriver": "tab:blue", "vmdriver run": "tab:cyan", "bare": "tab:gray",
-          "libvirt": "tab:red"}  # fmt: skip
+          "libvirt": "tab:red"}
 
 
 def _strip(ax: object, res: Results, bench: str, metric: str, title: str, log: bool = False) -> None:
@@ -43,7 +43,7 @@ def _curves(ax: object, res: Results, prefix: str, title: str, ylabel: str) -> N
             continue
         arm = name.split("/")[1]
         ax.plot(xs, ys, marker="." if len(xs) < 20 else None, color=COLORS.get(arm, "k"),
-                alpha=0.8, label=arm)  # fmt: skip
+                alpha=0.8, label=arm)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles, strict=True))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7)
@@ -68,7 +68,7 @@ def plot(res: Results, path: Path) -> None:
     _strip(a[3], res, "burst", "supervisor PSS per VM", "burst: supervisor PSS per VM")
     _strip(a[4], res, "stop", "forced (SIGKILL / virsh destroy) → exit reported", "stop: forced", log=True)
     _strip(a[5], res, "stop", "graceful: guest power-off (SHUTDOWN) → exit reported",
-           "stop: guest power-off → exit reported")  # fmt: skip
+           "stop: guest power-off → exit reported")
     stats = next((m for b, m in res.metrics() if b == "stats" and m.startswith("sampling")), "")
     _strip(a[6], res, "stats", stats, f"stats: {stats}", log=True)
     _curves(a[7], res, "scale start ms/", "scale: time to start the k-th VM", "ms")
@@ -76,7 +76,7 @@ def plot(res: Results, path: Path) -> None:
     host = res.host
     fig.suptitle(f"vmdriver vs bare QEMU vs libvirt — QEMU {host.get('qemu', '?')}, "
                  f"{str(host.get('accelerator', '?')).split(' ')[0]}, {host.get('cores', '?')} cores, "
-                 f"{host.get('cpu', '')}", fontsize=11)  # fmt: skip
+                 f"{host.get('cpu', '')}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -144,7 +144,7 @@ class Results:
             "rows": [{"bench": r.bench, "metric": r.metric, "arm": r.arm, "unit": r.unit,
                       "values": r.values} for r in self.rows.values()],
             "curves": {k: {"x": v[0], "y": v[1]} for k, v in self.curves.items()},
-        }  # fmt: skip
+        }
 
     def merge_from(self, path: Path, replaced: set[str]) -> None:
         """Keep an earlier run's samples of every metric this run did not measure."""
@@ -201,11 +201,11 @@ def markdown(res: Results, title: str) -> str:
     lines = [f"# {title}", ""]
     lines += ["Host: " + ", ".join(f"{k} {v}" for k, v in res.host.items()), ""]
     lines += ["| Benchmark | Metric | Arm | n | median | min | max | unit | x bare | x libvirt |",
-              "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
+              "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for bench, metric in res.metrics():
         floor, peer = res.get(bench, metric, FLOOR), res.get(bench, metric, PEER)
         arms = sorted((a for b, m, a in res.rows if (b, m) == (bench, metric)),
-                      key=lambda a: ARM_ORDER.index(a) if a in ARM_ORDER else 99)  # fmt: skip
+                      key=lambda a: ARM_ORDER.index(a) if a in ARM_ORDER else 99)
         for arm in arms:
             row = res.get(bench, metric, arm)
             if row is None:
@@ -218,7 +218,7 @@ def markdown(res: Results, title: str) -> str:
             )
     lines += ["", LEGEND]
     lines += ["", "## Targets (vmdriver arm, medians)", "", "| Benchmark | Metric | Target | Met |",
-              "|---|---|---|---|"]  # fmt: skip
+              "|---|---|---|---|"]
     for bench, metric, text, ok in res.verdicts():
         mark = "n/a" if ok is None else ("yes" if ok else "**no**")
         lines.append(f"| {bench} | {metric} | {text} | {mark} |")
@@ -228,5 +228,5 @@ def markdown(res: Results, title: str) -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
     if res.argv:
         lines += ["", "## QEMU argv of the start/burst/scale VMs (both arms)", "", "```",
-                  " ".join(res.argv), "```"]  # fmt: skip
+                  " ".join(res.argv), "```"]
     return "\n".join(lines) + "\n"

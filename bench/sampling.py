@@ -89,4 +89,4 @@ async def measure(pids: list[int], ticks: int, interval: float) -> dict[str, obj
     # What the worker process spent besides sampling: the supervisor idling with these VMs.
     idle = (time.process_time() - proc0 - sampling) / (time.monotonic() - wall0)
     return {"cpu": cpu, "skipped": skipped, "vms": len(pids), "interval": interval,
-            "idle_cpu_fraction": idle}  # fmt: skip
+            "idle_cpu_fraction": idle}

@@ -28,7 +28,7 @@ def guest_dir() -> Path:
     """The built test guest; built on first use if CI did not build it already."""
     if not (GUEST_LINK / "manifest.json").exists():
         subprocess.run(("bash", str(REPO / "guest" / "build.sh")), check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+                       stdout=subprocess.DEVNULL)
     manifest = json.loads((GUEST_LINK / "manifest.json").read_text())
     assert manifest, "empty guest manifest"
     return GUEST_LINK.resolve()

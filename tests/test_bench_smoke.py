@@ -40,7 +40,7 @@ def test_bench_suite_smoke(guest_dir: Path, tmp_path: Path) -> None:
         (sys.executable, "-m", "bench", "--smoke", "--out", str(out)),
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
         capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert not [n for n in data["notes"] if "failed" in n], data["notes"]
@@ -48,7 +48,7 @@ def test_bench_suite_smoke(guest_dir: Path, tmp_path: Path) -> None:
     for bench, prefix, arms in EXPECTED:
         for arm in arms:
             values = [v for (b, m, a), vs in rows.items() if b == bench and m.startswith(prefix)
-                      and a == arm for v in vs]  # fmt: skip
+                      and a == arm for v in vs]
             assert values, f"no {bench} / {prefix} numbers for {arm}"
             assert all(v is not None and math.isfinite(v) for v in values), (bench, prefix, arm, values)
     libvirt_rows = [k for k in rows if k[2] == "libvirt"]

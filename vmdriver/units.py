@@ -32,7 +32,7 @@ _DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", re.ASCII)
 _DUR_SCALE = {
     "ns": Fraction(1, 10**9), "us": Fraction(1, 10**6), "µs": Fraction(1, 10**6),
     "ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600),
-}  # fmt: skip
+}
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE | re.ASCII)
 
@@ -137,7 +137,7 @@ def check_hostname(value: object, *, where: str = "") -> str:
 
 
 def parse_memory_mib(value: object, *, where: str = "", host_mib: int | None = None,
-                     minimum: int = MIN_MEMORY_MIB) -> int:  # fmt: skip
+                     minimum: int = MIN_MEMORY_MIB) -> int:
     """Guest memory in MiB from a whole number of MiB or a size (``2GiB``).
 
     Bounded below by ``minimum`` (Nomad's 128 MiB) and above by the host's memory.
@@ -150,10 +150,10 @@ def parse_memory_mib(value: object, *, where: str = "", host_mib: int | None = N
         size = parse_size(value, where=where, default_unit="MiB")
     except SpecError:
         raise SpecError("not an amount of memory", where=where, value=value,
-                        allowed=allowed) from None  # fmt: skip
+                        allowed=allowed) from None
     if size % MIB:
         raise SpecError("memory must be a whole number of MiB", where=where, value=value,
-                        allowed=allowed)  # fmt: skip
+                        allowed=allowed)
     mib = size // MIB
     if not minimum <= mib <= top:
         raise SpecError("memory out of bounds", where=where, value=value, allowed=allowed)
@@ -179,5 +179,5 @@ def check_socket_path(path: Path | str, *, where: str = "") -> Path:
         raise SpecError(f"socket path is {size} bytes, longer than a unix socket allows",
                         where=where or str(path), value=str(path),
                         allowed=f"at most {MAX_SOCKET_PATH} bytes; use a shorter "
-                        "state dir or task name")  # fmt: skip
+                        "state dir or task name")
     return Path(path)

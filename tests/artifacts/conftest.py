@@ -30,5 +30,5 @@ def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f.truncate(4 << 20)
     out = d / "small.qcow2"
     subprocess.run(("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)),
-                   check=True)  # fmt: skip
+                   check=True)
     return out

@@ -10,7 +10,7 @@ from vmdriver.spec import ArtifactSpec
 
 #: Quick timeouts and backoff so failure tests take well under a second each.
 FAST = HttpSettings(connect_timeout=2.0, read_timeout=0.5, attempts=3, backoff=0.01,
-                    max_backoff=0.05)  # fmt: skip
+                    max_backoff=0.05)
 
 
 def sha256(data: bytes) -> str:
@@ -19,7 +19,7 @@ def sha256(data: bytes) -> str:
 
 def fetch(source: str, task_dir: Path, *, cache: ArtifactCache | None = None,
           events: list[ProgressEvent] | None = None, http: HttpSettings = FAST,
-          job_dir: Path | None = None, **fields: object) -> list[Path]:  # fmt: skip
+          job_dir: Path | None = None, **fields: object) -> list[Path]:
     """Fetch one artifact built from ``fields`` (options/headers as dicts)."""
     opts = fields.pop("options", {})
     headers = fields.pop("headers", {})
@@ -28,7 +28,7 @@ def fetch(source: str, task_dir: Path, *, cache: ArtifactCache | None = None,
                         headers=tuple(sorted(headers.items())), **fields)
     return fetch_artifacts((spec,), task_dir, job_dir or task_dir, cache=cache,
                            progress=events.append if events is not None else None,
-                           http=http)  # fmt: skip
+                           http=http)
 
 
 def leftovers(*roots: Path) -> list[Path]:

@@ -55,9 +55,9 @@ def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarI
 @pytest.mark.parametrize("suffix,compression", [
     (".tar", ""), (".tar.gz", "gz"), (".tgz", "gz"), (".tar.bz2", "bz2"), (".tar.xz", "xz"),
     (".tar.zst", "zst"),
-])  # fmt: skip
+])
 def test_tar_kinds_unpack(server: ArtifactServer, tmp_path: Path, suffix: str,
-                          compression: str) -> None:  # fmt: skip
+                          compression: str) -> None:
     body = _tar(list(PAYLOAD.items()), compression)
     url = server.add(f"/bundle{suffix}", body)
     fetch(f"{url}?checksum={sha256(body)}", tmp_path)
@@ -74,9 +74,9 @@ def test_zip_unpacks_into_destination(server: ArtifactServer, tmp_path: Path) ->
 @pytest.mark.parametrize("suffix,compress", [
     (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
     (".zst", zstandard.ZstdCompressor().compress),
-])  # fmt: skip
+])
 def test_single_compressed_file(server: ArtifactServer, tmp_path: Path, suffix: str,
-                                compress: object) -> None:  # fmt: skip
+                                compress: object) -> None:
     raw = b"QFI" + bytes(200_000) + b"end"
     url = server.add(f"/disk.qcow2{suffix}", compress(raw))  # type: ignore[operator]
     [out] = fetch(url, tmp_path)
@@ -114,7 +114,7 @@ HOSTILE_TARS = {
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_TARS))
 def test_hostile_tar_refused_and_nothing_left(server: ArtifactServer, tmp_path: Path,
-                                              name: str) -> None:  # fmt: skip
+                                              name: str) -> None:
     entries, expected = HOSTILE_TARS[name]
     url = server.add("/evil.tar.gz", _tar(entries, "gz"))  # type: ignore[arg-type]
     task = tmp_path / "alloc" / "task"
@@ -131,9 +131,9 @@ def test_hostile_tar_refused_and_nothing_left(server: ArtifactServer, tmp_path: 
     ({"C:/evil": b"x"}, None, "would land outside"),
     ({"link": b"/etc/passwd"}, {"link": 0o120777}, "symlink"),
     ({"dev": b""}, {"dev": 0o020644}, "device or fifo"),
-])  # fmt: skip
+])
 def test_hostile_zip_refused(server: ArtifactServer, tmp_path: Path, entries: dict[str, bytes],
-                             attrs: dict[str, int] | None, expected: str) -> None:  # fmt: skip
+                             attrs: dict[str, int] | None, expected: str) -> None:
     url = server.add("/evil.zip", _zip({"ok.txt": b"fine", **entries}, attrs))
     with pytest.raises(ArtifactError, match=expected):
         fetch(url, tmp_path)

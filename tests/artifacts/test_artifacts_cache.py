@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_second_fetch_downloads_nothing(server: ArtifactServer, tmp_path: Path,
-                                        small_qcow2: Path) -> None:  # fmt: skip
+                                        small_qcow2: Path) -> None:
     data = small_qcow2.read_bytes()
     url = server.add("/small.qcow2", data) + f"?checksum={sha256(data)}"
     cache = ArtifactCache(tmp_path / "cache")
@@ -43,18 +43,18 @@ def test_second_fetch_downloads_nothing(server: ArtifactServer, tmp_path: Path,
 
 
 def test_writes_go_to_the_overlay_never_the_cache(server: ArtifactServer, tmp_path: Path,
-                                                  small_qcow2: Path) -> None:  # fmt: skip
+                                                  small_qcow2: Path) -> None:
     data = small_qcow2.read_bytes()
     url = server.add("/small.qcow2", data) + f"?checksum={sha256(data)}"
     cache = ArtifactCache(tmp_path / "cache")
     [out] = fetch(url, tmp_path / "t1", cache=cache)
     subprocess.run(("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 1M", str(out)), check=True,
-                   capture_output=True)  # fmt: skip
+                   capture_output=True)
     [blob] = (cache.root / "entries").glob("*/blob")
     assert blob.read_bytes() == data
     [again] = fetch(url, tmp_path / "t2", cache=cache)
     head = subprocess.run(("qemu-io", "-f", "qcow2", "-c", "read -P 0x56 0 512", str(again)),
-                          capture_output=True, text=True, check=False).stdout  # fmt: skip
+                          capture_output=True, text=True, check=False).stdout
     assert "Pattern verification failed" in head  # the second task sees the pristine image
 
 
@@ -115,7 +115,7 @@ def test_concurrent_processes_download_once(server: ArtifactServer, tmp_path: Pa
 
 
 def test_lru_eviction_spares_recent_and_pinned(server: ArtifactServer, tmp_path: Path,
-                                               small_qcow2: Path) -> None:  # fmt: skip
+                                               small_qcow2: Path) -> None:
     cache = ArtifactCache(tmp_path / "cache", max_bytes=5 << 20)
     urls = {}
     for name in ("a", "b", "c"):
@@ -126,7 +126,7 @@ def test_lru_eviction_spares_recent_and_pinned(server: ArtifactServer, tmp_path:
     fetch(urls["a"], tmp_path / "t3", cache=cache)  # a is now the most recently used
     fetch(urls["c"], tmp_path / "t4", cache=cache)  # over 5 MiB: b must go
     names = {json.loads(p.read_text())["source"].rsplit("/", 1)[-1]
-             for p in (cache.root / "entries").glob("*/meta.json")}  # fmt: skip
+             for p in (cache.root / "entries").glob("*/meta.json")}
     assert names == {"a.img", "c.img"}
     # A qcow2 entry read by a live overlay is pinned: it survives eviction.
     data = small_qcow2.read_bytes()
@@ -157,7 +157,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     mnt.mkdir()
     try:
         subprocess.run(("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)), check=True,
-                       capture_output=True)  # fmt: skip
+                       capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"cannot mount a tmpfs here ({exc}); test_disk_full_unit covers the logic")
     yield mnt
@@ -165,7 +165,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_full_on_a_real_tiny_filesystem(server: ArtifactServer, tmp_path: Path,
-                                             tiny_fs: Path) -> None:  # fmt: skip
+                                             tiny_fs: Path) -> None:
     body = os.urandom(3 << 20)
     url = server.add("/big.img", body) + f"?checksum={sha256(body)}"
     cache = ArtifactCache(tiny_fs / "cache")
@@ -181,7 +181,7 @@ def test_disk_full_on_a_real_tiny_filesystem(server: ArtifactServer, tmp_path: P
 
 
 def test_disk_full_unit(server: ArtifactServer, tmp_path: Path,
-                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Disk full by patching only the low-level write (for hosts that cannot mount)."""
     import errno
 

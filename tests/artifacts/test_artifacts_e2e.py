@@ -19,7 +19,7 @@ VMDRIVER = str(Path(sys.executable).with_name("vmdriver"))
 
 
 def test_run_boots_an_image_fetched_over_http(server: ArtifactServer, guest_dir: Path,
-                                              state_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+                                              state_dir: Path, tmp_path: Path) -> None:
     # A qcow2 image: the task gets an overlay whose backing file is the cached copy,
     # which the launch policy admits as a backing file only (docs/artifacts.md).
     image = (guest_dir / "disk.qcow2").read_bytes()
@@ -51,7 +51,7 @@ job "art" {{
     proc = subprocess.Popen(
         (VMDRIVER, "run", str(job), "--state-dir", str(state_dir), "--ready", READY, "--quiet"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    )
     assert proc.stderr is not None
     lines: list[str] = []
     try:

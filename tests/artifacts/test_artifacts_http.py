@@ -18,7 +18,7 @@ BODY = os.urandom(300_000) + bytes(2 << 20) + os.urandom(1000)  # data, a hole, 
 
 
 def test_download_verified_into_local(server: ArtifactServer, tmp_path: Path,
-                                      small_qcow2: Path) -> None:  # fmt: skip
+                                      small_qcow2: Path) -> None:
     data = small_qcow2.read_bytes()
     url = server.add("/img/small.qcow2", data)
     events: list[ProgressEvent] = []
@@ -66,7 +66,7 @@ def test_transient_500_is_retried(server: ArtifactServer, tmp_path: Path) -> Non
 
 
 def _fails(source: str, task: Path, cache: ArtifactCache | None = None,
-           http: HttpSettings = FAST, **kw: Any) -> str:  # fmt: skip
+           http: HttpSettings = FAST, **kw: Any) -> str:
     with pytest.raises(ArtifactError) as info:
         fetch(source, task, cache=cache, http=http, **kw)
     msg = str(info.value)
@@ -128,7 +128,7 @@ def test_truncated_body_every_time(server: ArtifactServer, tmp_path: Path) -> No
 
 
 def test_headers_are_sent_and_passwords_never_shown(server: ArtifactServer,
-                                                    tmp_path: Path) -> None:  # fmt: skip
+                                                    tmp_path: Path) -> None:
     seen: list[str] = []
     orig = server._handle
 
@@ -139,5 +139,5 @@ def test_headers_are_sent_and_passwords_never_shown(server: ArtifactServer,
     server._handle = spy  # type: ignore[method-assign]
     port = server.httpd.server_address[1]
     msg = _fails(f"http://user:s3cret@127.0.0.1:{port}/nope.img", tmp_path,
-                 headers={"X-Token": "abc"})  # fmt: skip
+                 headers={"X-Token": "abc"})
     assert seen == ["abc"] and "s3cret" not in msg and "***@127.0.0.1" in msg

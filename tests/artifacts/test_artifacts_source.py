@@ -22,7 +22,7 @@ from vmdriver.spec import ArtifactSpec
 @pytest.mark.parametrize("text,algo", [
     ("md5:" + "a" * 32, "md5"), ("SHA1:" + "B" * 40, "sha1"), ("a" * 64, "sha256"),
     ("sha512:" + "c" * 128, "sha512"),
-])  # fmt: skip
+])
 def test_checksum_forms(text: str, algo: str) -> None:
     assert parse_checksum(text).algorithm == algo
 
@@ -31,7 +31,7 @@ def test_checksum_forms(text: str, algo: str) -> None:
     ("sha256:abc", "has 3 hex digits, not 64"), ("crc32:" + "a" * 8, "unknown checksum type"),
     ("sha1:" + "z" * 40, "not hexadecimal"), ("abc", "cannot tell"),
     ("file:http://x/SHA256SUMS", "not supported"),
-])  # fmt: skip
+])
 def test_bad_checksums(text: str, why: str) -> None:
     with pytest.raises(ChecksumSyntaxError, match=why):
         parse_checksum(text)
@@ -44,7 +44,7 @@ def _src(tmp_path: Path, **kw: object) -> object:
 def test_url_options_are_stripped_and_kept_apart(tmp_path: Path) -> None:
     src = parse_source(ArtifactSpec(
         source="https://u:pw@example.test/a/disk.qcow2.xz?token=1&checksum=sha256:" + "a" * 64
-               + "&archive=xz"), tmp_path, tmp_path)  # fmt: skip
+               + "&archive=xz"), tmp_path, tmp_path)
     assert src.location == "https://u:pw@example.test/a/disk.qcow2.xz?token=1"
     assert src.display == "https://***@example.test/a/disk.qcow2.xz?token=1"
     assert src.checksum is not None and src.checksum.algorithm == "sha256"
@@ -62,9 +62,9 @@ def test_url_options_are_stripped_and_kept_apart(tmp_path: Path) -> None:
     ({"source": "http://h/x.tar", "mode": "file"}, 'mode "file" cannot unpack'),
     ({"source": "http://h/", "mode": "any"}, "names no file"),
     ({"source": "http://h/x?archive=rar"}, "unknown archive type 'rar'"),
-])  # fmt: skip
+])
 def test_bad_blocks_fail_before_any_download(tmp_path: Path, kw: dict[str, object],
-                                             why: str) -> None:  # fmt: skip
+                                             why: str) -> None:
     with pytest.raises(ArtifactError, match=why):
         _src(tmp_path, **kw)
 
@@ -75,23 +75,23 @@ def test_relative_and_file_sources(tmp_path: Path) -> None:
     task = tmp_path / "task"
     [a] = fetch("images/disk.img", task, job_dir=tmp_path)
     [b] = fetch(f"file://{tmp_path}/images/disk.img", task, job_dir=tmp_path,
-                destination="local/b.img", mode="file")  # fmt: skip
+                destination="local/b.img", mode="file")
     assert a.read_bytes() == b.read_bytes() == b"disk" and b.name == "b.img"
     with pytest.raises(ArtifactError, match="no such file"):
         fetch("images/missing.img", task, job_dir=tmp_path)
     with pytest.raises(ArtifactError, match="checksum mismatch"):
         fetch("images/disk.img", task / "x", job_dir=tmp_path,
-              options={"checksum": sha256(b"other")})  # fmt: skip
+              options={"checksum": sha256(b"other")})
     assert leftovers(task) == []
 
 
 def test_legacy_image_source_maps_onto_an_artifact(server: ArtifactServer,
-                                                   tmp_path: Path) -> None:  # fmt: skip
+                                                   tmp_path: Path) -> None:
     import hashlib
 
     url = server.add("/linux.img", b"legacy image")
     cfg = parse_config({"image_source": url, "checksum": hashlib.md5(b"legacy image").hexdigest()},
-                       "task 'web'")  # fmt: skip
+                       "task 'web'")
     [spec] = legacy_artifacts(cfg)
     from vmdriver.artifacts import fetch_artifacts
 
@@ -113,7 +113,7 @@ def test_plain_progress_lines_are_throttled() -> None:
 
 
 def test_cancelling_the_async_fetch_stops_the_worker(server: ArtifactServer,
-                                                     tmp_path: Path) -> None:  # fmt: skip
+                                                     tmp_path: Path) -> None:
     url = server.add("/slow.img", b"x" * (4 << 20), delay=0.05)
     spec = ArtifactSpec(source=url)
 
@@ -143,7 +143,7 @@ def test_terminal_gets_a_rich_bar_with_rate() -> None:
     with progress_display(console) as show:
         for done in range(0, 65, 16):
             show(ProgressEvent("http://h/disk.img", "download", done << 20, 64 << 20,
-                               finished=done == 64))  # fmt: skip
+                               finished=done == 64))
             time.sleep(0.01)
     text = buf.getvalue()
     assert "download disk.img" in text and "64.0/64.0 MiB" in text and "/s" in text

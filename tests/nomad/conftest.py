@@ -30,7 +30,7 @@ class Alloc:
 
     def task(self, name: str, config: dict[str, Any], *, memory_mb: int = 256,
              ports: tuple[tuple[str, int, int], ...] = (), cpu_shares: int = 500,
-             memory_limit_mb: int = 0) -> tuple[pb.TaskConfig, FifoReader]:  # fmt: skip
+             memory_limit_mb: int = 0) -> tuple[pb.TaskConfig, FifoReader]:
         """A TaskConfig like taskrunner builds it, with logmon reading the stdout FIFO."""
         (self.root / name / "local").mkdir(parents=True, exist_ok=True)
         logs = self.root / "alloc" / "logs"
@@ -46,7 +46,7 @@ class Alloc:
                 memory=pb.AllocatedMemoryResources(memory_mb=memory_mb)),
             linux_resources=linux,
             ports=[pb.PortMapping(label=lbl, value=v, to=to) for lbl, v, to in ports],
-        )  # fmt: skip
+        )
         cfg = pb.TaskConfig(
             id=f"{self.id}/{name}/{uuid.uuid4().hex[:8]}", name=name, alloc_id=self.id,
             job_name="vmjob", job_id="vmjob", task_group_name="vms", namespace="default",
@@ -54,7 +54,7 @@ class Alloc:
             resources=res, alloc_dir=str(self.root),
             stdout_path=str(out.fifo), stderr_path=str(err.fifo),
             msgpack_driver_config=cty_msgpack(config, task_config_spec()),
-        )  # fmt: skip
+        )
         return cfg, out
 
     def close(self) -> None:

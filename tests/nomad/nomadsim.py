@@ -35,7 +35,7 @@ from vmdriver.nomad.proto import (
 )
 
 COOKIE = ("NOMAD_PLUGIN_MAGIC_COOKIE",
-          "e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255")  # fmt: skip
+          "e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -43,7 +43,7 @@ def nomad_env() -> dict[str, str]:
     """The plugin's environment as go-plugin builds it for Nomad."""
     env = dict(os.environ)
     env.update({COOKIE[0]: COOKIE[1], "PLUGIN_MIN_PORT": "10000", "PLUGIN_MAX_PORT": "25000",
-                "PLUGIN_PROTOCOL_VERSIONS": "2"})  # fmt: skip
+                "PLUGIN_PROTOCOL_VERSIONS": "2"})
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -53,7 +53,7 @@ def install_launcher(plugin_dir: Path, name: str) -> Path:
     plugin_dir.mkdir(parents=True, exist_ok=True)
     path = plugin_dir / name
     path.write_text(f"#!{sys.executable}\nimport sys\nfrom vmdriver.nomad.server import main\n"
-                    "sys.exit(main())\n")  # fmt: skip
+                    "sys.exit(main())\n")
     path.chmod(0o755)
     return path
 
@@ -154,9 +154,9 @@ class Plugin:
     """One plugin process and gRPC stubs for every service Nomad calls."""
 
     def __init__(self, argv: list[str], *, env: dict[str, str] | None = None,
-                 timeout: float = 30.0) -> None:  # fmt: skip
+                 timeout: float = 30.0) -> None:
         self.proc = subprocess.Popen(argv, env=env or nomad_env(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stderr_lines: list[str] = []
         self._drains = [threading.Thread(target=self._drain_stderr, daemon=True)]
         self._drains[0].start()
@@ -178,7 +178,7 @@ class Plugin:
     def _read_line(self, timeout: float) -> str:
         box: list[bytes] = []
         reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
-                                  daemon=True)  # fmt: skip
+                                  daemon=True)
         reader.start()
         reader.join(timeout)
         if not box:
@@ -207,7 +207,7 @@ class Plugin:
             msgpack_config=cty_msgpack(config, schema), plugin_api_version="v0.1.0",
             nomad_config=base_pb2.NomadConfig(driver=base_pb2.NomadDriverConfig(
                 ClientMinPort=14000, ClientMaxPort=14512)),
-        ), timeout=10)  # fmt: skip
+        ), timeout=10)
 
     def kill9(self) -> None:
         """SIGKILL the plugin process only (its children stay)."""

@@ -62,7 +62,7 @@ class Waiter(threading.Thread):
 
 
 def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest_dir: Path,
-                        no_leaks: None) -> None:  # fmt: skip
+                        no_leaks: None) -> None:
     plugin = start_plugin()
     events = plugin.driver.TaskEvents(pb.TaskEventsRequest())
     schema = plugin.driver.TaskConfigSchema(pb.TaskConfigSchemaRequest(), timeout=5)
@@ -132,13 +132,13 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
 
 
 def test_vm_survives_plugin_kill_and_shutdown(start_plugin: Callable[..., Plugin], alloc: Alloc,
-                                              guest_dir: Path, no_leaks: None) -> None:  # fmt: skip
+                                              guest_dir: Path, no_leaks: None) -> None:
     first = start_plugin()
     task, console = alloc.task("vm", guest_config(alloc, guest_dir))
     handle = first.driver.StartTask(pb.StartTaskRequest(task=task), timeout=60).handle
     console.wait_for(READY, BOOT_TIMEOUT)
     pid = int(first.driver.InspectTask(pb.InspectTaskRequest(task_id=task.id),
-                                       timeout=5).driver.attributes["pid"])  # fmt: skip
+                                       timeout=5).driver.attributes["pid"])
     started = psutil.Process(pid).create_time()
 
     first.kill9()  # the plugin dies; the VM must not

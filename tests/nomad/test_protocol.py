@@ -97,7 +97,7 @@ def test_bad_host_config_is_a_readable_error(start_plugin: Callable[..., Plugin]
     ],
 )
 def test_bad_task_config_is_a_readable_error(start_plugin: Callable[..., Plugin], alloc: Alloc,
-                                             config: dict[str, object], expected: str) -> None:  # fmt: skip
+                                             config: dict[str, object], expected: str) -> None:
     plugin = start_plugin()
     (alloc.root / "vm" / "local").mkdir(parents=True, exist_ok=True)
     (alloc.root / "vm" / "local" / "d.img").write_bytes(b"\0" * 65536)
@@ -108,7 +108,7 @@ def test_bad_task_config_is_a_readable_error(start_plugin: Callable[..., Plugin]
     assert expected in msg, msg
     assert "Traceback" not in msg and "\n" not in msg
     assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+                                grpc.StatusCode.FAILED_PRECONDITION)
     assert recoverable is not True  # Nomad must not retry a bad config
     # Nothing was left behind, and the task is unknown.
     with pytest.raises(grpc.RpcError) as err:
@@ -135,7 +135,7 @@ def test_unknown_tasks(start_plugin: Callable[..., Plugin]) -> None:
 
 
 def test_start_fails_recoverably_without_a_log_reader(start_plugin: Callable[..., Plugin],
-                                                       alloc: Alloc) -> None:  # fmt: skip
+                                                       alloc: Alloc) -> None:
     plugin = start_plugin()
     (alloc.root / "vm" / "local").mkdir(parents=True)
     (alloc.root / "vm" / "local" / "d.img").write_bytes(b"\0" * 65536)
@@ -161,7 +161,7 @@ def test_plugin_process_survives_cancelled_calls(start_plugin: Callable[..., Plu
 
 
 def test_destroy_with_force_kills_a_running_vm(start_plugin: Callable[..., Plugin], alloc: Alloc,
-                                               no_leaks: None) -> None:  # fmt: skip
+                                               no_leaks: None) -> None:
     # A VM with no guest OS (blank disk, -nodefaults) is enough: no boot needed.
     plugin = start_plugin()
     (alloc.root / "vm" / "local").mkdir(parents=True)

@@ -114,7 +114,7 @@ def test_remove_and_oom_kills(tmp_path: Path) -> None:
 
 def test_decode_config_drops_nulls_and_reads_decimal_strings() -> None:
     data = cty_msgpack({"image_path": "a.img", "host_port": Decimal("8080"),
-                        "guest_port": Decimal("0.1")}, task_config_spec())  # fmt: skip
+                        "guest_port": Decimal("0.1")}, task_config_spec())
     raw = msgpack.unpackb(data)
     assert set(raw) == set(QemuTaskConfig.model_fields)  # every spec attribute present
     assert list(raw) == sorted(raw)

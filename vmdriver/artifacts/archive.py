@@ -52,14 +52,14 @@ KINDS = {k.name: k for k in (
     ArchiveKind("tar.zst", "tar", "zst"), ArchiveKind("zip", "zip", None),
     ArchiveKind("gz", None, "gz"), ArchiveKind("bz2", None, "bz2"),
     ArchiveKind("xz", None, "xz"), ArchiveKind("zst", None, "zst"),
-)}  # fmt: skip
+)}
 #: File name endings, longest first so ``.tar.gz`` wins over ``.gz``.
 SUFFIXES = (
     (".tar.gz", "tar.gz"), (".tar.bz2", "tar.bz2"), (".tar.xz", "tar.xz"),
     (".tar.zst", "tar.zst"), (".tgz", "tar.gz"), (".tbz2", "tar.bz2"), (".tbz", "tar.bz2"),
     (".txz", "tar.xz"), (".tzst", "tar.zst"), (".tar", "tar"), (".zip", "zip"),
     (".gz", "gz"), (".bz2", "bz2"), (".xz", "xz"), (".zst", "zst"),
-)  # fmt: skip
+)
 _ALIASES = {suffix.lstrip("."): name for suffix, name in SUFFIXES}
 
 
@@ -108,12 +108,12 @@ def _decompressed(raw: BinaryIO, compression: str | None) -> Iterator[BinaryIO]:
 
 # Errors each decompressor raises on corrupt input.
 _CORRUPT = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, tarfile.TarError,
-            zipfile.BadZipFile)  # fmt: skip
+            zipfile.BadZipFile)
 
 
 def decompress(src: Path, dest: Path, kind: ArchiveKind, display: str, *,
                progress: ProgressFn | None = None,
-               cancel: threading.Event | None = None) -> None:  # fmt: skip
+               cancel: threading.Event | None = None) -> None:
     """Write the single file compressed in ``src`` to ``dest`` (holes kept)."""
     sink = Sink(dest, None)
     try:
@@ -140,7 +140,7 @@ def unpack(src: Path, dest: Path, kind: ArchiveKind, display: str, *,
             return
         with open(src, "rb") as raw, _decompressed(
                 cast(BinaryIO, CountingReader(raw, progress, cancel)), kind.compression) as f, \
-                tarfile.open(fileobj=f, mode="r|") as tar:  # fmt: skip
+                tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 check_cancel(cancel)
                 _check_tar_member(member, display)
@@ -162,34 +162,34 @@ def _inside(name: str) -> bool:
 def _check_tar_member(m: tarfile.TarInfo, display: str) -> None:
     if not _inside(m.name):
         raise ArtifactError(display, f"archive entry {m.name!r} would land outside the "
-                                     "destination")  # fmt: skip
+                                     "destination")
     if m.ischr() or m.isblk() or m.isfifo():
         raise ArtifactError(display, f"archive entry {m.name!r} is a device or fifo; refused")
     if m.issym():
         target = posixpath.join(posixpath.dirname(m.name), m.linkname)
         if m.linkname.startswith("/") or not _inside(target):
             raise ArtifactError(display, f"archive entry {m.name!r} is a symlink pointing "
-                                         f"outside the destination ({m.linkname!r})")  # fmt: skip
+                                         f"outside the destination ({m.linkname!r})")
     if m.islnk() and not _inside(m.linkname):
         raise ArtifactError(display, f"archive entry {m.name!r} is a hard link to "
-                                     f"{m.linkname!r}, outside the destination")  # fmt: skip
+                                     f"{m.linkname!r}, outside the destination")
 
 
 def _unzip(src: Path, dest: Path, display: str, progress: ProgressFn | None,
-           cancel: threading.Event | None) -> None:  # fmt: skip
+           cancel: threading.Event | None) -> None:
     with zipfile.ZipFile(src) as zf:
         infos = zf.infolist()
         for info in infos:  # check all first: nothing is written from a hostile archive
             mode = info.external_attr >> 16
             if not _inside(info.filename) or ":" in info.filename.split("/")[0]:
                 raise ArtifactError(display, f"archive entry {info.filename!r} would land "
-                                             "outside the destination")  # fmt: skip
+                                             "outside the destination")
             if stat.S_ISLNK(mode):
                 raise ArtifactError(display, f"archive entry {info.filename!r} is a symlink; "
-                                             "zip symlinks are refused")  # fmt: skip
+                                             "zip symlinks are refused")
             if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
                 raise ArtifactError(display, f"archive entry {info.filename!r} is a device or "
-                                             "fifo; refused")  # fmt: skip
+                                             "fifo; refused")
         for info in infos:
             check_cancel(cancel)
             path = dest / posixpath.normpath(info.filename)
@@ -218,7 +218,7 @@ def move_tree(src: Path, dest: Path) -> list[Path]:
     for entry in sorted(src.iterdir()):
         target = dest / entry.name
         if entry.is_dir() and not entry.is_symlink() and target.is_dir() \
-                and not target.is_symlink():  # fmt: skip
+                and not target.is_symlink():
             move_tree(entry, target)
         else:
             if target.is_dir() and not target.is_symlink():

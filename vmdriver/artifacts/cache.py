@@ -203,5 +203,5 @@ class ArtifactCache:
             log.info("artifact cache: evicted %s (%d bytes)", key, size)
         if total > self.max_bytes:
             log.warning("artifact cache holds %d bytes, over its %d limit: the rest is in use",
-                        total, self.max_bytes)  # fmt: skip
+                        total, self.max_bytes)
         return removed

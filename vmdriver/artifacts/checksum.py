@@ -46,19 +46,19 @@ def parse_checksum(text: str) -> Checksum:
     algorithm, digest = algorithm.lower(), digest.strip().lower()
     if algorithm == "file":
         raise ChecksumSyntaxError("checksum files (file:URL) are not supported; "
-                                  "give the digest itself")  # fmt: skip
+                                  "give the digest itself")
     if not algorithm:
         guessed = [name for name, size in ALGORITHMS.items() if size == len(digest)]
         if not guessed:
             raise ChecksumSyntaxError(f"cannot tell the checksum type of a {len(digest)}-digit "
-                                      "value; write it as type:hex")  # fmt: skip
+                                      "value; write it as type:hex")
         algorithm = guessed[0]
     if algorithm not in ALGORITHMS:
         raise ChecksumSyntaxError(f"unknown checksum type {algorithm!r} "
-                                  f"(allowed: {', '.join(ALGORITHMS)})")  # fmt: skip
+                                  f"(allowed: {', '.join(ALGORITHMS)})")
     if not _HEX.match(digest):
         raise ChecksumSyntaxError(f"{algorithm} checksum is not hexadecimal")
     if len(digest) != ALGORITHMS[algorithm]:
         raise ChecksumSyntaxError(f"{algorithm} checksum has {len(digest)} hex digits, "
-                                  f"not {ALGORITHMS[algorithm]}")  # fmt: skip
+                                  f"not {ALGORITHMS[algorithm]}")
     return Checksum(algorithm, digest)

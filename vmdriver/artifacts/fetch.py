@@ -31,14 +31,14 @@ class _Job:
     """One artifact being fetched: its source and how to report on it."""
 
     def __init__(self, src: Source, progress: ProgressCallback | None,
-                 cancel: threading.Event | None, http: HttpSettings | None) -> None:  # fmt: skip
+                 cancel: threading.Event | None, http: HttpSettings | None) -> None:
         self.src = src
         self.progress = progress
         self.cancel = cancel
         self.http = http
 
     def emit(self, phase: Phase, done: int = 0, total: int | None = None, *,
-             finished: bool = False, message: str = "") -> None:  # fmt: skip
+             finished: bool = False, message: str = "") -> None:
         if self.progress:
             self.progress(ProgressEvent(self.src.display, phase, done, total, finished, message))
 
@@ -58,7 +58,7 @@ class _Job:
         if src.kind == "http":
             download(src.location, src.headers, sink, src.display, settings=self.http,
                      progress=lambda done, total: self.emit("download", done, total),
-                     cancel=self.cancel)  # fmt: skip
+                     cancel=self.cancel)
             self.emit("download", sink.size, sink.size, finished=True)
         else:
             path = src.local_path
@@ -71,7 +71,7 @@ class _Job:
         sink.close()
         if src.checksum and sink.hexdigest() != src.checksum.hexdigest:
             raise ArtifactError(src.display, f"checksum mismatch: expected {src.checksum}, got "
-                                             f"{src.checksum.algorithm}:{sink.hexdigest()}")  # fmt: skip
+                                             f"{src.checksum.algorithm}:{sink.hexdigest()}")
 
     def fill(self, tmp: Path) -> dict[str, object]:
         """Fill a new cache entry: the verified blob, and its decompressed form."""
@@ -89,11 +89,11 @@ class _Job:
         assert self.src.archive is not None
         total = blob.stat().st_size
         decompress(blob, out, self.src.archive, self.src.display,
-                   progress=self.counter("unpack", total), cancel=self.cancel)  # fmt: skip
+                   progress=self.counter("unpack", total), cancel=self.cancel)
         self.emit("unpack", total, total, finished=True)
 
     def materialize(self, blob: Path, data: Path | None, work: Path,
-                    entry: tuple[ArtifactCache, Entry] | None) -> list[Path]:  # fmt: skip
+                    entry: tuple[ArtifactCache, Entry] | None) -> list[Path]:
         """Put the verified ``blob`` (or its ``data``) where the artifact says."""
         src = self.src
         if src.archive is not None and not src.archive.single:
@@ -101,7 +101,7 @@ class _Job:
             stage.mkdir()
             total = blob.stat().st_size
             unpack(blob, stage, src.archive, src.display, progress=self.counter("unpack", total),
-                   cancel=self.cancel)  # fmt: skip
+                   cancel=self.cancel)
             self.emit("unpack", total, total, finished=True)
             return move_tree(stage, src.target)
         dest = src.target / src.file_name if src.is_dir else src.target
@@ -121,7 +121,7 @@ class _Job:
         how = place_file(file, dest, src.display, cow=entry is not None, pin=pin)
         if entry:
             self.emit("done", message=f"{'overlay on' if how == 'overlay' else 'copied from'} "
-                                      f"the cached copy → {dest.name}")  # fmt: skip
+                                      f"the cached copy → {dest.name}")
         return [dest]
 
     def run(self, task_dir: Path, cache: ArtifactCache | None) -> list[Path]:
@@ -138,7 +138,7 @@ class _Job:
                 with cache.use(cache_key(src.checksum, src.location), fill) as entry:
                     if not filled:
                         self.emit("cached", message=f"in the cache ({src.checksum.algorithm} "
-                                                    "matches); nothing downloaded")  # fmt: skip
+                                                    "matches); nothing downloaded")
                     return self.materialize(entry.blob, entry.data, work, (cache, entry))
             if src.kind == "file" and not src.checksum:
                 if not src.local_path.is_file():
@@ -164,7 +164,7 @@ class _Job:
 def fetch_artifacts(artifacts: tuple[ArtifactSpec, ...], task_dir: Path, job_dir: Path, *,
                     cache: ArtifactCache | None = None, progress: ProgressCallback | None = None,
                     cancel: threading.Event | None = None,
-                    http: HttpSettings | None = None) -> list[Path]:  # fmt: skip
+                    http: HttpSettings | None = None) -> list[Path]:
     """Fetch each artifact into ``task_dir``; return the paths placed (files or top entries).
 
     ``job_dir`` anchors relative sources. With a ``cache``, artifacts that carry a
@@ -183,11 +183,11 @@ def fetch_artifacts(artifacts: tuple[ArtifactSpec, ...], task_dir: Path, job_dir
 async def fetch_artifacts_async(artifacts: tuple[ArtifactSpec, ...], task_dir: Path,
                                 job_dir: Path, *, cache: ArtifactCache | None = None,
                                 progress: ProgressCallback | None = None,
-                                http: HttpSettings | None = None) -> list[Path]:  # fmt: skip
+                                http: HttpSettings | None = None) -> list[Path]:
     """:func:`fetch_artifacts` in a worker thread; cancelling this stops the worker too."""
     cancel = threading.Event()
     call = functools.partial(fetch_artifacts, artifacts, task_dir, job_dir, cache=cache,
-                             progress=progress, cancel=cancel, http=http)  # fmt: skip
+                             progress=progress, cancel=cancel, http=http)
     fut = asyncio.get_running_loop().run_in_executor(None, call)
     try:
         return await asyncio.shield(fut)

@@ -62,7 +62,7 @@ def _transport_cause(exc: httpx.TransportError, url: httpx.URL) -> tuple[str, bo
     root = _root_cause(exc)
     text = str(exc) or type(exc).__name__
     if isinstance(root, socket.gaierror) or "name resolution" in text.lower() \
-            or "not known" in text.lower():  # fmt: skip
+            or "not known" in text.lower():
         return f"cannot resolve host {url.host!r}: {root or text}", False
     if isinstance(exc, httpx.ConnectTimeout):
         return f"timed out connecting to {host}", True
@@ -86,7 +86,7 @@ def _sleep(delay: float, cancel: threading.Event | None) -> None:
 
 def download(url: str, headers: tuple[tuple[str, str], ...], sink: Sink, display: str, *,
              settings: HttpSettings | None = None, progress: DownloadProgress | None = None,
-             cancel: threading.Event | None = None) -> None:  # fmt: skip
+             cancel: threading.Event | None = None) -> None:
     """Fill ``sink`` with the body of ``url``, resuming and retrying within bounds."""
     cfg = settings or HttpSettings()
     timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout)
@@ -96,7 +96,7 @@ def download(url: str, headers: tuple[tuple[str, str], ...], sink: Sink, display
     state = _State()
     failures = tries = 0
     with httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=cfg.max_redirects,
-                      headers=base, trust_env=True) as client:  # fmt: skip
+                      headers=base, trust_env=True) as client:
         while True:
             check_cancel(cancel)
             before = sink.size
@@ -130,7 +130,7 @@ class _State:
 
 
 def _attempt(client: httpx.Client, url: str, sink: Sink, state: _State, display: str,
-             progress: DownloadProgress | None, cancel: threading.Event | None) -> None:  # fmt: skip
+             progress: DownloadProgress | None, cancel: threading.Event | None) -> None:
     req: dict[str, str] = {}
     if sink.size:
         req["Range"] = f"bytes={sink.size}-"
@@ -145,7 +145,7 @@ def _attempt(client: httpx.Client, url: str, sink: Sink, state: _State, display:
             raise _Retry(f"HTTP {status} {resp.reason_phrase} from {_short(resp.url)}")
         if status >= 400:
             raise ArtifactError(display, f"HTTP {status} {resp.reason_phrase} from "
-                                         f"{_short(resp.url)}")  # fmt: skip
+                                         f"{_short(resp.url)}")
         if status == 206 and sink.size:
             m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
             if not m or int(m.group(1)) != sink.size:
@@ -160,7 +160,7 @@ def _attempt(client: httpx.Client, url: str, sink: Sink, state: _State, display:
             state.total = int(length) if length and length.isdigit() else None
             etag = resp.headers.get("etag", "")
             state.validator = (etag if etag and not etag.startswith("W/")
-                               else resp.headers.get("last-modified"))  # fmt: skip
+                               else resp.headers.get("last-modified"))
         else:
             raise ArtifactError(display, f"unexpected HTTP {status} from {_short(resp.url)}")
         try:

@@ -7,16 +7,12 @@ before launch by :mod:`vmdriver.policy.images`.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmdriver.errors import SpecError
-
-#: Formats QEMU may be told an image has; anything else is refused.
-KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "dmg", "parallels")
+from vmdriver.policy.images import KNOWN_FORMATS, qemu_img_info
 
 
 @dataclass(frozen=True)
@@ -34,35 +30,19 @@ class ImageInfo:
 
 
 def image_info(path: Path, *, fmt: str | None = None, where: str = "") -> ImageInfo:
-    """Run ``qemu-img info --output=json`` (``-f fmt`` when the format is known)."""
-    argv = ["qemu-img", "info", "--output=json"]
-    if fmt:
-        argv += ["-f", fmt]
-    try:
-        out = subprocess.run(
-            (*argv, "--", str(path)), capture_output=True, text=True, timeout=30, check=False,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except FileNotFoundError:
-        raise SpecError("qemu-img is not installed; it is needed to inspect images",
-                        where=where) from None  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise SpecError("qemu-img info timed out", where=where, value=str(path)) from None
-    if out.returncode != 0:
-        msg = (out.stderr.strip().splitlines() or ["unreadable image"])[-1]
-        raise SpecError(f"not a usable disk image: {msg}", where=where, value=str(path))
-    data: dict[str, Any] = json.loads(out.stdout)
+    """``qemu-img info`` of ``path`` (``-f fmt`` when the format is known), parsed."""
+    data = qemu_img_info(str(path), fmt=fmt, where=where, value=str(path))
     found = str(data.get("format", ""))
     if found not in KNOWN_FORMATS:
         raise SpecError("unsupported image format", where=where, value=found,
-                        allowed=KNOWN_FORMATS)  # fmt: skip
+                        allowed=KNOWN_FORMATS)
     backing = data.get("full-backing-filename") or data.get("backing-filename")
     return ImageInfo(
         path=path, format=found, virtual_size=int(data.get("virtual-size", 0)),
         backing=str(backing) if backing else None,
         backing_format=data.get("backing-filename-format"),
         extra_files=_extra_files(data.get("format-specific") or {}),
-    )  # fmt: skip
+    )
 
 
 def _extra_files(spec: dict[str, Any]) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from vmdriver.errors import ArtifactError, SpecError
 def _run(argv: tuple[str, ...], display: str, what: str) -> None:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=3600,
-                             stdin=subprocess.DEVNULL)  # fmt: skip
+                             stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise ArtifactError(display, f"{argv[0]} is not installed; it is needed to {what}") from None
     if out.returncode != 0:
@@ -35,7 +35,7 @@ def _run(argv: tuple[str, ...], display: str, what: str) -> None:
 
 
 def place_file(src: Path, dest: Path, display: str, *, cow: bool,
-               pin: Callable[[Path], None] | None = None) -> Literal["overlay", "copy"]:  # fmt: skip
+               pin: Callable[[Path], None] | None = None) -> Literal["overlay", "copy"]:
     """Make ``dest`` a private writable version of ``src`` (which is never written).
 
     With ``cow``, a qcow2 ``src`` without a backing file of its own gets an overlay
@@ -56,10 +56,10 @@ def place_file(src: Path, dest: Path, display: str, *, cow: bool,
                 pin(dest)
             # -F: the overlay records the backing format, so QEMU never probes the cache file.
             _run(("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                  "-b", str(src.absolute()), str(tmp)), display, "create an overlay")  # fmt: skip
+                  "-b", str(src.absolute()), str(tmp)), display, "create an overlay")
         else:
             _run(("cp", "--reflink=auto", "--sparse=always", "--", str(src), str(tmp)), display,
-                 "copy the artifact")  # fmt: skip
+                 "copy the artifact")
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:

@@ -90,7 +90,7 @@ class RichProgress:
     def __call__(self, ev: ProgressEvent) -> None:
         if ev.message:
             self._progress.console.print(f"[bold cyan]vmdriver[/]: artifact {ev.artifact}: "
-                                         f"{ev.message}", highlight=False, markup=True)  # fmt: skip
+                                         f"{ev.message}", highlight=False, markup=True)
             return
         key = (ev.artifact, ev.phase)
         task = self._tasks.get(key)
@@ -108,11 +108,11 @@ def progress_display(console: Console, *, prefix: str = "vmdriver: ") -> Iterato
     """A callback that renders on ``console``: bars on a terminal, plain lines otherwise."""
     if not console.is_terminal:
         yield PlainProgress(lambda line: console.print(f"{prefix}{line}", markup=False,
-                                                       highlight=False))  # fmt: skip
+                                                       highlight=False))
         return
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
         TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    )  # fmt: skip
+    )
     with bar:
         yield RichProgress(bar)

@@ -73,7 +73,7 @@ def _options(spec: ArtifactSpec, query: list[tuple[str, str]], display: str) -> 
             raise ArtifactError(display, f"unknown option {key!r} (allowed: {', '.join(OPTIONS)})")
         if key in merged and merged[key] != value:
             raise ArtifactError(display, f"option {key!r} is given in the URL and in options "
-                                         "with different values")  # fmt: skip
+                                         "with different values")
         merged[key] = value
     return merged
 
@@ -82,7 +82,7 @@ def _target(spec: ArtifactSpec, task_dir: Path, display: str) -> Path:
     """The destination, which must stay inside the task dir once ``..`` and links resolve."""
     if Path(spec.destination).is_absolute():
         raise ArtifactError(display, f"destination {spec.destination!r} must be relative to the "
-                                     "task dir")  # fmt: skip
+                                     "task dir")
     root = task_dir.resolve()
     target = (root / spec.destination).resolve()
     if target != root and root not in target.parents:
@@ -97,7 +97,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path) -> Source:
         forced, _, raw = raw.partition("::")
         if forced not in SCHEMES:
             raise ArtifactError(redact(spec.source), f"getter {forced!r} is not supported "
-                                                     f"(allowed: {', '.join(SCHEMES)})")  # fmt: skip
+                                                     f"(allowed: {', '.join(SCHEMES)})")
     parts = urlsplit(raw)
     scheme = parts.scheme.lower()
     if len(scheme) == 1:  # a Windows drive letter is no scheme; paths here are POSIX
@@ -107,7 +107,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path) -> Source:
         [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in OPTIONS]))))
     if scheme and scheme not in SCHEMES:
         raise ArtifactError(display, f"scheme {scheme!r} is not supported "
-                                     f"(allowed: {', '.join(SCHEMES)}, or a path)")  # fmt: skip
+                                     f"(allowed: {', '.join(SCHEMES)}, or a path)")
     query = parse_qsl(parts.query, keep_blank_values=True)
     opts = _options(spec, query, display)
     rest = [(k, v) for k, v in query if k not in OPTIONS]
@@ -132,7 +132,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path) -> Source:
     return _with_mode(spec, Source(
         display=display, kind=kind, location=location, headers=spec.headers, checksum=checksum,
         archive=archive, target=target, is_dir=True, file_name=file_name,
-    ))  # fmt: skip
+    ))
 
 
 def _archive(option: str | None, name: str, display: str) -> ArchiveKind | None:
@@ -152,12 +152,12 @@ def _with_mode(spec: ArtifactSpec, src: Source) -> Source:
     if spec.mode == "file":
         if unpacks:
             raise ArtifactError(src.display, 'mode "file" cannot unpack a tar or zip archive; '
-                                             'use mode "dir" or archive=false')  # fmt: skip
+                                             'use mode "dir" or archive=false')
         # Nomad's legacy image_source uses destination "local/": a directory for the file.
         as_dir = spec.destination.endswith("/") or src.target.is_dir()
         if not as_dir:
             return replace(src, is_dir=False)
     if not unpacks and not src.file_name:
         raise ArtifactError(src.display, 'the URL names no file; use mode "file" with a '
-                                         "destination file name")  # fmt: skip
+                                         "destination file name")
     return src

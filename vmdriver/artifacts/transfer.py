@@ -108,7 +108,7 @@ def _disk_error(exc: OSError, path: Path) -> OSError:
 
 
 def copy_stream(src: BinaryIO, sink: Sink, *, cancel: threading.Event | None = None,
-                progress: ProgressFn | None = None) -> None:  # fmt: skip
+                progress: ProgressFn | None = None) -> None:
     """Copy ``src`` to ``sink`` in chunks."""
     while True:
         check_cancel(cancel)
@@ -124,7 +124,7 @@ class CountingReader:
     """A read-only file wrapper that reports how many bytes were read (unpack progress)."""
 
     def __init__(self, raw: BinaryIO, progress: ProgressFn | None,
-                 cancel: threading.Event | None) -> None:  # fmt: skip
+                 cancel: threading.Event | None) -> None:
         self._raw = raw
         self._progress = progress
         self._cancel = cancel

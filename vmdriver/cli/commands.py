@@ -58,7 +58,7 @@ async def _prepare_all(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -
         if plan.artifacts:
             with progress_display(err_console) as on_progress:
                 await fetch_artifacts_async(plan.artifacts, plan.task_dir.path, job_dir,
-                                            cache=cache, progress=on_progress)  # fmt: skip
+                                            cache=cache, progress=on_progress)
         out.append(await asyncio.to_thread(prepare, plan.spec, plan.task_dir, host,
                                            where=plan.task.where))
     return out

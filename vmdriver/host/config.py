@@ -89,7 +89,7 @@ class HostConfig(BaseModel):
         for i, path in enumerate(paths):
             if not path.strip() or not Path(path).is_absolute():
                 raise ValueError(f"item {i} is not an absolute path: {path!r} (relative "
-                                 "entries would never match)")  # fmt: skip
+                                 "entries would never match)")
         return paths
 
     @field_validator("args_allowlist", mode="before")
@@ -99,7 +99,7 @@ class HostConfig(BaseModel):
         for i, flag in enumerate(flags):
             if not _FLAG_RE.match(flag.strip()):
                 raise ValueError(f"item {i} is not a QEMU flag: {flag!r} (expected a flag "
-                                 "like -device, without a value)")  # fmt: skip
+                                 "like -device, without a value)")
         return flags
 
     @field_validator("emulators_allowlist", mode="before")
@@ -110,7 +110,7 @@ class HostConfig(BaseModel):
             short = name.strip().removeprefix(_EMULATOR_PREFIX)
             if not _EMULATOR_RE.match(short):
                 raise ValueError(f"item {i} is not an emulator name: {name!r} (expected "
-                                 "x86_64 or qemu-system-x86_64)")  # fmt: skip
+                                 "x86_64 or qemu-system-x86_64)")
         return names
 
     @field_validator("state_dir", mode="before")
@@ -123,7 +123,7 @@ class HostConfig(BaseModel):
             raise ValueError(f"not an absolute path: {str(value)!r}")
         if len(os.fsencode(path)) + _SOCKET_SUFFIX > _MAX_SOCKET_PATH:
             raise ValueError(f"{str(value)!r} is too long: no task's sockets under it would "
-                             f"fit the {_MAX_SOCKET_PATH} bytes of a unix socket path")  # fmt: skip
+                             f"fit the {_MAX_SOCKET_PATH} bytes of a unix socket path")
         return path
 
 
@@ -131,7 +131,7 @@ def host_config_from_mapping(data: object, where: str) -> HostConfig:
     """Validate a config body (from HCL or Nomad's SetConfig); errors name the field."""
     if not isinstance(data, dict):
         raise HostConfigError("expected a block of settings", where=where,
-                              allowed=", ".join(HostConfig.model_fields))  # fmt: skip
+                              allowed=", ".join(HostConfig.model_fields))
     try:
         return HostConfig.model_validate(data)
     except ValidationError as exc:
@@ -157,7 +157,7 @@ def _unwrap(data: dict[str, Any], where: str) -> dict[str, Any]:
         label, body = plugins[0]
         if set(body) - {"config", "args"}:
             raise HostConfigError("unknown key in plugin block", where=f"{where}: plugin "
-                                  f"{label!r}", allowed="config")  # fmt: skip
+                                  f"{label!r}", allowed="config")
         data = {"config": body.get("config")} if "config" in body else {}
     if set(data) == {"config"}:
         data = one_block(data["config"], f"{where}: config")
@@ -180,5 +180,5 @@ def load_host_config(path: Path) -> HostConfig:
     except InputError as exc:
         # A syntax error or unreadable file: same message, the operator's error class.
         raise HostConfigError(exc.message, where=f"host config {exc.where}", value=exc.value,
-                              allowed=exc.allowed) from None  # fmt: skip
+                              allowed=exc.allowed) from None
     return host_config_from_mapping(data, where)

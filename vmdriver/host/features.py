@@ -40,7 +40,7 @@ def supports_sandbox(binary: Path, arg: str = "on", timeout: float = 10.0) -> bo
         proc = subprocess.run(
             (str(binary), "-sandbox", arg, "-version"),
             capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         verdict = proc.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         verdict = False
@@ -78,7 +78,7 @@ def option_takes_arg(binary: Path, name: str, timeout: float = 10.0) -> bool | N
             (str(binary), "-version", f"-{name}"),
             capture_output=True, text=True, timeout=timeout, check=False,
             stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         verdict: bool | None
         if proc.returncode == 0:
             verdict = False

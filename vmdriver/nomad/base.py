@@ -52,22 +52,22 @@ class BasePluginService(base_pb2_grpc.BasePluginServicer):
 
     @rpc
     def PluginInfo(self, request: base_pb2.PluginInfoRequest,
-                   context: grpc.ServicerContext) -> base_pb2.PluginInfoResponse:  # fmt: skip
+                   context: grpc.ServicerContext) -> base_pb2.PluginInfoResponse:
         """Type DRIVER, API v0.1.0, our version, and the driver name."""
         return base_pb2.PluginInfoResponse(
             type=base_pb2.DRIVER, plugin_api_versions=[API_VERSION],
             plugin_version=__version__, name=self.state.name,
-        )  # fmt: skip
+        )
 
     @rpc
     def ConfigSchema(self, request: base_pb2.ConfigSchemaRequest,
-                     context: grpc.ServicerContext) -> base_pb2.ConfigSchemaResponse:  # fmt: skip
+                     context: grpc.ServicerContext) -> base_pb2.ConfigSchemaResponse:
         """The host configuration's fields as an hclspec object."""
         return base_pb2.ConfigSchemaResponse(spec=hclspec.host_config_spec())
 
     @rpc
     def SetConfig(self, request: base_pb2.SetConfigRequest,
-                  context: grpc.ServicerContext) -> base_pb2.SetConfigResponse:  # fmt: skip
+                  context: grpc.ServicerContext) -> base_pb2.SetConfigResponse:
         """Decode and validate the agent's ``plugin { config {} }``; refuse bad ones readably."""
         where = f'plugin "{self.state.name}" config'
         data = decode_config(request.msgpack_config, where=where)

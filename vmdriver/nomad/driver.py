@@ -56,14 +56,14 @@ def exit_result(result: ExitResult, oom: bool = False) -> pb.ExitResult:
 def usage(sample: ProcessSample) -> pb.TaskResourceUsage:
     """A psutil sample as Nomad's TaskResourceUsage (every field it reads is set)."""
     cpu_fields = [pb.CPUUsage.SYSTEM_MODE, pb.CPUUsage.USER_MODE, pb.CPUUsage.TOTAL_TICKS,
-                  pb.CPUUsage.PERCENT]  # fmt: skip
+                  pb.CPUUsage.PERCENT]
     mem_fields = [pb.MemoryUsage.RSS, pb.MemoryUsage.SWAP]
     return pb.TaskResourceUsage(
         cpu=pb.CPUUsage(system_mode=sample.system_percent, user_mode=sample.user_percent,
                         total_ticks=sample.total_ticks, percent=sample.cpu_percent,
                         measured_fields=cpu_fields),
         memory=pb.MemoryUsage(rss=sample.rss, swap=sample.swap, measured_fields=mem_fields),
-    )  # fmt: skip
+    )
 
 
 class DriverService(driver_pb2_grpc.DriverServicer):
@@ -81,19 +81,19 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @rpc
     def TaskConfigSchema(self, request: pb.TaskConfigSchemaRequest,
-                         context: grpc.ServicerContext) -> pb.TaskConfigSchemaResponse:  # fmt: skip
+                         context: grpc.ServicerContext) -> pb.TaskConfigSchemaResponse:
         """The qemu task config as an hclspec object."""
         return pb.TaskConfigSchemaResponse(spec=hclspec.task_config_spec())
 
     @rpc
     def Capabilities(self, request: pb.CapabilitiesRequest,
-                     context: grpc.ServicerContext) -> pb.CapabilitiesResponse:  # fmt: skip
+                     context: grpc.ServicerContext) -> pb.CapabilitiesResponse:
         """Honest capabilities: no signals, no exec (not implemented yet); host networking."""
         caps = pb.DriverCapabilities(
             send_signals=False, exec=False, fs_isolation=pb.DriverCapabilities.NONE,
             network_isolation_modes=[pb.NetworkIsolationSpec.HOST],
             mount_configs=pb.DriverCapabilities.NO_MOUNTS,
-        )  # fmt: skip
+        )
         return pb.CapabilitiesResponse(capabilities=caps)
 
     def _fingerprint(self) -> pb.FingerprintResponse:
@@ -120,11 +120,11 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         else:
             health = pb.FingerprintResponse.UNHEALTHY
         return pb.FingerprintResponse(attributes=attrs, health=health,
-                                      health_description=fp.description)  # fmt: skip
+                                      health_description=fp.description)
 
     @stream
     def Fingerprint(self, request: pb.FingerprintRequest,
-                    context: grpc.ServicerContext) -> Iterator[pb.FingerprintResponse]:  # fmt: skip
+                    context: grpc.ServicerContext) -> Iterator[pb.FingerprintResponse]:
         """First answer at once, then one whenever it changed and at least every 30 s."""
         ended = _ended(context)
         last = None
@@ -141,18 +141,18 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @rpc
     def StartTask(self, request: pb.StartTaskRequest,
-                  context: grpc.ServicerContext) -> pb.StartTaskResponse:  # fmt: skip
+                  context: grpc.ServicerContext) -> pb.StartTaskResponse:
         """Decode, check, launch (confined), and hand back a handle with everything re-attaching needs."""
         plan = plan_start(request.task)
         task = self.state.loop.call(self.state.tasks.start(plan))
         log.info("task %s started: pid %s", task.id, task.vm.pid)
         handle = pb.TaskHandle(version=HANDLE_VERSION, config=request.task, state=pb.RUNNING,
-                               driver_state=task.driver_state())  # fmt: skip
+                               driver_state=task.driver_state())
         return pb.StartTaskResponse(result=pb.StartTaskResponse.SUCCESS, handle=handle)
 
     @rpc
     def RecoverTask(self, request: pb.RecoverTaskRequest,
-                    context: grpc.ServicerContext) -> pb.RecoverTaskResponse:  # fmt: skip
+                    context: grpc.ServicerContext) -> pb.RecoverTaskResponse:
         """Re-attach to a VM an earlier plugin process started (Nomad sends only the handle)."""
         task_id = request.handle.config.id or request.task_id
         task = self.state.loop.call(self.state.tasks.recover(task_id, request.handle.driver_state))
@@ -161,7 +161,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @rpc
     def WaitTask(self, request: pb.WaitTaskRequest,
-                 context: grpc.ServicerContext) -> pb.WaitTaskResponse:  # fmt: skip
+                 context: grpc.ServicerContext) -> pb.WaitTaskResponse:
         """Block until the VM ends; cancelled with the RPC."""
         tasks = self.state.tasks
         result = self.state.loop.call(tasks.wait(request.task_id), context)
@@ -173,7 +173,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @rpc
     def StopTask(self, request: pb.StopTaskRequest,
-                 context: grpc.ServicerContext) -> pb.StopTaskResponse:  # fmt: skip
+                 context: grpc.ServicerContext) -> pb.StopTaskResponse:
         """Power button (if the job asked for graceful shutdown), signal, wait, kill."""
         timeout = None
         if request.HasField("timeout"):
@@ -183,14 +183,14 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @rpc
     def DestroyTask(self, request: pb.DestroyTaskRequest,
-                    context: grpc.ServicerContext) -> pb.DestroyTaskResponse:  # fmt: skip
+                    context: grpc.ServicerContext) -> pb.DestroyTaskResponse:
         """Forget the task; with force, kill the VM first."""
         self.state.loop.call(self.state.tasks.destroy(request.task_id, request.force))
         return pb.DestroyTaskResponse()
 
     @rpc
     def InspectTask(self, request: pb.InspectTaskRequest,
-                    context: grpc.ServicerContext) -> pb.InspectTaskResponse:  # fmt: skip
+                    context: grpc.ServicerContext) -> pb.InspectTaskResponse:
         """State, times and result (always set: Nomad dereferences them)."""
         task = self.state.tasks.get(request.task_id)
         vm = task.vm
@@ -199,14 +199,14 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             id=task.id, name=task.name, state=pb.EXITED if result else pb.RUNNING,
             started_at=_ts(vm.started_at), completed_at=_ts(task.completed_at or 0.0),
             result=exit_result(result, task.oom_killed) if result else pb.ExitResult(),
-        )  # fmt: skip
+        )
         attrs = {"pid": str(vm.pid or ""), "state": vm.state.value,
-                 "qmp_socket": str(vm.task_dir.qmp_socket)}  # fmt: skip
+                 "qmp_socket": str(vm.task_dir.qmp_socket)}
         return pb.InspectTaskResponse(task=status, driver=pb.TaskDriverStatus(attributes=attrs))
 
     @stream
     def TaskStats(self, request: pb.TaskStatsRequest,
-                  context: grpc.ServicerContext) -> Iterator[pb.TaskStatsResponse]:  # fmt: skip
+                  context: grpc.ServicerContext) -> Iterator[pb.TaskStatsResponse]:
         """QEMU's CPU and memory every ``collection_interval``, until the VM ends."""
         task = self.state.tasks.get(request.task_id)
         interval = request.collection_interval.ToTimedelta().total_seconds()
@@ -232,7 +232,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @stream
     def TaskEvents(self, request: pb.TaskEventsRequest,
-                   context: grpc.ServicerContext) -> Iterator[pb.DriverTaskEvent]:  # fmt: skip
+                   context: grpc.ServicerContext) -> Iterator[pb.DriverTaskEvent]:
         """Task events (VM started, re-attached, exited, cgroup warnings) until cancelled."""
         events = self.state.events
         sub = events.subscribe()
@@ -258,39 +258,39 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @rpc
     def SignalTask(self, request: pb.SignalTaskRequest,
-                   context: grpc.ServicerContext) -> pb.SignalTaskResponse:  # fmt: skip
+                   context: grpc.ServicerContext) -> pb.SignalTaskResponse:
         """Not yet: Capabilities.send_signals is false."""
         raise NotImplementedError("the vmdriver plugin does not send signals to VMs yet")
 
     @rpc
     def ExecTask(self, request: pb.ExecTaskRequest,
-                 context: grpc.ServicerContext) -> pb.ExecTaskResponse:  # fmt: skip
+                 context: grpc.ServicerContext) -> pb.ExecTaskResponse:
         """Not yet: Capabilities.exec is false."""
         raise NotImplementedError("the vmdriver plugin cannot exec in VMs yet")
 
     @stream
     def ExecTaskStreaming(self, request_iterator: Iterator[pb.ExecTaskStreamingRequest],
                           context: grpc.ServicerContext,
-                          ) -> Iterator[pb.ExecTaskStreamingResponse]:  # fmt: skip
+                          ) -> Iterator[pb.ExecTaskStreamingResponse]:
         """Not yet: Capabilities.exec is false."""
         raise NotImplementedError("the vmdriver plugin cannot exec in VMs yet")
         yield pb.ExecTaskStreamingResponse()  # a generator, like every stream handler
 
     @rpc
     def CreateNetwork(self, request: pb.CreateNetworkRequest,
-                      context: grpc.ServicerContext) -> pb.CreateNetworkResponse:  # fmt: skip
+                      context: grpc.ServicerContext) -> pb.CreateNetworkResponse:
         """Not used: Capabilities.must_create_network is false."""
         raise NotImplementedError("the vmdriver plugin does not create networks")
 
     @rpc
     def DestroyNetwork(self, request: pb.DestroyNetworkRequest,
-                       context: grpc.ServicerContext) -> pb.DestroyNetworkResponse:  # fmt: skip
+                       context: grpc.ServicerContext) -> pb.DestroyNetworkResponse:
         """Not used: Capabilities.must_create_network is false."""
         raise NotImplementedError("the vmdriver plugin does not create networks")
 
     @rpc
     def Shutdown(self, request: pb.ShutdownRequest,
-                 context: grpc.ServicerContext) -> pb.ShutdownResponse:  # fmt: skip
+                 context: grpc.ServicerContext) -> pb.ShutdownResponse:
         """Nomad's client is going away: let go of the VMs, leave them running."""
         self.state.loop.call(self.state.tasks.detach_all(), timeout=2.0)
         return pb.ShutdownResponse()

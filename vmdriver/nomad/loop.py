@@ -40,7 +40,7 @@ class LoopThread:
         self.loop.run_forever()
 
     def call(self, coro: Coroutine[Any, Any, T], context: RpcContext | None = None,
-             timeout: float | None = None) -> T:  # fmt: skip
+             timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for it; cancelled with the RPC."""
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         if context is not None:

@@ -56,15 +56,15 @@ class HealthService(health_pb2_grpc.HealthServicer):
     """``grpc.health.v1.Health``: "plugin" (and the server as a whole) is SERVING."""
 
     def Check(self, request: health_pb2.HealthCheckRequest,
-              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:  # fmt: skip
+              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
         """SERVING for "plugin" and ""; SERVICE_UNKNOWN otherwise."""
         ok = request.service in ("", "plugin")
         status = (health_pb2.HealthCheckResponse.SERVING if ok
-                  else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)  # fmt: skip
+                  else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
         return health_pb2.HealthCheckResponse(status=status)
 
     def Watch(self, request: health_pb2.HealthCheckRequest,
-              context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:  # fmt: skip
+              context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:
         """The status once; it never changes while the server runs."""
         yield self.Check(request, context)
         ended = threading.Event()
@@ -76,7 +76,7 @@ class StdioService(plugin_pb2_grpc.GRPCStdioServicer):
     """``plugin.GRPCStdio``: held open and silent (nothing but the handshake uses stdout)."""
 
     def StreamStdio(self, request: empty_pb2.Empty,
-                    context: grpc.ServicerContext) -> Iterator[plugin_pb2.StdioData]:  # fmt: skip
+                    context: grpc.ServicerContext) -> Iterator[plugin_pb2.StdioData]:
         """Stay open until the host hangs up."""
         ended = threading.Event()
         context.add_callback(ended.set)
@@ -91,7 +91,7 @@ class ControllerService(plugin_pb2_grpc.GRPCControllerServicer):
         self.state = state
 
     def Shutdown(self, request: plugin_pb2.Empty,
-                 context: grpc.ServicerContext) -> plugin_pb2.Empty:  # fmt: skip
+                 context: grpc.ServicerContext) -> plugin_pb2.Empty:
         """Exit soon (the host SIGKILLs us after 2 s); VMs keep running."""
         log.info("host asked the plugin to shut down")
         self.state.shutdown.set()
@@ -114,7 +114,7 @@ def build_server(state: PluginState, address: str) -> grpc.Server:
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 2**31 - 1),
                  ("grpc.max_send_message_length", 2**31 - 1)],
-    )  # fmt: skip
+    )
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(), server)
     plugin_pb2_grpc.add_GRPCStdioServicer_to_server(StdioService(), server)
     plugin_pb2_grpc.add_GRPCControllerServicer_to_server(ControllerService(state), server)

@@ -74,7 +74,7 @@ def status_for(exc: BaseException) -> Status:
     if isinstance(exc, NotImplementedError):
         return Status(grpc.StatusCode.UNIMPLEMENTED, msg)
     return Status(grpc.StatusCode.INTERNAL, f"internal error in the vmdriver plugin: "
-                                            f"{type(exc).__name__}: {msg}")  # fmt: skip
+                                            f"{type(exc).__name__}: {msg}")
 
 
 def _abort(context: grpc.ServicerContext, name: str, exc: BaseException) -> None:

@@ -51,7 +51,7 @@ class StartPlan:
         # Nomad's own cpuset cgroup already pins the CPUs; set them only without it.
         cpus = "" if self.cpuset_cgroup else self.cpuset_cpus
         return CgroupLimits(memory_max_bytes=mem * MIB, cpu_shares=self.cpu_shares,
-                            cpuset_cpus=cpus)  # fmt: skip
+                            cpuset_cpus=cpus)
 
 
 def _ports(res: pb.Resources) -> tuple[AllocatedPort, ...]:
@@ -105,4 +105,4 @@ def plan_start(task: pb.TaskConfig) -> StartPlan:
         stderr=Path(task.stderr_path) if task.stderr_path else None,
         env=dict(task.env), task_memory_limit_bytes=int(linux.memory_limit_bytes),
         cpu_shares=shares, cpuset_cpus=linux.cpuset_cpus, cpuset_cgroup=linux.cpuset_cgroup,
-    )  # fmt: skip
+    )

@@ -56,7 +56,7 @@ class Task:
             "task": {"id": self.id, "alloc_id": self.alloc_id, "name": self.name},
             "record": self.vm.record().model_dump(mode="json"),
             "cgroups": {"paths": list(self.cgroup_paths), "created": list(self.cgroups_created)},
-        }).encode()  # fmt: skip
+        }).encode()
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,11 @@ class TaskTable:
         vm = await self.supervisor.start(
             plan.task_id, plan.spec, plan.task_dir, env=plan.env, stdout=plan.stdout,
             stderr=plan.stderr, prepared=prepared, on_spawn=confine,
-        )  # fmt: skip
+        )
         placement = placed[0] if placed else None
         task = Task(plan.task_id, plan.alloc_id, plan.name, vm,
                     placement.paths if placement else (),
-                    placement.created if placement else ())  # fmt: skip
+                    placement.created if placement else ())
         self._register(task)
         self.events.emit(
             task,
@@ -189,7 +189,7 @@ class TaskTable:
             raise InputError(f"driver_state is not vmdriver's: {exc}", where=task_id) from None
         vm = await self.supervisor.recover(record)
         task = Task(task_id or info["id"], info.get("alloc_id", ""), info.get("name", record.task),
-                    vm, tuple(cg.get("paths", ())), tuple(cg.get("created", ())))  # fmt: skip
+                    vm, tuple(cg.get("paths", ())), tuple(cg.get("created", ())))
         self._register(task)
         self.events.emit(task, f"re-attached to the running VM (pid {vm.pid})")
         return task
@@ -239,7 +239,7 @@ class TaskTable:
         if task.vm.result is None:
             if not force:
                 raise InputError("task is still running; stop it first or destroy with force",
-                                 where=task_id)  # fmt: skip
+                                 where=task_id)
             await task.vm.kill()
         if task.watcher is not None:
             with contextlib.suppress(Exception):

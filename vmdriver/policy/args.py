@@ -108,7 +108,7 @@ class ArgsChecker:
     """One pass over a job's args. Raises the first violation found."""
 
     def __init__(self, host: HostConfig, policy: PathPolicy, *, where: str,
-                 arity: Arity | None = None, image_check: ImageCheck | None = None) -> None:  # fmt: skip
+                 arity: Arity | None = None, image_check: ImageCheck | None = None) -> None:
         self.allow = allowlist_names(host)
         self.allowlist_text = sorted(host.args_allowlist)
         self.policy = policy
@@ -162,7 +162,7 @@ class ArgsChecker:
                               f"{o.REFUSED_UNLESS_LISTED[name]}", where=here, value=arg)
         if self.allow and not listed:
             raise PolicyError("flag is not in args_allowlist", where=here, value=arg,
-                              allowed=self.allowlist_text)  # fmt: skip
+                              allowed=self.allowlist_text)
 
     # Section: values
 
@@ -208,7 +208,7 @@ class ArgsChecker:
                 data = json.loads(text)
             except ValueError:
                 raise SpecError(f"-{name} value starts with '{{' but is not valid JSON",
-                                where=here, value=value) from None  # fmt: skip
+                                where=here, value=value) from None
             pairs: list[tuple[str, Any]] = list(_flatten(data))
         else:
             pairs = list(split_opts(value))
@@ -241,14 +241,14 @@ class ArgsChecker:
             return
         # /dev/null, /dev/urandom and the like are harmless wherever they go.
         resolved = resolve_allowed(path, self.policy, where=here, what=f"-{option} path",
-                                   devices_ok=True)  # fmt: skip
+                                   devices_ok=True)
         if block and self.image_check is not None and os.path.isfile(resolved):
             self.image_check(resolved, None, here)
 
 
 def check_args(args: tuple[str, ...], host: HostConfig, *, where: str = "args",
                task_dir: Path | None = None, alloc_dir: Path | None = None,
-               arity: Arity | None = None, image_check: ImageCheck | None = None) -> None:  # fmt: skip
+               arity: Arity | None = None, image_check: ImageCheck | None = None) -> None:
     """Check every flag of ``args`` against ``args_allowlist`` and every path in them.
 
     Without ``task_dir``, relative paths are taken from a scratch location that

@@ -29,11 +29,11 @@ def check_emulator(emulator: str | None, host: HostConfig, *, where: str = "emul
     """
     if emulator is not None and not isinstance(emulator, str):
         raise SpecError("emulator must be a name", where=where, value=emulator,
-                        allowed="e.g. x86_64, aarch64")  # fmt: skip
+                        allowed="e.g. x86_64, aarch64")
     name = normalize_emulator(emulator or DEFAULT_EMULATOR)
     if not valid_emulator_name(name):
         raise SpecError("emulator must be an architecture name, not a path", where=where,
-                        value=emulator, allowed="e.g. x86_64, aarch64")  # fmt: skip
+                        value=emulator, allowed="e.g. x86_64, aarch64")
     allowed = {normalize_emulator(a) for a in host.emulators_allowlist}
     if allowed and name not in allowed:
         raise PolicyError("emulator is not in emulators_allowlist", where=where,

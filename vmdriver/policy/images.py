@@ -32,7 +32,7 @@ MAX_CHAIN = 8
 
 
 def qemu_img_info(name: str, *, fmt: str | None, where: str, value: str,
-                  pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
+                  pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:
     """``qemu-img info --output=json`` of ``name`` (a path, or ``/dev/fd/N`` with ``pass_fds``)."""
     cmd = ["qemu-img", "info", "--output=json"]
     if fmt:
@@ -41,10 +41,10 @@ def qemu_img_info(name: str, *, fmt: str | None, where: str, value: str,
         out = subprocess.run(
             (*cmd, "--", name), capture_output=True, text=True, timeout=30, check=False,
             stdin=subprocess.DEVNULL, pass_fds=pass_fds,
-        )  # fmt: skip
+        )
     except FileNotFoundError:
         raise SpecError("qemu-img is not installed; it is needed to inspect images",
-                        where=where) from None  # fmt: skip
+                        where=where) from None
     except subprocess.TimeoutExpired:
         raise SpecError("qemu-img info timed out", where=where, value=value) from None
     if out.returncode != 0:
@@ -61,7 +61,7 @@ def qemu_img_info(name: str, *, fmt: str | None, where: str, value: str,
 
 def inspect_image(name: str, policy: PathPolicy, *, fmt: str | None, where: str, value: str,
                   pass_fds: tuple[int, ...] = (), base_dir: Path | None = None,
-                  depth: int = 0) -> str:  # fmt: skip
+                  depth: int = 0) -> str:
     """Return the image's format after checking every file it names.
 
     ``name`` is what qemu-img opens; ``base_dir`` is the directory relative
@@ -74,11 +74,11 @@ def inspect_image(name: str, policy: PathPolicy, *, fmt: str | None, where: str,
     found = str(info.get("format", ""))
     if found not in KNOWN_FORMATS:
         raise SpecError("unsupported image format", where=where, value=found,
-                        allowed=KNOWN_FORMATS)  # fmt: skip
+                        allowed=KNOWN_FORMATS)
     data = (info.get("format-specific") or {}).get("data") or {}
     if isinstance(data, dict) and data.get("data-file"):
         raise PolicyError("images with an external data file are not allowed", where=where,
-                          value=value, allowed="self-contained images")  # fmt: skip
+                          value=value, allowed="self-contained images")
     for extent in (data.get("extents") or []) if isinstance(data, dict) else []:
         if isinstance(extent, dict) and extent.get("filename") not in (None, name):
             raise PolicyError("vmdk images made of separate extent files are not allowed",
@@ -87,22 +87,22 @@ def inspect_image(name: str, policy: PathPolicy, *, fmt: str | None, where: str,
     backing = info.get("backing-filename")
     if backing:
         _check_backing(str(backing), info, policy, where=where, value=value,
-                       base_dir=base_dir, depth=depth)  # fmt: skip
+                       base_dir=base_dir, depth=depth)
     return found
 
 
 def _check_backing(backing: str, info: dict[str, Any], policy: PathPolicy, *, where: str,
-                   value: str, base_dir: Path | None, depth: int) -> None:  # fmt: skip
+                   value: str, base_dir: Path | None, depth: int) -> None:
     bwhere = f"{where} (backing file of {value})"
     if depth + 1 >= MAX_CHAIN:
         raise PolicyError("backing chain is too long", where=where, value=value,
-                          allowed=f"at most {MAX_CHAIN} images")  # fmt: skip
+                          allowed=f"at most {MAX_CHAIN} images")
     path = local_path(backing, where=bwhere)
     if not Path(path).is_absolute():
         if base_dir is None:
             raise PolicyError("image has a relative backing file name", where=where,
                               value=backing, allowed="an absolute backing path, or a "
-                              "flattened image (qemu-img convert)")  # fmt: skip
+                              "flattened image (qemu-img convert)")
         path = str(base_dir / path)
     policy = policy.for_backing()
     resolved = resolve_allowed(path, policy, where=bwhere, what="backing file")
@@ -112,17 +112,17 @@ def _check_backing(backing: str, info: dict[str, Any], policy: PathPolicy, *, wh
 
 
 def checked_image(image: str, policy: PathPolicy, *, fmt: str | None, writable: bool,
-                  where: str) -> tuple[OpenedImage, str]:  # fmt: skip
+                  where: str) -> tuple[OpenedImage, str]:
     """Resolve, check, open and inspect a drive's image; return the open image and its format.
 
     The caller owns the returned fds (hand them to QEMU, then close them).
     """
     resolved = check_regular_file(resolve_allowed(image, policy, where=where, what="image path"),
-                                  where=where, value=image)  # fmt: skip
+                                  where=where, value=image)
     opened = open_image(resolved, policy, writable=writable, where=where, value=image)
     try:
         found = inspect_image(f"/dev/fd/{opened.ro_fd}", policy, fmt=fmt, where=where,
-                              value=image, pass_fds=(opened.ro_fd,))  # fmt: skip
+                              value=image, pass_fds=(opened.ro_fd,))
     except BaseException:
         opened.close()
         raise

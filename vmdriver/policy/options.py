@@ -110,7 +110,7 @@ CHARDEV_PATH_PREFIXES = ("file:", "pipe:", "unix:")
 def is_path_key(key: str, option: str) -> bool:
     """True if ``key`` (normalized) names a host path in ``-option``'s value."""
     return (key in PATH_KEYS or key.endswith(PATH_KEY_SUFFIXES)
-            or key in OPTION_PATH_KEYS.get(option, ()))  # fmt: skip
+            or key in OPTION_PATH_KEYS.get(option, ()))
 
 
 def normalize_key(key: str) -> str:

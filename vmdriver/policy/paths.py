@@ -119,7 +119,7 @@ def walk(path: Path, *, where: str, value: str) -> Path:
             continue
         except (OSError, ValueError) as exc:
             raise SpecError(f"path cannot be resolved: {getattr(exc, 'strerror', None) or exc}",
-                            where=where, value=value) from None  # fmt: skip
+                            where=where, value=value) from None
         if not stat.S_ISLNK(st.st_mode):
             resolved = nxt
             continue
@@ -130,7 +130,7 @@ def walk(path: Path, *, where: str, value: str) -> Path:
             target = PurePosixPath(os.readlink(nxt))
         except OSError as exc:
             raise SpecError(f"path cannot be resolved: {exc.strerror}", where=where,
-                            value=value) from None  # fmt: skip
+                            value=value) from None
         if target.is_absolute():
             resolved, parts = Path("/"), [*target.parts[1:], *parts]
         else:
@@ -139,14 +139,14 @@ def walk(path: Path, *, where: str, value: str) -> Path:
 
 
 def resolve_allowed(value: str, policy: PathPolicy, *, where: str, what: str = "path",
-                    devices_ok: bool = False) -> Path:  # fmt: skip
+                    devices_ok: bool = False) -> Path:
     """The resolved path ``value`` names, if policy lets a job reach it; else raise.
 
     ``devices_ok`` admits :data:`SAFE_DEVICES` (for option values, never images).
     """
     if not isinstance(value, str) or not value or "\x00" in value:
         raise SpecError(f"{what} must be a non-empty path without NUL bytes", where=where,
-                        value=value)  # fmt: skip
+                        value=value)
     raw = Path(value)
     relative = not raw.is_absolute()
     candidate = policy.task_dir / raw if relative else raw
@@ -156,7 +156,7 @@ def resolve_allowed(value: str, policy: PathPolicy, *, where: str, what: str = "
         raise PolicyError(f"{what} leads into /proc, /sys or /dev/fd", where=where, value=value)
     if relative and os.path.normpath(raw).split(os.sep, 1)[0] == "..":
         raise PolicyError(f"relative {what} climbs out of the task dir", where=where,
-                          value=value, allowed="a path inside the task dir")  # fmt: skip
+                          value=value, allowed="a path inside the task dir")
     resolved = walk(candidate, where=where, value=value)
     if devices_ok and resolved in SAFE_DEVICES:
         return resolved
@@ -169,7 +169,7 @@ def resolve_allowed(value: str, policy: PathPolicy, *, where: str, what: str = "
 
 
 def check_image_path(image: str, task_dir: Path, alloc_dir: Path, host: HostConfig, *,
-                     where: str = "image_path", must_exist: bool = True) -> Path:  # fmt: skip
+                     where: str = "image_path", must_exist: bool = True) -> Path:
     """Resolve ``image`` and return it if policy allows it; relative paths live in the task dir.
 
     With ``must_exist`` (the default), the image must be an existing regular file:
@@ -193,7 +193,7 @@ def check_regular_file(resolved: Path, *, where: str, value: str) -> Path:
         raise SpecError("image path is a directory, not a file", where=where, value=value)
     if not stat.S_ISREG(st.st_mode):
         raise SpecError("image path is not a regular file (devices, FIFOs and sockets are "
-                        "refused)", where=where, value=value)  # fmt: skip
+                        "refused)", where=where, value=value)
     return resolved
 
 
@@ -221,7 +221,7 @@ class OpenedImage:
 
 
 def open_image(resolved: Path, policy: PathPolicy, *, writable: bool, where: str,
-               value: str) -> OpenedImage:  # fmt: skip
+               value: str) -> OpenedImage:
     """Open a checked image and verify the open file is still an allowed regular file.
 
     ``O_NOFOLLOW`` stops a symlink swapped in at the last component; the path the
@@ -234,7 +234,7 @@ def open_image(resolved: Path, policy: PathPolicy, *, writable: bool, where: str
         fd = os.open(resolved, flags)
     except OSError as exc:
         raise SpecError(f"image cannot be opened: {exc.strerror}", where=where,
-                        value=value) from None  # fmt: skip
+                        value=value) from None
     image = OpenedImage(resolved, fd)
     try:
         _verify_open(image, policy, writable=writable, where=where, value=value)
@@ -257,11 +257,11 @@ def local_path(value: str, *, where: str) -> str:
     if proto == "file":
         return value[len("file:"):]
     raise PolicyError(f"protocol {proto + ':'!r} is not allowed where a file path goes",
-                      where=where, value=value, allowed="local file paths")  # fmt: skip
+                      where=where, value=value, allowed="local file paths")
 
 
 def _verify_open(image: OpenedImage, policy: PathPolicy, *, writable: bool, where: str,
-                 value: str) -> None:  # fmt: skip
+                 value: str) -> None:
     fd = image.ro_fd
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         raise SpecError("image path is not a regular file", where=where, value=value)
@@ -275,4 +275,4 @@ def _verify_open(image: OpenedImage, policy: PathPolicy, *, writable: bool, wher
             image.rw_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise SpecError(f"image cannot be opened for writing: {exc.strerror}",
-                            where=where, value=value) from None  # fmt: skip
+                            where=where, value=value) from None

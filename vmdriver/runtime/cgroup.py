@@ -69,7 +69,7 @@ def memory_headroom_mib(guest_mib: int, vcpus: int = 1, accelerator: str = "tcg"
 
 
 def memory_limit_mib(guest_mib: int, vcpus: int = 1, accelerator: str = "tcg",
-                     task_limit_mib: int | None = None) -> int:  # fmt: skip
+                     task_limit_mib: int | None = None) -> int:
     """The hard limit for the QEMU process: guest RAM plus headroom, or the task's own if higher.
 
     ``task_limit_mib`` is the scheduler's limit (Nomad: ``max(memory, memory_max)``).
@@ -136,7 +136,7 @@ class _Writer:
 
 
 def apply(pid: int, limits: CgroupLimits, scope: str, *, parent: str = "vmdriver",
-          cpuset_cgroup: str = "", root: Path = ROOT) -> Placement:  # fmt: skip
+          cpuset_cgroup: str = "", root: Path = ROOT) -> Placement:
     """Put ``pid`` (with all its threads) into its own cgroup(s) and set ``limits``.
 
     ``scope`` names the task's cgroup (no ``/``); ``cpuset_cgroup`` is a cgroup
@@ -160,7 +160,7 @@ def apply(pid: int, limits: CgroupLimits, scope: str, *, parent: str = "vmdriver
 
 
 def _apply_v1(w: _Writer, pid: int, limits: CgroupLimits, scope: str, parent: str,
-              cpuset_cgroup: str, root: Path) -> list[str]:  # fmt: skip
+              cpuset_cgroup: str, root: Path) -> list[str]:
     paths: list[str] = []
     if limits.memory_max_bytes is not None:
         d = root / "memory" / parent / scope
@@ -197,7 +197,7 @@ def _apply_v1(w: _Writer, pid: int, limits: CgroupLimits, scope: str, parent: st
 
 
 def _apply_v2(w: _Writer, pid: int, limits: CgroupLimits, scope: str, parent: str,
-              cpuset_cgroup: str, root: Path) -> list[str]:  # fmt: skip
+              cpuset_cgroup: str, root: Path) -> list[str]:
     d = Path(cpuset_cgroup) if cpuset_cgroup else root / parent / scope
     if not w.mkdir(d):
         return []

@@ -7,12 +7,10 @@ never leaves a half-started VM.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmdriver.errors import AcceleratorUnavailable, SpecError
+from vmdriver.errors import AcceleratorUnavailable
 from vmdriver.host.config import HostConfig
 from vmdriver.host.emulators import find_emulator
 from vmdriver.host.features import option_takes_arg, supports_sandbox
@@ -32,9 +30,6 @@ from vmdriver.runtime.process import close_fds
 from vmdriver.runtime.taskdir import TaskDir
 from vmdriver.spec import Accelerator, VMSpec
 
-#: Formats QEMU may be told an image has; anything else is refused.
-KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "dmg", "parallels")
-
 
 @dataclass(frozen=True)
 class Prepared:
@@ -48,27 +43,6 @@ class Prepared:
     def close(self) -> None:
         """Release the image fds of a VM that will not be launched (launch closes them)."""
         close_fds(self.ctx.pass_fds)
-
-
-def detect_format(path: Path, *, where: str) -> str:
-    """The image's format as ``qemu-img info`` reads it."""
-    try:
-        out = subprocess.run(
-            ("qemu-img", "info", "--output=json", "--", str(path)),
-            capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        raise SpecError("qemu-img is not installed; it is needed to detect image formats",
-                        where=where) from None
-    except subprocess.TimeoutExpired:
-        raise SpecError("qemu-img info timed out", where=where, value=str(path)) from None
-    if out.returncode != 0:
-        msg = (out.stderr.strip().splitlines() or ["unreadable image"])[-1]
-        raise SpecError(f"not a usable disk image: {msg}", where=where, value=str(path))
-    fmt = str(json.loads(out.stdout).get("format", ""))
-    if fmt not in KNOWN_FORMATS:
-        raise SpecError("unsupported image format", where=where, value=fmt, allowed=KNOWN_FORMATS)
-    return fmt
 
 
 def resolve_accelerator(requested: Accelerator, qemu: Path, cache_dir: Path) -> tuple[str, str]:
@@ -96,6 +70,7 @@ def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "
     task_dir.check_socket_paths()
     binary = find_emulator(emulator)
     policy = PathPolicy.for_task(task_dir.path, task_dir.alloc_dir, host)
+    accel, reason = resolve_accelerator(spec.accelerator, binary, host.state_dir)
 
     def arity(name: str) -> bool | None:
         known = static_arity(name)
@@ -105,10 +80,10 @@ def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "
         # An image named in args is opened by QEMU by path: check what it references.
         if not preview:
             inspect_image(str(path), policy, fmt=fmt, where=here, value=str(path),
-                          base_dir=path.parent)  # fmt: skip
+                          base_dir=path.parent)
 
     check_args(spec.args, host, where=f"{prefix}config.args", task_dir=task_dir.path,
-               alloc_dir=task_dir.alloc_dir, arity=arity, image_check=image_check)  # fmt: skip
+               alloc_dir=task_dir.alloc_dir, arity=arity, image_check=image_check)
     paths: list[str] = []
     formats: list[str] = []
     opened: list[OpenedImage] = []
@@ -117,7 +92,7 @@ def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "
             field = f"{prefix}config.image_path" if i == 0 else f"{prefix}drive[{i}]"
             if preview:
                 shown = check_image_path(drive.path, task_dir.path, task_dir.alloc_dir, host,
-                                         where=field, must_exist=False)  # fmt: skip
+                                         where=field, must_exist=False)
                 if not shown.exists():
                     # Artifacts may not be there yet: only where the path leads is checked.
                     paths.append(str(shown))
@@ -125,7 +100,7 @@ def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "
                     continue
             writable = not drive.read_only and drive.media != "cdrom"
             image, fmt = checked_image(drive.path, policy, fmt=drive.format, writable=writable,
-                                       where=field)  # fmt: skip
+                                       where=field)
             paths.append(str(image.path))
             formats.append(fmt)
             if preview:
@@ -136,12 +111,11 @@ def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "
         for image in opened:
             image.close()
         raise
-    accel, reason = resolve_accelerator(spec.accelerator, binary, host.state_dir)
     ctx = RenderContext(
         binary=binary, accelerator=accel, qmp_socket=task_dir.qmp_socket,
         qga_socket=task_dir.qga_socket, drive_paths=tuple(paths),
         drive_formats=tuple(formats), qmp_fd=None,
         sandbox=host.sandbox and supports_sandbox(binary, SANDBOX_ARG),
         drive_fds=tuple(image.fds for image in opened),
-    )  # fmt: skip
+    )
     return Prepared(spec.model_copy(update={"emulator": emulator}), ctx, reason)

@@ -73,7 +73,7 @@ class Supervisor:
         self._vms[vm_id] = vm
         try:
             await vm.launch(prepared.ctx, env=self._env(env), stdout=stdout, stderr=stderr,
-                            on_spawn=on_spawn)  # fmt: skip
+                            on_spawn=on_spawn)
         except BaseException:
             del self._vms[vm_id]
             raise
