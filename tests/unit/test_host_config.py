@@ -86,3 +86,14 @@ def test_broken_files_exit_2_with_one_line(tmp_path: Path, text: str,
 def test_missing_host_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["argv", str(tmp_path / "j.hcl"), "--host-config", str(tmp_path / "no.hcl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_artifact_cache_max_is_a_size() -> None:
+    from vmdriver.errors import HostConfigError
+    from vmdriver.host.config import host_config_from_mapping
+
+    cfg = host_config_from_mapping({"artifact_cache_max": "512MiB"}, "host.hcl")
+    assert cfg.artifact_cache_max_bytes == 512 * 2**20
+    assert host_config_from_mapping({}, "host.hcl").artifact_cache_max_bytes == 20 * 2**30
+    with pytest.raises(HostConfigError, match="artifact_cache_max"):
+        host_config_from_mapping({"artifact_cache_max": "lots"}, "host.hcl")

@@ -131,3 +131,18 @@ def test_no_qemu_task_is_an_error(tmp_path: Path) -> None:
 def test_group_count_runs_instances(tmp_path: Path) -> None:
     plans = plan(tmp_path, job('image_path = "x.img"', group_extra="count = 3"))
     assert len(plans) == 3 and len({p.alloc_id for p in plans}) == 3
+
+
+def test_artifact_blocks_are_interpolated(tmp_path: Path) -> None:
+    extra = '''
+      env { IMAGE = "disk.qcow2" }
+      artifact {
+        source      = "http://images.example/${IMAGE}"
+        destination = "local/${NOMAD_TASK_NAME}/"
+        options { checksum = "sha256:${IMAGE}" }
+      }'''
+    (p,) = plan(tmp_path, job('image_path = "local/t/disk.qcow2"', extra))
+    (art,) = p.artifacts
+    assert art.source == "http://images.example/disk.qcow2"
+    assert art.destination == "local/t/"
+    assert dict(art.options)["checksum"] == "sha256:disk.qcow2"

@@ -52,7 +52,7 @@ async def _prepare_all(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -
         if not d.exists():
             d.mkdir(parents=True, mode=0o700)
     out = []
-    cache = ArtifactCache(default_cache_dir(host.state_dir))
+    cache = ArtifactCache(default_cache_dir(host.state_dir), max_bytes=host.artifact_cache_max_bytes)
     for plan in plans:
         plan.task_dir.create()
         if plan.artifacts:

@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from vmdriver.errors import HostConfigError, InputError
+from vmdriver.units import SIZE_HELP, parse_size
 
 #: Where `vmdriver run` and `vmdriver argv` look for a host config when none is given.
 DEFAULT_HOST_CONFIG = Path("/etc/vmdriver/host.hcl")
@@ -81,6 +82,9 @@ class HostConfig(BaseModel):
     state_dir: Path = Field(default_factory=default_state_dir)
     #: Apply QEMU's seccomp sandbox (``-sandbox on,...``) where this QEMU supports it.
     sandbox: StrictBool = True
+    #: Size limit of the shared artifact cache (least recently used entries go first),
+    #: e.g. ``20GiB``; entries a running task's overlay uses are never evicted.
+    artifact_cache_max: str = "20GiB"
 
     @field_validator("image_paths", mode="before")
     @classmethod
@@ -112,6 +116,20 @@ class HostConfig(BaseModel):
                 raise ValueError(f"item {i} is not an emulator name: {name!r} (expected "
                                  "x86_64 or qemu-system-x86_64)")
         return names
+
+    @field_validator("artifact_cache_max", mode="before")
+    @classmethod
+    def _cache_max(cls, value: Any) -> str:
+        try:
+            parse_size(value)
+        except InputError as exc:
+            raise ValueError(exc.message + f" ({SIZE_HELP})") from None
+        return str(value)
+
+    @property
+    def artifact_cache_max_bytes(self) -> int:
+        """``artifact_cache_max`` in bytes."""
+        return parse_size(self.artifact_cache_max)
 
     @field_validator("state_dir", mode="before")
     @classmethod

@@ -174,5 +174,7 @@ def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, index: int, st
         dns_searches=dns.dns_searches if dns else (), host_memory_mb=host_memory_mb,
     )
     spec = build_spec(cfg, inputs)
-    return TaskPlan(alloc_id, group.name, task, spec, alloc, env, tuple(ports),
-                    (*task.artifacts, *legacy_artifacts(cfg)))
+    # Nomad interpolates artifact blocks too (e.g. a source built from ${NOMAD_META_x}).
+    artifacts = tuple(ArtifactSpec.model_validate(interpolate(a.model_dump(mode="json"), env))
+                      for a in (*task.artifacts, *legacy_artifacts(cfg)))
+    return TaskPlan(alloc_id, group.name, task, spec, alloc, env, tuple(ports), artifacts)
