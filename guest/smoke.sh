@@ -5,6 +5,7 @@
 #   iso   guest.iso: readiness, power button
 #   ignore-acpi  fw_cfg mode: power button is ignored, QEMU keeps running
 #   kernel-pvh   -kernel vmlinux (PVH) + vmdriver.mode=poweroff: guest powers off
+#   q35-kernel   -machine q35, -kernel vmlinux, e1000e: readiness, HTTP, power button
 #   panic        fw_cfg mode + -device pvpanic: QMP GUEST_PANICKED
 # Usage: guest/smoke.sh [OUTDIR]   (default: guest/out)
 set -euo pipefail
@@ -90,7 +91,7 @@ class QMP:
 
 
 class VM:
-    def __init__(self, name, drive, nic_model=None, extra=(), mode=None):
+    def __init__(self, name, drive, nic_model=None, extra=(), mode=None, machine="pc"):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix="vmdriver-smoke-")
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
@@ -99,7 +100,7 @@ class VM:
         nic = "user,hostfwd=tcp:127.0.0.1:%d-:8080" % self.http_port
         if nic_model:
             nic += ",model=" + nic_model
-        argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256",
+        argv = ["qemu-system-x86_64", "-machine", machine + ",accel=tcg", "-m", "256",
                 "-nographic", "-nodefaults", "-serial", "stdio",
                 "-qmp", "unix:%s,server=on,wait=off" % self.qmp_path,
                 "-nic", nic,
@@ -295,6 +296,8 @@ cmdline = open(os.path.join(OUT, "cmdline")).read().strip()
 direct = ["-kernel", "%s/vmlinux" % OUT, "-initrd", "%s/initrd.img" % OUT,
           "-append", cmdline + " vmdriver.mode=poweroff"]
 run("kernel-pvh", scenario_selfpoweroff, direct, nic_model="virtio-net-pci")
+# q35: default NIC e1000e, ACPI power button through ICH9
+run("q35-kernel", scenario_disk, direct[:-1] + [cmdline], machine="q35")
 run("panic", scenario_panic, raw, nic_model="virtio-net-pci", mode="panic", extra=["-device", "pvpanic"])
 
 print("seconds from QEMU start to the readiness line (TCG): " +
