@@ -6,7 +6,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from vmdriver.spec import Drive, NetworkSpec, PortForward, ShutdownPolicy, VMSpec
+from vmdriver.spec import Drive, DriveInterface, NetworkSpec, PortForward, ShutdownPolicy, VMSpec
 
 READY = "VMDRIVER-GUEST-READY"
 GUEST_HTTP_PORT = 8080
@@ -38,7 +38,8 @@ def guest_spec(name: str, *, mode: str = "normal", graceful: bool = True, timeou
                                                     guest_port=GUEST_HTTP_PORT),))
     return VMSpec(
         name=name,
-        drives=(Drive(path="local/disk.qcow2", format="qcow2"),),
+        # virtio-blk: SeaBIOS reads the boot files ~2 s faster than over IDE under TCG.
+        drives=(Drive(path="local/disk.qcow2", format="qcow2", interface=DriveInterface.VIRTIO),),
         network=network,
         shutdown=ShutdownPolicy(graceful=graceful, timeout_s=timeout),
         guest_agent=guest_agent,
