@@ -6,13 +6,13 @@ import hashlib
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.artifacts.artifact_server import ArtifactServer
 from tests.conftest import READY
+from tests.e2e.guest import stderr_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 VMDRIVER = str(Path(sys.executable).with_name("vmdriver"))
@@ -52,17 +52,9 @@ job "art" {{
         (VMDRIVER, "run", str(job), "--state-dir", str(state_dir), "--ready", READY, "--quiet"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    assert proc.stderr is not None
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "task 'vm' ready" in line:
-                break
+        lines = stderr_until(proc, "task 'vm' ready")
         assert any("task 'vm' ready" in line for line in lines), "".join(lines)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from vmdriver.spec import Drive, DriveInterface, NetworkSpec, PortForward, ShutdownPolicy, VMSpec
@@ -45,3 +46,22 @@ def guest_spec(name: str, *, mode: str = "normal", graceful: bool = True, timeou
         guest_agent=guest_agent,
         args=args,
     )
+
+
+def stderr_until(proc: subprocess.Popen[str], word: str, timeout: float = 120) -> list[str]:
+    """stderr lines of a running `vmdriver` up to the first one holding ``word``.
+
+    Returns early (without ``word``) if the process closes stderr; pytest-timeout
+    bounds a readline that never returns.
+    """
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if word in line:
+            break
+    return lines

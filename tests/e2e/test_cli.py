@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import qemu_processes
-from tests.e2e.guest import READY, free_port, overlay
+from tests.e2e.guest import READY, free_port, overlay, stderr_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 VMDRIVER = str(Path(sys.executable).with_name("vmdriver"))
@@ -75,18 +74,11 @@ def start_run(job: Path, host: Path, state: Path) -> subprocess.Popen[str]:
 
 def wait_ready(proc: subprocess.Popen[str], timeout: float = 120) -> list[str]:
     """stderr lines of `vmdriver run` up to its readiness announcement."""
-    assert proc.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "ready" in line:
-            return lines
-    proc.kill()
-    raise AssertionError(f"no readiness line; stderr so far: {lines}")
+    lines = stderr_until(proc, "ready", timeout)
+    if not any("ready" in line for line in lines):
+        proc.kill()
+        raise AssertionError(f"no readiness line; stderr so far: {lines}")
+    return lines
 
 
 @pytest.fixture

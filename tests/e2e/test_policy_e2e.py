@@ -7,19 +7,17 @@ that pass the allowlist and reach only a safe device.
 
 from __future__ import annotations
 
-import os
 import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import qemu_processes
-from tests.e2e.guest import READY, overlay
+from tests.e2e.guest import READY, overlay, stderr_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 VMDRIVER = str(Path(sys.executable).with_name("vmdriver"))
@@ -63,7 +61,7 @@ job "strict" {{
                              "--ready", READY), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        lines = _wait_for(proc, "ready", timeout=120)
+        lines = stderr_until(proc, "ready", timeout=120)
         assert any("ready" in line for line in lines), "".join(lines)
         (pid,) = qemu_processes(str(state_dir))
         qemu = psutil.Process(pid)
@@ -84,18 +82,3 @@ job "strict" {{
             proc.communicate()
     assert proc.returncode == 0, err
     assert "stopped" in err
-
-
-def _wait_for(proc: subprocess.Popen[str], word: str, timeout: float) -> list[str]:
-    assert proc.stderr is not None
-    os.set_blocking(proc.stderr.fileno(), True)
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if word in line:
-            break
-    return lines
