@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import qemu_processes
 from tests.e2e.guest import READY, free_port, overlay, stderr_until
+from vmdriver.runtime import cgroup
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 VMDRIVER = str(Path(sys.executable).with_name("vmdriver"))
@@ -95,6 +96,9 @@ def test_run_serves_http_and_stops_gracefully_on_sigint(
     assert any(f"http host:{port}" in line for line in lines), lines
     resp = httpx.get(f"http://127.0.0.1:{port}/", timeout=20)
     assert "vmdriver-test-guest" in resp.text
+    # Confined like a Nomad task, with headroom over the guest's 256 MiB (Nomad #27392).
+    (pid,) = qemu_processes(str(state_dir))
+    assert memory_limit_of(pid) == cgroup.memory_limit_mib(256, 1, "tcg") * 2**20 > 512 * 2**20
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -116,6 +120,15 @@ def test_stop_from_another_process(tmp_path: Path, state_dir: Path, image: Path)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped on request" in err
+
+
+def memory_limit_of(pid: int) -> int:
+    """The memory limit of the cgroup ``pid`` is in (v1 or v2)."""
+    groups = cgroup.cgroups_of(pid)
+    if "memory" in groups:
+        return int((cgroup.ROOT / "memory" / groups["memory"].lstrip("/")
+                    / "memory.limit_in_bytes").read_text())
+    return int((cgroup.ROOT / groups[""].lstrip("/") / "memory.max").read_text())
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from vmdriver.host.fingerprint import fingerprint
 from vmdriver.jobfile.model import load_job
 from vmdriver.jobfile.plan import TaskPlan, plan_job
 from vmdriver.qemu.argv import display, render_argv
+from vmdriver.runtime import cgroup
 from vmdriver.runtime.console import follow
 from vmdriver.runtime.prepare import Prepared, prepare
 from vmdriver.runtime.record import VMRecord
@@ -104,11 +107,12 @@ async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
         loop.add_signal_handler(sig, on_signal)
     consoles: list[asyncio.Task[None]] = []
     started: list[tuple[TaskPlan, VM]] = []
+    placements: list[cgroup.Placement] = []
     try:
         t0 = time.monotonic()
         for plan, prep in zip(plans, prepared, strict=True):
             vm = await sup.start(plan.vm_id, plan.spec, plan.task_dir, env=plan.env,
-                                 prepared=prep)
+                                 prepared=prep, on_spawn=_confiner(plan, prep, placements))
             started.append((plan, vm))
             fw = _forwards(plan)
             _status(f"task {plan.task.name!r} running (pid {vm.pid}, {prep.ctx.accelerator}, "
@@ -130,6 +134,8 @@ async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
             await asyncio.gather(*(vm.kill() for _, vm in started), return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        for placement in placements:
+            cgroup.remove(placement.created)
         _cleanup(plans)
     ok = True
     for plan, vm in started:
@@ -141,6 +147,23 @@ async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
                           f"{res.describe()}[/]", highlight=False)
     _status(f"logs in {plans[0].task_dir.shared / 'logs'}")
     return 0 if ok else 1
+
+
+def _confiner(plan: TaskPlan, prep: Prepared,
+              placements: list[cgroup.Placement]) -> Callable[[int], None] | None:
+    """Confine QEMU the way a Nomad client would (memory with headroom, CPU weight).
+
+    Only as root: elsewhere cgroups are not ours to write, and the VM runs unconfined.
+    """
+    if os.geteuid() != 0:
+        return None
+    limits = cgroup.limits_for(plan.spec.resources, prep.ctx.accelerator)
+    scope = f"{plan.alloc_id[:8]}.{plan.task.name}"
+
+    def confine(pid: int) -> None:
+        placements.append(cgroup.apply(pid, limits, scope, parent="vmdriver"))
+
+    return confine
 
 
 async def _console(plan: TaskPlan, vm: VM, prefix: bool, quiet: bool,

@@ -16,7 +16,7 @@ import psutil
 from vmdriver.jobfile.qemu import AllocatedPort, TaskInputs, build_spec, parse_config
 from vmdriver.nomad.codec import decode_config
 from vmdriver.nomad.proto import driver_pb2 as pb
-from vmdriver.runtime.cgroup import CgroupLimits, memory_limit_mib
+from vmdriver.runtime.cgroup import CgroupLimits, limits_for
 from vmdriver.runtime.taskdir import TaskDir
 from vmdriver.spec import VMSpec
 
@@ -45,13 +45,11 @@ class StartPlan:
 
     def limits(self, accelerator: str) -> CgroupLimits:
         """The cgroup limits for this task once the accelerator is known."""
-        res = self.spec.resources
-        task_mib = self.task_memory_limit_bytes // MIB or None
-        mem = memory_limit_mib(res.memory_mib, res.cores or 1, accelerator, task_mib)
         # Nomad's own cpuset cgroup already pins the CPUs; set them only without it.
-        cpus = "" if self.cpuset_cgroup else self.cpuset_cpus
-        return CgroupLimits(memory_max_bytes=mem * MIB, cpu_shares=self.cpu_shares,
-                            cpuset_cpus=cpus)
+        return limits_for(self.spec.resources, accelerator,
+                          task_limit_mib=self.task_memory_limit_bytes // MIB or 0,
+                          cpu_shares=self.cpu_shares,
+                          cpuset_cpus="" if self.cpuset_cgroup else self.cpuset_cpus)
 
 
 def _ports(res: pb.Resources) -> tuple[AllocatedPort, ...]:

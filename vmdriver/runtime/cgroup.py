@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmdriver.spec import Resources
+
 log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
@@ -76,6 +78,16 @@ def memory_limit_mib(guest_mib: int, vcpus: int = 1, accelerator: str = "tcg",
     """
     need = guest_mib + memory_headroom_mib(guest_mib, vcpus, accelerator)
     return max(need, task_limit_mib or 0)
+
+
+def limits_for(resources: Resources, accelerator: str, *, task_limit_mib: int | None = None,
+               cpu_shares: int | None = None, cpuset_cpus: str = "") -> CgroupLimits:
+    """The limits a VM with ``resources`` gets: memory with headroom, CPU weight, cpuset."""
+    mem = memory_limit_mib(resources.memory_mib, resources.cores or 1, accelerator,
+                           task_limit_mib if task_limit_mib is not None
+                           else resources.memory_max_mib)
+    shares = cpu_shares if cpu_shares is not None else resources.cpu_shares
+    return CgroupLimits(memory_max_bytes=mem * MIB, cpu_shares=shares, cpuset_cpus=cpuset_cpus)
 
 
 def shares_to_weight(shares: int) -> int:
