@@ -146,3 +146,55 @@ def test_artifact_blocks_are_interpolated(tmp_path: Path) -> None:
     assert art.source == "http://images.example/disk.qcow2"
     assert art.destination == "local/t/"
     assert dict(art.options)["checksum"] == "sha256:disk.qcow2"
+
+
+def test_static_port_in_use_is_refused_before_launch(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        body = job('image_path = "x.img"\nport_map { http = 80 }',
+                   group_extra=f'network {{ port "http" {{ static = {port} }} }}')
+        with pytest.raises(SpecError, match=f"static port {port} is already in use"):
+            plan(tmp_path, body)
+        # `vmdriver argv` shows the argv of a job that may be running: no check there.
+        (p,) = plan_job(load_job(write(tmp_path, body)), tmp_path / "s", check_ports=False)
+        assert p.ports[0].host_port == port
+
+
+def test_tasks_of_a_group_share_its_ports(tmp_path: Path) -> None:
+    body = '''
+job "j" {
+  group "g" {
+    network {
+      port "http" {}
+    }
+    task "a" {
+      driver = "qemu"
+      config {
+        image_path = "a.img"
+        port_map { http = 80 }
+      }
+    }
+    task "b" {
+      driver = "qemu"
+      config {
+        image_path = "b.img"
+      }
+      resources {
+        network {
+          port "admin" {}
+        }
+      }
+    }
+  }
+}
+'''
+    a, b = plan(tmp_path, body)
+    assert a.alloc_id == b.alloc_id
+    assert [p.label for p in a.ports] == ["http"]
+    assert [p.label for p in b.ports] == ["http", "admin"]
+    assert a.ports[0].host_port == b.ports[0].host_port != b.ports[1].host_port
+    assert b.env["NOMAD_HOST_PORT_http"] == str(a.ports[0].host_port)

@@ -182,7 +182,7 @@ async def _console(plan: TaskPlan, vm: VM, prefix: bool, quiet: bool,
 def cmd_argv(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver argv JOB.hcl`: the argv each task would run with."""
     job = load_job(args.job)
-    plans = plan_job(job, host.state_dir)
+    plans = plan_job(job, host.state_dir, check_ports=False)
     out = []
     for plan in plans:
         prep = prepare(plan.spec, plan.task_dir, host, where=plan.task.where, preview=True)

@@ -68,10 +68,15 @@ def _port_free(port: int) -> bool:
     return False
 
 
-def allocate_ports(networks: list[Network], taken: set[int], where: str) -> list[AllocatedPort]:
-    """Static ports as given; dynamic ones get a free port from Nomad's range."""
+def allocate_ports(networks: list[Network], taken: set[int], where: str,
+                   check_static: bool = True,
+                   labels: tuple[str, ...] = ()) -> list[AllocatedPort]:
+    """Static ports as given (refused if taken); dynamic ones get a free port from Nomad's range.
+
+    ``labels`` are labels already declared (the group's, for a task's own ports).
+    """
     out: list[AllocatedPort] = []
-    seen: set[str] = set()
+    seen: set[str] = set(labels)
     candidates = iter(DYNAMIC_PORTS)
     for net in networks:
         for port in net.ports:
@@ -80,6 +85,10 @@ def allocate_ports(networks: list[Network], taken: set[int], where: str) -> list
             seen.add(port.label)
             if port.static is not None:
                 host = port.static
+                if check_static and (host in taken or not _port_free(host)):
+                    raise SpecError(f"static port {host} is already in use on this host",
+                                    where=f"{where}.network.port {port.label!r}.static",
+                                    allowed="a free port, or no static for a dynamic one")
             else:
                 host = next((p for p in candidates if p not in taken and _port_free(p)), 0)
                 if not host:
@@ -133,36 +142,43 @@ def task_env(job: Job, group: Group, task: Task, alloc: TaskDir, alloc_id: str,
 
 
 def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
-             new_alloc_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> list[TaskPlan]:
-    """Plan every qemu task of ``job`` (``count`` instances of each group)."""
+             new_alloc_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+             check_ports: bool = True) -> list[TaskPlan]:
+    """Plan every qemu task of ``job`` (``count`` instances of each group).
+
+    ``check_ports=False`` skips checking that static ports are free (for showing
+    the argv of a job that may already be running).
+    """
     if host_memory_mb is None:
         host_memory_mb = psutil.virtual_memory().total // (1024 * 1024)
     plans: list[TaskPlan] = []
     taken: set[int] = set()
     for group in job.groups:
-        for index in range(group.count):
+        tasks = [t for t in group.tasks if t.driver in DRIVERS]
+        for _ in range(group.count if tasks else 0):
             alloc_id = new_alloc_id()
-            for task in group.tasks:
-                if task.driver not in DRIVERS:
-                    continue
-                plans.append(_plan_task(job, group, task, alloc_id, index, state_dir,
-                                        taken, host_memory_mb))
+            # Group ports belong to the allocation: every task of it shares them.
+            group_ports = allocate_ports(list(group.networks), taken,
+                                         f"{job.path}: group {group.name!r}", check_ports)
+            for task in tasks:
+                task_ports = allocate_ports(list(task.networks), taken, task.where, check_ports,
+                                            labels=tuple(p.label for p in group_ports))
+                plans.append(_plan_task(job, group, task, alloc_id, state_dir,
+                                        (*group_ports, *task_ports), host_memory_mb))
     if not plans:
         raise JobFileError('job has no task with driver = "qemu"', where=str(job.path))
     return plans
 
 
-def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, index: int, state_dir: Path,
-               taken: set[int], host_memory_mb: int) -> TaskPlan:
+def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, state_dir: Path,
+               ports: tuple[AllocatedPort, ...], host_memory_mb: int) -> TaskPlan:
     where = task.where
-    cfg = parse_config(task.config, where)  # early, typed check before any side effect
-    del index
+    parse_config(task.config, where)  # early, typed check before interpolation
     alloc = TaskDir(state_dir / "allocs" / alloc_id[:8], task.name)
-    ports = allocate_ports([*group.networks, *task.networks], taken, where)
     res = task.resources
     memory = _int(res, "memory", DEFAULT_MEMORY_MB, where) or DEFAULT_MEMORY_MB
     cpu = _int(res, "cpu", DEFAULT_CPU_MHZ, where) or DEFAULT_CPU_MHZ
-    env = task_env(job, group, task, alloc, alloc_id, ports, memory, cpu)
+    env = task_env(job, group, task, alloc, alloc_id, list(ports), memory, cpu)
     cfg = parse_config(interpolate(task.config, env), where)
     dns = next((n for n in (*task.networks, *group.networks) if n.dns_servers or n.dns_searches),
                None)
@@ -170,11 +186,11 @@ def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, index: int, st
         name=task.name, where=where, memory_mb=memory,
         memory_max_mb=_int(res, "memory_max", None, where), cores=_int(res, "cores", None, where),
         cpu_shares=cpu, kill_timeout_s=task.kill_timeout_s, kill_signal=task.kill_signal,
-        env=env, ports=tuple(ports), dns_servers=dns.dns_servers if dns else (),
+        env=env, ports=ports, dns_servers=dns.dns_servers if dns else (),
         dns_searches=dns.dns_searches if dns else (), host_memory_mb=host_memory_mb,
     )
     spec = build_spec(cfg, inputs)
     # Nomad interpolates artifact blocks too (e.g. a source built from ${NOMAD_META_x}).
     artifacts = tuple(ArtifactSpec.model_validate(interpolate(a.model_dump(mode="json"), env))
                       for a in (*task.artifacts, *legacy_artifacts(cfg)))
-    return TaskPlan(alloc_id, group.name, task, spec, alloc, env, tuple(ports), artifacts)
+    return TaskPlan(alloc_id, group.name, task, spec, alloc, env, ports, artifacts)

@@ -32,7 +32,7 @@ class Monitor:
         self.name = name
         self._client = QMPClient(name)
         # qemu.qmp logs every disconnect at error level; the supervisor reports exits itself.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)
 
     async def connect(self, target: socket.socket | Path, timeout: float = 10.0) -> None:
         """Open the session over an inherited socket or a unix socket path."""

@@ -240,7 +240,11 @@ class VM:
         if connect in done and connect.exception() is None:
             return
         if connect not in done:
-            connect.cancel()
+            # QEMU died first: its end of the socket is closed, so the handshake fails
+            # on its own at once. Cancelling it instead upsets qemu.qmp's cleanup.
+            done, _ = await asyncio.wait([connect], timeout=2)
+            if not done:
+                connect.cancel()
         with contextlib.suppress(asyncio.CancelledError, MonitorError):
             await connect
         try:
