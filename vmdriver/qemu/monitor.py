@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from vmdriver.errors import MonitorError
 
@@ -66,4 +66,4 @@ class Monitor:
     @property
     def connected(self) -> bool:
         """True while the session runs."""
-        return str(self._client.runstate.name) == "RUNNING"
+        return bool(self._client.runstate == Runstate.RUNNING)
