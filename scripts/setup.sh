@@ -18,6 +18,9 @@ missing=""
 for p in $packages; do
     dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || missing="$missing $p"
 done
+# kubectl (for `kubectl kustomize` in the pod runner's tests) may come from another
+# package already; Debian's kubernetes-client only where there is none.
+command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
 if [ -n "$missing" ]; then
     echo "setup: installing Debian packages:$missing" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -25,9 +28,12 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-python=${PYTHON:-python3}
+# Debian's own Python: the Ceph (python3-rados, python3-rbd) and libnftables
+# (python3-nftables) bindings exist only for it, and the venv sees them through
+# --system-site-packages; everything pip installs still takes precedence.
+python=${PYTHON:-/usr/bin/python3}
 if [ ! -x .venv/bin/python ]; then
-    "$python" -m venv .venv
+    "$python" -m venv --system-site-packages .venv
 fi
 log=$(mktemp)
 if ! { .venv/bin/python -m pip install -q --upgrade pip setuptools &&
