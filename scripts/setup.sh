@@ -28,13 +28,20 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-# Debian's own Python: the Ceph (python3-rados, python3-rbd) and libnftables
-# (python3-nftables) bindings exist only for it, and the venv sees them through
-# --system-site-packages; everything pip installs still takes precedence.
-python=${PYTHON:-/usr/bin/python3}
+python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-    "$python" -m venv --system-site-packages .venv
+    "$python" -m venv .venv
 fi
+# The Ceph (python3-rados, python3-rbd) and libnftables (python3-nftables) bindings
+# are Debian packages built for the CPython 3.11 ABI. Expose just those three to the
+# venv through a .pth (not --system-site-packages: Debian's 3.11.2 and its other
+# packages would come along; tarfile's extraction filters need 3.11.4).
+bindings=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/../debian-bindings
+mkdir -p "$bindings"
+for m in rados.cpython-311-x86_64-linux-gnu.so rbd.cpython-311-x86_64-linux-gnu.so nftables; do
+    [ -e "/usr/lib/python3/dist-packages/$m" ] && ln -sfn "/usr/lib/python3/dist-packages/$m" "$bindings/$m"
+done
+(cd "$bindings" && pwd -P) > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-bindings.pth"
 log=$(mktemp)
 if ! { .venv/bin/python -m pip install -q --upgrade pip setuptools &&
        .venv/bin/python -m pip install -q -e '.[dev]'; } >"$log" 2>&1; then
