@@ -16,6 +16,8 @@ KERNEL_CMDLINE="console=ttyS0,115200 quiet loglevel=3 cryptomgr.notests"
 # Modules the guest wants; their dependencies are added from modules.dep.
 WANT_MODULES="virtio_pci virtio_net e1000 e1000e virtio_console evdev button
   pvpanic pvpanic_mmio pvpanic_pci pvpanic_isa qemu_fw_cfg"
+# /usr/bin/perl (and the library it needs beyond libc) runs the UDP echo service.
+PERL_PKGS="perl-base libcrypt1"
 # Host tools whose versions shape the images (bootloaders, filesystems).
 HOST_PKGS="syslinux syslinux-common isolinux mtools dosfstools fdisk xorriso zstd cpio qemu-utils kmod"
 
@@ -57,7 +59,8 @@ resolve() {
     case " $qga_pkgs " in *" libc6 "*) ;; *) return 1 ;; esac
     # Lines: 'URL' FILENAME SIZE SHA256:HASH
     # shellcheck disable=SC2086
-    uris="$(apt-get "${apt_opts[@]}" download --print-uris busybox-static "$kernel_pkg" $qga_pkgs 2>/dev/null |
+    uris="$(apt-get "${apt_opts[@]}" download --print-uris busybox-static "$kernel_pkg" $qga_pkgs \
+        $PERL_PKGS 2>/dev/null |
         sort)" || return 1
     [ -n "$uris" ]
 }
@@ -252,11 +255,24 @@ while read -r name arrow path _; do
 done <<<"$libs"
 log "qemu-ga libraries:$qga_libs"
 
+# --- perl for the UDP echo (files/udp-echo uses core perl only, no modules) ---
+# shellcheck disable=SC2086
+unpack "$work/perl" $PERL_PKGS
+cp "$work/perl/usr/bin/perl" "$root/usr/bin/perl"
+plibs="$("$ldso" --library-path "$work/perl/lib/x86_64-linux-gnu:$libpath" --list "$root/usr/bin/perl")" ||
+    die "cannot list perl libraries: $plibs"
+while read -r name arrow path _; do
+    [ "$arrow" = "=>" ] || continue
+    rel="${path#"$work/perl"}"; rel="${rel#"$ga"}"
+    [ -e "$root$rel" ] || { mkdir -p "$root$(dirname "$rel")"; cp -L "$path" "$root$rel"; }
+done <<<"$plibs"
+
 # --- guest files ------------------------------------------------------
 install -m 0755 "$files/init" "$root/init"
 install -m 0755 "$files/udhcpc.script" "$root/etc/udhcpc.script"
 install -m 0755 "$files/power-button" "$root/etc/acpi/PWRF/00000080"
 install -m 0755 "$files/shutdown" "$root/sbin/shutdown"
+install -m 0755 "$files/udp-echo" "$root/usr/bin/udp-echo"
 printf 'root:x:0:0:root:/:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\n' >"$root/etc/group"
 echo vmdriver-guest >"$root/etc/hostname"
@@ -321,6 +337,7 @@ jlist() { local s='' x; for x in "$@"; do s="$s${s:+, }\"$x\""; done; echo "[$s]
     echo "  \"readiness_prefix\": \"$READY_PREFIX\","
     echo "  \"http_port\": $HTTP_PORT,"
     echo "  \"http_marker\": \"vmdriver-test-guest\","
+    echo "  \"udp_echo_port\": $HTTP_PORT,"
     echo "  \"guest_agent_port\": \"org.qemu.guest_agent.0\","
     echo "  \"modes\": [\"normal\", \"ignore-acpi\", \"panic\", \"poweroff\"],"
     echo "  \"mode_fw_cfg\": \"opt/vmdriver/mode\","
