@@ -43,14 +43,14 @@ class ContentKeys:
         self.dir_fd = dir_fd
 
     def sha256(self, fd: int) -> str:
-        """The sparse SHA-256 (:func:`fsutil.sparse_sha256`) of the open file ``fd``."""
+        """The sparse SHA-256 (:func:`fsutil.content_sha256`) of the open file ``fd``."""
         st = os.fstat(fd)
         ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
         entry = f"{st.st_dev}-{st.st_ino}"
         cached = self._read(entry)
         if cached is not None and {k: cached.get(k) for k in ident} == ident:
             return str(cached["sha256"])
-        digest = fsutil.sparse_sha256(fd)
+        digest = fsutil.content_sha256(fd)
         if (os.fstat(fd).st_mtime_ns, os.fstat(fd).st_ctime_ns) != (st.st_mtime_ns,
                                                                      st.st_ctime_ns):
             return digest  # changed while hashing: use it once, remember nothing

@@ -129,10 +129,10 @@ def _check_one(disk: DiskRequest, where: str) -> DiskRequest:
     if disk.chained and disk.sparse is False:
         raise SpecError("a chained disk is thin: it cannot be preallocated",
                         where=f"{where}.sparse", value=False, allowed="true, or chained = false")
-    if src is None and disk.size is None and disk.volume is None:
-        raise SpecError("an empty disk needs a size", where=f"{where}.size", allowed=SIZE_HELP)
     if disk.kind == "cdrom":
         _check_cdrom(disk, where)
+    if src is None and disk.size is None and disk.volume is None:
+        raise SpecError("an empty disk needs a size", where=f"{where}.size", allowed=SIZE_HELP)
     if disk.volume is not None:
         _check_nomad_volume(disk, where)
     return disk

@@ -1,0 +1,218 @@
+"""Directory pools with real files and real qemu-img: every disk semantic of the virt driver."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmdriver.errors import SpecError
+from vmdriver.storage import Pools, SourceImage, StorageError, parse_storage_pools
+from vmdriver.storage.directory import DirectoryPool
+from vmdriver.storage.disks import parse_disks
+
+from .conftest import (
+    MIB,
+    disk,
+    du_bytes,
+    info,
+    make_image,
+    pool_files,
+    read_guest_bytes,
+    request,
+    sha,
+)
+
+MARK = b"vmdriver-storage-mark" * 100
+
+
+def test_empty_sparse_and_preallocated(pool: DirectoryPool) -> None:
+    for i, (fmt, sparse) in enumerate([("raw", True), ("raw", False), ("qcow2", True),
+                                       ("qcow2", False)]):
+        vol = pool.create_volume(request(pool, disk(size="64MiB", format=fmt, sparse=sparse),
+                                         index=i))
+        assert vol.path is not None and vol.name == f"a1b2c3d4-web-{i}.{fmt}"
+        assert info(vol.path, fmt)["virtual-size"] == 64 * MIB
+        used = du_bytes(vol.path)
+        if sparse:
+            assert used < 2 * MIB, f"{fmt} sparse uses {used}"
+        else:
+            assert used >= 64 * MIB, f"{fmt} preallocated uses only {used}"
+
+
+def test_defaults_follow_nomad_driver_virt(pool: DirectoryPool) -> None:
+    # format unset: qcow2, thin; raw unset sparse: preallocated.
+    req = request(pool, disk(size="8MiB"))
+    assert (req.format, req.sparse) == ("qcow2", True)
+    req = request(pool, disk(size="8MiB", format="raw"))
+    assert (req.format, req.sparse) == ("raw", False)
+
+
+@pytest.mark.parametrize(("src_fmt", "fmt", "sparse"), [
+    ("qcow2", "raw", True), ("qcow2", "qcow2", True), ("raw", "qcow2", True),
+    ("raw", "raw", False)])
+def test_from_image_converted_then_grown(pool: DirectoryPool, work: Path, src_fmt: str,
+                                         fmt: str, sparse: bool) -> None:
+    img = make_image(work / f"src.{src_fmt}", src_fmt, 32 * MIB, data=MARK, at=5 * MIB)
+    with SourceImage.open(img, where="disk[0].source.image") as src:
+        vol = pool.create_volume(request(pool, disk(size="48MiB", format=fmt, sparse=sparse,
+                                                    source={"image": "x"}), image=src))
+    assert vol.path is not None and vol.size == 48 * MIB
+    got = info(vol.path, fmt)
+    assert got["format"] == fmt and got["virtual-size"] == 48 * MIB
+    assert "backing-filename" not in got
+    assert read_guest_bytes(vol.path, fmt, 5 * MIB, len(MARK)) == MARK
+    if not sparse:
+        assert du_bytes(vol.path) >= 48 * MIB
+
+
+def test_size_defaults_to_the_source(pool: DirectoryPool, work: Path) -> None:
+    img = make_image(work / "src.qcow2", "qcow2", 20 * MIB)
+    with SourceImage.open(img, where="disk[0].source.image") as src:
+        vol = pool.create_volume(request(pool, disk(source={"image": "x"}), image=src))
+    assert vol.size == 20 * MIB
+
+
+def test_never_shrinks_and_error_names_both_sizes(pool: DirectoryPool, work: Path) -> None:
+    img = make_image(work / "src.qcow2", "qcow2", 2 << 30)
+    with SourceImage.open(img, where="disk[0].source.image") as src, \
+            pytest.raises(SpecError) as exc:
+        pool.create_volume(request(pool, disk(size="1GiB", source={"image": "x"}), image=src))
+    assert str(exc.value).startswith("disk[0].size: size 1 GiB is smaller than the source's "
+                                     "2 GiB; a disk is never shrunk")
+    assert pool_files(pool) == []
+
+
+def test_full_clone_of_a_volume_then_grown(pool: DirectoryPool) -> None:
+    make_image(pool.root / "golden.qcow2", "qcow2", 16 * MIB, data=MARK, at=MIB)
+    vol = pool.create_volume(request(pool, disk(size="24MiB", source={"volume": "golden.qcow2"})))
+    assert vol.path is not None and vol.backing is None
+    got = info(vol.path, "qcow2")
+    assert got["virtual-size"] == 24 * MIB and "backing-filename" not in got
+    assert read_guest_bytes(vol.path, "qcow2", MIB, len(MARK)) == MARK
+    # A real copy: writing the clone leaves the original alone.
+    before = sha(pool.root / "golden.qcow2")
+    vol.path.write_bytes(b"\0" * 4096)
+    assert sha(pool.root / "golden.qcow2") == before
+
+
+def test_clone_in_another_format_and_preallocated(pool: DirectoryPool) -> None:
+    make_image(pool.root / "golden.raw", "raw", 16 * MIB, data=MARK, at=MIB)
+    vol = pool.create_volume(request(pool, disk(format="raw", sparse=False,
+                                                source={"volume": "golden.raw"})))
+    assert vol.path is not None and du_bytes(vol.path) >= 16 * MIB
+    vol2 = pool.create_volume(request(pool, disk(format="qcow2", source={"volume": "golden.raw"}),
+                                      index=1))
+    assert vol2.path is not None and info(vol2.path, "qcow2")["format"] == "qcow2"
+    assert read_guest_bytes(vol2.path, "qcow2", MIB, len(MARK)) == MARK
+
+
+def test_chained_on_image_shares_one_base_and_counts_users(pool: DirectoryPool,
+                                                          work: Path) -> None:
+    img = make_image(work / "src.qcow2", "qcow2", 32 * MIB, data=MARK, at=3 * MIB)
+    d = disk(size="64MiB", chained=True, source={"image": "x"})
+    vols = []
+    with SourceImage.open(img, where="disk[0].source.image") as src:
+        for alloc in ("aaaaaaaa11", "bbbbbbbb22", "cccccccc33"):
+            vols.append(pool.create_volume(request(pool, d, alloc=alloc, image=src)))
+    bases = os.listdir(pool.root / ".vmdriver" / "bases")
+    assert len(bases) == 1 and {v.backing for v in vols} == {bases[0]}
+    base = pool.root / ".vmdriver" / "bases" / bases[0]
+    for v in vols:
+        assert v.path is not None
+        got = info(v.path, "qcow2")
+        assert got["virtual-size"] == 64 * MIB
+        assert got["backing-filename"] == str(base)
+        assert got["backing-filename-format"] == "qcow2"
+        assert read_guest_bytes(v.path, "qcow2", 3 * MIB, len(MARK)) == MARK
+    assert oct(base.stat().st_mode & 0o777) == "0o400"
+    pool.remove_task_volumes("aaaaaaaa11", "web")
+    pool.remove_task_volumes("bbbbbbbb22", "web")
+    assert base.exists()
+    assert pool.remove_task_volumes("cccccccc33", "web") == ["cccccccc-web-0.qcow2"]
+    assert not base.exists()
+    assert pool_files(pool) == []
+
+
+def test_chained_on_image_content_not_path(pool: DirectoryPool, work: Path) -> None:
+    """Two copies of one image share a base; a changed image gets its own."""
+    a = make_image(work / "a.qcow2", "qcow2", 8 * MIB, data=MARK)
+    b = work / "b.qcow2"
+    b.write_bytes(a.read_bytes())
+    d = disk(chained=True, source={"image": "x"})
+    for i, path in enumerate((a, b)):
+        with SourceImage.open(path, where="x") as src:
+            pool.create_volume(request(pool, d, index=i, image=src))
+    assert len(os.listdir(pool.root / ".vmdriver" / "bases")) == 1
+    make_image(a, "qcow2", 8 * MIB, data=b"changed" + MARK)  # rewritten in place
+    with SourceImage.open(a, where="x") as src:
+        vol = pool.create_volume(request(pool, d, index=2, image=src))
+    assert len(os.listdir(pool.root / ".vmdriver" / "bases")) == 2
+    assert vol.path is not None
+    assert read_guest_bytes(vol.path, "qcow2", 0, 7) == b"changed"
+
+
+def test_chained_on_an_operator_volume(pool: DirectoryPool) -> None:
+    make_image(pool.root / "focal.img", "raw", 8 * MIB, data=MARK)
+    vol = pool.create_volume(request(pool, disk(size="16MiB", chained=True,
+                                                source={"volume": "focal.img"})))
+    assert vol.path is not None and vol.backing == "focal.img"
+    got = info(vol.path, "qcow2")
+    assert got["backing-filename"] == str(pool.root / "focal.img")
+    assert got["backing-filename-format"] == "raw"
+    pool.remove_task_volumes("a1b2c3d4e5", "web")
+    assert (pool.root / "focal.img").exists()  # the operator's, never removed
+
+
+def test_chaining_on_a_task_volume_is_refused(pool: DirectoryPool) -> None:
+    pool.create_volume(request(pool, disk(size="1MiB"), alloc="ffffffff00"))
+    with pytest.raises(SpecError, match=r"^disk\[0\]\.source\.volume: a chained disk needs a "
+                       "base that never changes"):
+        pool.create_volume(request(pool, disk(chained=True, source={
+            "volume": "ffffffff-web-0.qcow2"})))
+
+
+def test_names_exist_ok_and_listing(pool: DirectoryPool) -> None:
+    d = disk(size="1MiB")
+    v0 = pool.create_volume(request(pool, d, index=0))
+    pool.create_volume(request(pool, disk(size="2MiB", format="raw"), index=1))
+    pool.create_volume(request(pool, d, index=0, task="web-1"))  # a task whose name extends
+    with pytest.raises(StorageError, match=r"volume 'a1b2c3d4-web-0\.qcow2' already exists"):
+        pool.create_volume(request(pool, d, index=0))
+    again = pool.create_volume(request(pool, d, index=0), exist_ok=True)
+    assert again.reused and again.size == v0.size and again.path == v0.path
+    fresh = DirectoryPool("local", pool.root)  # as after a restart
+    assert [(v.name, v.size) for v in fresh.task_volumes("a1b2c3d4e5", "web")] == [
+        ("a1b2c3d4-web-0.qcow2", MIB), ("a1b2c3d4-web-1.raw", 2 * MIB)]
+    assert fresh.remove_task_volumes("a1b2c3d4e5", "web") == [
+        "a1b2c3d4-web-0.qcow2", "a1b2c3d4-web-1.raw"]
+    assert pool_files(pool) == ["a1b2c3d4-web-1-0.qcow2"]
+    fresh.close()
+
+
+def test_failed_task_start_removes_the_volumes_it_made(work: Path) -> None:
+    cfg = parse_storage_pools({"directory": {"local": {"path": str(work / "pool")}}}, "h")
+    disks = parse_disks([{"size": "4MiB", "primary": True}, {"size": "4MiB"},
+                         {"source": {"volume": "missing.qcow2"}}])
+    with Pools(cfg) as pools:
+        with pytest.raises(StorageError, match=r"^disk\[2\]\.source\.volume: volume "
+                           "'missing.qcow2' does not exist"):
+            pools.create_task_volumes("a1b2c3d4e5", "web", disks)
+        assert os.listdir(work / "pool") == [".vmdriver"]
+
+
+def test_pools_check_refuses_unknown_pool(work: Path) -> None:
+    cfg = parse_storage_pools({"directory": {"local": {"path": str(work / "pool")}}}, "h")
+    with Pools(cfg) as pools, pytest.raises(SpecError) as exc:
+        pools.check(parse_disks([{"size": 1, "pool": "elsewhere"}]))
+    assert str(exc.value) == ("disk[0].pool: unknown storage pool (got 'elsewhere'; "
+                              "allowed: local)")
+
+
+def test_killed_creator_leftovers_are_swept(pool: DirectoryPool) -> None:
+    tmp = pool.root / ".vmdriver" / "tmp"
+    (tmp / "x.qcow2.999999999.0123abcd.part").write_bytes(b"half")
+    (tmp / f"y.qcow2.{os.getpid()}.0123abcd.part").write_bytes(b"mine, in progress")
+    DirectoryPool("local", pool.root).close()
+    assert sorted(os.listdir(tmp)) == [f"y.qcow2.{os.getpid()}.0123abcd.part"]
