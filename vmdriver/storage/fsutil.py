@@ -40,8 +40,15 @@ def open_dir(name: str, *, dir_fd: int | None, create: bool = False) -> int:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                        dir_fd=dir_fd)
     except OSError as exc:
-        what = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        what = "a symbolic link" if _is_link(name, dir_fd) else exc.strerror
         raise StorageError(f"pool directory {name!r} cannot be used: {what}") from None
+
+
+def _is_link(name: str, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def open_file(name: str, dir_fd: int, *, write: bool = False, where: str = "") -> int:
