@@ -114,7 +114,7 @@ def test_swtpm_ends_when_qemu_is_killed(state_dir: Path, procs: list[subprocess.
                             stderr=subprocess.PIPE)
     procs.append(qemu)
     time.sleep(1.0)  # QEMU connects to swtpm while it sets the machine up
-    assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
+    assert qemu.poll() is None, qemu.stderr.read().decode() if qemu.stderr else ""
     qemu.kill()
     qemu.wait()
     assert wait_exit(swtpm, 5) is not None, "swtpm outlived a SIGKILLed QEMU"
@@ -171,7 +171,7 @@ def wait_console(log: Path, qemu: subprocess.Popen[bytes], timeout: float = 180)
         text = log.read_text(errors="replace") if log.exists() else ""
         if READY in text:
             return text
-        assert qemu.poll() is None, f"QEMU exited: {qemu.stderr.read() if qemu.stderr else ''}"
+        assert qemu.poll() is None, f"QEMU exited: {qemu.stderr.read().decode() if qemu.stderr else ''}"
         time.sleep(0.2)
     raise AssertionError(f"no readiness line within {timeout} s: {log.read_text()[-500:]}")
 
