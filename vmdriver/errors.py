@@ -28,6 +28,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text`` (stripped), or ``""``: how a crash is summed up."""
+    for line in reversed(text.splitlines()):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
 class VmdriverError(Exception):
     """Root of every error vmdriver raises on purpose."""
 
@@ -126,8 +134,8 @@ class LaunchError(VmdriverError):
         text = message
         if exit_code is not None:
             text += f" (exit code {exit_code})"
-        if stderr_tail:
-            text += f": {stderr_tail.strip().splitlines()[-1]}"
+        if last_line(stderr_tail):
+            text += f": {last_line(stderr_tail)}"
         super().__init__(text)
 
 

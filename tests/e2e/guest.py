@@ -7,7 +7,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from vmdriver.spec import Drive, DriveInterface, NetworkSpec, PortForward, ShutdownPolicy, VMSpec
+from vmdriver.host.config import HostConfig
+from vmdriver.runtime.request import LaunchRequest
+from vmdriver.runtime.taskdir import TaskDir, VMDirs
+from vmdriver.spec import Bus, Drive, FileMedium, PortForward, ShutdownPolicy, UserNic, VMSpec
 
 READY = "VMDRIVER-GUEST-READY"
 GUEST_HTTP_PORT = 8080
@@ -33,19 +36,36 @@ def guest_spec(name: str, *, mode: str = "normal", graceful: bool = True, timeou
     args: tuple[str, ...] = ()
     if mode != "normal":
         args = ("-fw_cfg", f"name=opt/vmdriver/mode,string={mode}")
-    network = None
+    nics: tuple[UserNic, ...] = ()
     if host_port:
-        network = NetworkSpec(forwards=(PortForward(label="http", host_port=host_port,
-                                                    guest_port=GUEST_HTTP_PORT),))
+        nics = (UserNic(id="net0", forwards=(PortForward(label="http", host_port=host_port,
+                                                         guest_port=GUEST_HTTP_PORT),)),)
     return VMSpec(
         name=name,
         # virtio-blk: SeaBIOS reads the boot files ~2 s faster than over IDE under TCG.
-        drives=(Drive(path="local/disk.qcow2", format="qcow2", interface=DriveInterface.VIRTIO),),
-        network=network,
+        drives=(Drive(id="disk0", medium=FileMedium(path="local/disk.qcow2", format="qcow2"),
+                      bus=Bus.VIRTIO),),
+        nics=nics,
         shutdown=ShutdownPolicy(graceful=graceful, timeout_s=timeout),
         guest_agent=guest_agent,
         args=args,
     )
+
+
+def task_dirs(host: HostConfig, vm_id: str, guest_dir: Path | None) -> VMDirs:
+    """A VM's places under the test's state dir, with the guest's disk as an overlay."""
+    name = vm_id.rsplit("/", 1)[-1]
+    td = TaskDir(host.state_dir / "allocs" / name, name)
+    dirs = VMDirs.under(host.state_dir, vm_id, td)
+    dirs.create()
+    if guest_dir is not None:
+        overlay(guest_dir, td.local / "disk.qcow2")
+    return dirs
+
+
+def request(host: HostConfig, vm_id: str, spec: VMSpec, guest_dir: Path | None) -> LaunchRequest:
+    """A launch request for ``spec`` with fresh dirs (and the guest's disk, if given)."""
+    return LaunchRequest(vm_id=vm_id, spec=spec, dirs=task_dirs(host, vm_id, guest_dir))
 
 
 def stderr_until(proc: subprocess.Popen[str], word: str, timeout: float = 120) -> list[str]:

@@ -13,25 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.guest import READY, free_port, guest_spec, overlay
+from tests.e2e.guest import READY, free_port, guest_spec, request
 from vmdriver.errors import LaunchError
 from vmdriver.host.config import HostConfig
 from vmdriver.runtime.console import wait_for_line
 from vmdriver.runtime.state import ExitKind, VMState
 from vmdriver.runtime.supervisor import Supervisor
-from vmdriver.runtime.taskdir import TaskDir
 from vmdriver.spec import ShutdownPolicy, VMSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 BOOT_TIMEOUT = 90.0
-
-
-def task_dir(host: HostConfig, name: str, guest_dir: Path | None) -> TaskDir:
-    td = TaskDir(host.state_dir / "allocs" / name, name)
-    td.create()
-    if guest_dir is not None:
-        overlay(guest_dir, td.local / "disk.qcow2")
-    return td
 
 
 def guest_agent_ping(sock_path: Path) -> dict[str, object]:
@@ -49,24 +40,26 @@ def test_boot_serve_agent_and_graceful_stop(host: HostConfig, guest_dir: Path) -
     async def main() -> None:
         sup = Supervisor(host.model_copy(update={"image_paths": (str(guest_dir),)}))
         port = free_port()
-        td = task_dir(host, "web", guest_dir)
-        vm = await sup.start("a/web", guest_spec("web", host_port=port, guest_agent=True), td)
+        req = request(host, "a/web", guest_spec("web", host_port=port, guest_agent=True), guest_dir)
+        vm = await sup.start(req)
         assert vm.state is VMState.RUNNING
-        assert td.state_file.exists() and td.qmp_socket.exists()
+        # The control plane lives in the runtime dir, outside the task dir.
+        assert req.dirs.record.exists() and req.dirs.qmp_socket.exists()
+        assert not list(req.dirs.task.path.rglob("*.sock"))
         line = await wait_for_line(vm.stdout, READY, BOOT_TIMEOUT)
         assert "http=8080" in line
         async with httpx.AsyncClient() as client:
             resp = await client.get(f"http://127.0.0.1:{port}/", timeout=20)
         assert resp.status_code == 200 and "vmdriver-test-guest" in resp.text
-        info = await asyncio.to_thread(guest_agent_ping, td.qga_socket)
+        info = await asyncio.to_thread(guest_agent_ping, req.dirs.qga_socket)
         assert "version" in info["return"]  # type: ignore[operator]
         t0 = time.monotonic()
-        result = await vm.stop()
+        result = await sup.stop("a/web")
         assert result.kind is ExitKind.STOPPED and result.clean, result
         assert time.monotonic() - t0 < 25
         assert "powering off" in vm.stdout.read_text()
-        assert vm.state is VMState.EXITED
-        assert not td.state_file.exists() and not td.qmp_socket.exists()
+        assert sup.info("a/web").state is VMState.EXITED
+        assert not req.dirs.runtime.exists()
 
     asyncio.run(main())
 
@@ -74,11 +67,11 @@ def test_boot_serve_agent_and_graceful_stop(host: HostConfig, guest_dir: Path) -
 def test_guest_ignoring_acpi_is_killed_after_kill_timeout(host: HostConfig, guest_dir: Path) -> None:
     async def main() -> None:
         sup = Supervisor(host.model_copy(update={"image_paths": (str(guest_dir),)}))
-        td = task_dir(host, "deaf", guest_dir)
-        vm = await sup.start("a/deaf", guest_spec("deaf", mode="ignore-acpi", timeout=2.0), td)
+        spec = guest_spec("deaf", mode="ignore-acpi", timeout=2.0)
+        vm = await sup.start(request(host, "a/deaf", spec, guest_dir))
         await wait_for_line(vm.stdout, READY, BOOT_TIMEOUT)
         t0 = time.monotonic()
-        result = await vm.stop()
+        result = await sup.stop("a/deaf")
         elapsed = time.monotonic() - t0
         assert result.kind is ExitKind.KILLED and not result.clean
         assert 2.0 <= elapsed < 15, elapsed
@@ -92,9 +85,8 @@ def test_guest_ignoring_acpi_is_killed_after_kill_timeout(host: HostConfig, gues
 def test_guest_initiated_ends(host: HostConfig, guest_dir: Path, mode: str, kind: ExitKind) -> None:
     async def main() -> None:
         sup = Supervisor(host.model_copy(update={"image_paths": (str(guest_dir),)}))
-        td = task_dir(host, mode, guest_dir)
-        vm = await sup.start(f"a/{mode}", guest_spec(mode, mode=mode), td)
-        result = await asyncio.wait_for(vm.wait(), BOOT_TIMEOUT)
+        await sup.start(request(host, f"a/{mode}", guest_spec(mode, mode=mode), guest_dir))
+        result = await asyncio.wait_for(sup.wait(f"a/{mode}"), BOOT_TIMEOUT)
         assert result.kind is kind, result
         assert result.successful is (kind is ExitKind.GUEST_POWEROFF)
 
@@ -109,10 +101,10 @@ def bare_spec(name: str) -> VMSpec:
 def test_qemu_crash_is_reported_with_exit_code(host: HostConfig) -> None:
     async def main() -> None:
         sup = Supervisor(host)
-        vm = await sup.start("a/crash", bare_spec("crash"), task_dir(host, "crash", None))
+        vm = await sup.start(request(host, "a/crash", bare_spec("crash"), None))
         assert vm.pid is not None
         os.kill(vm.pid, signal.SIGSEGV)
-        result = await asyncio.wait_for(vm.wait(), 30)
+        result = await asyncio.wait_for(sup.wait("a/crash"), 30)
         assert result.kind is ExitKind.CRASHED
         assert (result.exit_code, result.signal) == (128 + signal.SIGSEGV, signal.SIGSEGV)
         assert not result.successful
@@ -124,11 +116,13 @@ def test_qemu_failing_at_start_reports_exit_code_and_stderr(host: HostConfig) ->
     async def main() -> None:
         sup = Supervisor(host)
         spec = VMSpec(name="bad", args=("-device", "no-such-device"))
+        req = request(host, "a/bad", spec, None)
         with pytest.raises(LaunchError) as exc:
-            await sup.start("a/bad", spec, task_dir(host, "bad", None))
+            await sup.start(req)
         assert exc.value.exit_code == 1
         assert "no-such-device" in exc.value.stderr_tail
         assert "a/bad" not in sup
+        assert not req.dirs.runtime.exists()
 
     asyncio.run(main())
 
@@ -136,17 +130,16 @@ def test_qemu_failing_at_start_reports_exit_code_and_stderr(host: HostConfig) ->
 def test_reattach_after_supervisor_loss(host: HostConfig) -> None:
     async def main() -> None:
         first = Supervisor(host)
-        td = task_dir(host, "keep", None)
-        vm = await first.start("a/keep", bare_spec("keep"), td)
-        record, pid = vm.record(), vm.pid
+        vm = await first.start(request(host, "a/keep", bare_spec("keep"), None))
+        record, pid = first.record("a/keep"), vm.pid
         await first.detach_all()  # the supervisor goes away; QEMU must not
         assert pid is not None
         os.kill(pid, 0)
         second = Supervisor(host)
         again = await second.recover(record)
         assert again.pid == pid
-        assert (await again.qmp("query-status"))["status"] == "running"
-        result = await again.stop()
+        assert (await second.qmp("a/keep", "query-status"))["status"] == "running"
+        result = await second.stop("a/keep")
         assert result.kind is ExitKind.STOPPED
         # QEMU is still this test process's child (a real plugin restart would have
         # handed it to init): it must be dead, and reaping it here shows that.

@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import shutil
-import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from vmdriver.artifacts import (
     ArtifactCache,
@@ -28,12 +23,14 @@ from vmdriver.host.fingerprint import fingerprint
 from vmdriver.jobfile.model import load_job
 from vmdriver.jobfile.plan import TaskPlan, plan_job
 from vmdriver.qemu.argv import display, render_argv
-from vmdriver.runtime import cgroup
 from vmdriver.runtime.console import follow
-from vmdriver.runtime.prepare import Prepared, prepare
-from vmdriver.runtime.record import VMRecord
-from vmdriver.runtime.supervisor import Supervisor
-from vmdriver.runtime.vm import VM
+from vmdriver.runtime.prepare import prepare
+from vmdriver.runtime.process import ManagedProcess
+from vmdriver.runtime.record import records_under
+from vmdriver.runtime.request import LaunchRequest
+from vmdriver.runtime.runloop import RunHooks, run_vms
+from vmdriver.runtime.supervisor import Supervisor, VMInfo
+from vmdriver.spec import PortForward, UserNic
 
 
 def _status(msg: str) -> None:
@@ -41,20 +38,17 @@ def _status(msg: str) -> None:
 
 
 def _forwards(plan: TaskPlan) -> str:
-    net = plan.spec.network
-    if not net or not net.forwards:
-        return ""
-    return ", ".join(f"{f.label} host:{f.host_port} → guest:{f.guest_port}" for f in net.forwards)
+    fwds: list[PortForward] = [f for n in plan.spec.nics if isinstance(n, UserNic) for f in n.forwards]
+    return ", ".join(f"{f.label} host:{f.host_port} → guest:{f.guest_port}" for f in fwds)
 
 
-async def _prepare_all(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -> list[Prepared]:
-    """Artifacts and checks for every task before any VM starts."""
-    # Task dirs hold sockets and images: private to the owner from the top (an
-    # existing dir, e.g. a --state-dir the user made, keeps its mode).
+async def _fetch_artifacts(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -> None:
+    """Every task's artifacts, before any VM starts."""
+    # Task dirs hold images: private to the owner from the top (an existing dir,
+    # e.g. a --state-dir the user made, keeps its mode).
     for d in (host.state_dir, host.state_dir / "allocs"):
         if not d.exists():
             d.mkdir(parents=True, mode=0o700)
-    out = []
     cache = ArtifactCache(default_cache_dir(host.state_dir), max_bytes=host.artifact_cache_max_bytes)
     for plan in plans:
         plan.task_dir.create()
@@ -62,115 +56,61 @@ async def _prepare_all(plans: list[TaskPlan], host: HostConfig, job_dir: Path) -
             with progress_display(err_console) as on_progress:
                 await fetch_artifacts_async(plan.artifacts, plan.task_dir.path, job_dir,
                                             cache=cache, progress=on_progress)
-        out.append(await asyncio.to_thread(prepare, plan.spec, plan.task_dir, host,
-                                           where=plan.task.where))
-    return out
 
 
-def _cleanup(plans: list[TaskPlan]) -> None:
-    """Remove task dirs but keep the logs of the allocation."""
+def _remove_allocs(plans: list[TaskPlan]) -> None:
+    """After a failed start: task dirs go; logs stay where QEMU wrote any."""
     for plan in plans:
         shutil.rmtree(plan.task_dir.path, ignore_errors=True)
+        logs = plan.task_dir.shared / "logs"
+        if not any(logs.glob("*")) if logs.is_dir() else True:
+            shutil.rmtree(plan.task_dir.alloc_dir, ignore_errors=True)
 
 
 async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
-    """`vmdriver run JOB.hcl`."""
-    job = load_job(args.job)
-    plans = plan_job(job, host.state_dir)
-    ready_re = re.compile(args.ready) if args.ready else None
+    """`vmdriver run JOB.hcl`: the job's VMs in the foreground, until they end."""
+    plans = plan_job(load_job(args.job), host.state_dir)
+    by_id = {p.vm_id: p for p in plans}
     try:
-        prepared = await _prepare_all(plans, host, args.job.resolve().parent)
+        await _fetch_artifacts(plans, host, args.job.resolve().parent)
     except BaseException:
-        _cleanup(plans)
-        for plan in plans:
-            shutil.rmtree(plan.task_dir.alloc_dir, ignore_errors=True)
+        _remove_allocs(plans)
         raise
     sup = Supervisor(host)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    presses = 0
-    killers: set[asyncio.Task[object]] = set()
-
-    def on_signal() -> None:
-        nonlocal presses
-        presses += 1
-        if presses == 1:
-            _status("stopping (again to kill)")
-            stop_requested.set()
-        else:
-            for vm in sup.vms():
-                task: asyncio.Task[object] = loop.create_task(vm.kill())
-                killers.add(task)
-                task.add_done_callback(killers.discard)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    ready_re = re.compile(args.ready) if args.ready else None
     consoles: list[asyncio.Task[None]] = []
-    started: list[tuple[TaskPlan, VM]] = []
-    placements: list[cgroup.Placement] = []
+
+    def started(req: LaunchRequest, info: VMInfo, seconds: float) -> None:
+        plan = by_id[req.vm_id]
+        fw = _forwards(plan)
+        _status(f"task {plan.task.name!r} running (pid {info.pid}, {info.accelerator}, "
+                f"{seconds:.2f}s){'; ' + fw if fw else ''}")
+        consoles.append(asyncio.create_task(
+            _console(plan, info.stdout, len(plans) > 1, args.quiet, ready_re),
+            name=f"console of {plan.task.name}"))
+
+    hooks = RunHooks(started=started, stopping=lambda: _status("stopping (again to kill)"))
     try:
-        t0 = time.monotonic()
-        for plan, prep in zip(plans, prepared, strict=True):
-            vm = await sup.start(plan.vm_id, plan.spec, plan.task_dir, env=plan.env,
-                                 prepared=prep, on_spawn=_confiner(plan, prep, placements))
-            started.append((plan, vm))
-            fw = _forwards(plan)
-            _status(f"task {plan.task.name!r} running (pid {vm.pid}, {prep.ctx.accelerator}, "
-                    f"{time.monotonic() - t0:.2f}s){'; ' + fw if fw else ''}")
-            consoles.append(asyncio.create_task(
-                _console(plan, vm, len(plans) > 1, args.quiet, ready_re),
-                name=f"console of {plan.task.name}"))
-        waits: asyncio.Future[list[object]] = asyncio.gather(*(vm.wait() for _, vm in started))
-        stopper: asyncio.Future[Any] = asyncio.create_task(stop_requested.wait())
-        await asyncio.wait([waits, stopper], return_when=asyncio.FIRST_COMPLETED)
-        if stop_requested.is_set():
-            await sup.stop_all()
-        await waits
-        stopper.cancel()
+        outcome = await run_vms(sup, [p.request(host.state_dir) for p in plans], hooks)
+    except BaseException:
+        _remove_allocs(plans)
+        raise
     finally:
         for task in consoles:
             task.cancel()
-        if not all(vm.result for _, vm in started):
-            await asyncio.gather(*(vm.kill() for _, vm in started), return_exceptions=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        for placement in placements:
-            cgroup.remove(placement.created)
-        _cleanup(plans)
-    ok = True
-    for plan, vm in started:
-        res = vm.result
-        assert res is not None
-        ok = ok and res.successful
+    for req, res in outcome.results:
         style = "green" if res.successful else "red"
-        err_console.print(f"[bold cyan]vmdriver[/]: task {plan.task.name!r}: [{style}]"
-                          f"{res.describe()}[/]", highlight=False)
+        err_console.print(f"[bold cyan]vmdriver[/]: task {by_id[req.vm_id].task.name!r}: "
+                          f"[{style}]{res.describe()}[/]", highlight=False)
     _status(f"logs in {plans[0].task_dir.shared / 'logs'}")
-    return 0 if ok else 1
+    return 0 if outcome.successful else 1
 
 
-def _confiner(plan: TaskPlan, prep: Prepared,
-              placements: list[cgroup.Placement]) -> Callable[[int], None] | None:
-    """Confine QEMU the way a Nomad client would (memory with headroom, CPU weight).
-
-    Only as root: elsewhere cgroups are not ours to write, and the VM runs unconfined.
-    """
-    if os.geteuid() != 0:
-        return None
-    limits = cgroup.limits_for(plan.spec.resources, prep.ctx.accelerator)
-    scope = f"{plan.alloc_id[:8]}.{plan.task.name}"
-
-    def confine(pid: int) -> None:
-        placements.append(cgroup.apply(pid, limits, scope, parent="vmdriver"))
-
-    return confine
-
-
-async def _console(plan: TaskPlan, vm: VM, prefix: bool, quiet: bool,
+async def _console(plan: TaskPlan, stdout: Path, prefix: bool, quiet: bool,
                    ready: re.Pattern[str] | None) -> None:
     """Echo a VM's serial console and announce readiness."""
     tag = f"[{plan.task.name}] " if prefix else ""
-    async for line in follow(vm.stdout):
+    async for line in follow(stdout):
         if not quiet:
             sys.stdout.write(f"{tag}{line}\n")
             sys.stdout.flush()
@@ -185,7 +125,8 @@ def cmd_argv(args: argparse.Namespace, host: HostConfig) -> int:
     plans = plan_job(job, host.state_dir, check_ports=False)
     out = []
     for plan in plans:
-        prep = prepare(plan.spec, plan.task_dir, host, where=plan.task.where, preview=True)
+        req = plan.request(host.state_dir)
+        prep = prepare(req.spec, req.dirs, host, vm_id=req.vm_id, where=req.where, preview=True)
         out.append((plan.task.name, render_argv(prep.spec, prep.ctx)))
     if args.json:
         print_json({name: list(argv) for name, argv in out})
@@ -225,21 +166,11 @@ def cmd_fingerprint(args: argparse.Namespace, host: HostConfig) -> int:
     return 0 if fp.healthy else 1
 
 
-def _records(host: HostConfig) -> list[VMRecord]:
-    out = []
-    for path in sorted((host.state_dir / "allocs").glob("*/*/vmdriver.json")):
-        with contextlib.suppress(OSError, ValueError):
-            out.append(VMRecord.model_validate_json(path.read_text()))
-    return out
-
-
 def cmd_ps(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver ps`."""
-    from vmdriver.runtime.process import QemuProcess
-
     rows = []
-    for rec in _records(host):
-        proc = QemuProcess.attach(rec.pid, rec.pid_start_time)
+    for rec in records_under(host.state_dir):
+        proc = ManagedProcess.attach(rec.pid, rec.pid_start_time)
         if proc:
             proc.close()
         rows.append({"id": rec.id, "task": rec.task, "pid": rec.pid,
@@ -258,7 +189,7 @@ async def cmd_stop(args: argparse.Namespace, host: HostConfig) -> int:
     if not args.target and not args.all:
         raise InputError("name a VM (alloc id prefix or task name) or pass --all",
                          where="vmdriver stop")
-    recs = [r for r in _records(host)
+    recs = [r for r in records_under(host.state_dir)
             if args.all or r.id.startswith(args.target) or r.task == args.target]
     if not recs:
         raise InputError("no running VM matches", where="vmdriver stop", value=args.target)
@@ -266,8 +197,8 @@ async def cmd_stop(args: argparse.Namespace, host: HostConfig) -> int:
     failed = 0
     for rec in recs:
         try:
-            vm = await sup.recover(rec)
-            res = await vm.stop(args.timeout)
+            await sup.recover(rec)
+            res = await sup.stop(rec.id, args.timeout)
             _status(f"task {rec.task!r} ({rec.id}): {res.describe()}")
         except VmdriverError as exc:
             failed += 1

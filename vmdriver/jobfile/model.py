@@ -12,14 +12,8 @@ from typing import Any
 
 from vmdriver.errors import JobFileError
 from vmdriver.hclfile import blocks, labelled, load, one_block
-from vmdriver.spec import ArtifactSpec
+from vmdriver.spec import ArtifactSpec, defaults
 from vmdriver.units import parse_duration, parse_port
-
-#: Nomad's defaults for a task's resources and kill settings.
-DEFAULT_MEMORY_MB = 300
-DEFAULT_CPU_MHZ = 100
-DEFAULT_KILL_TIMEOUT_S = 5.0
-DEFAULT_KILL_SIGNAL = "SIGINT"
 
 
 @dataclass(frozen=True)
@@ -50,8 +44,8 @@ class Task:
     where: str
     config: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
-    kill_timeout_s: float = DEFAULT_KILL_TIMEOUT_S
-    kill_signal: str = DEFAULT_KILL_SIGNAL
+    kill_timeout_s: float = defaults.KILL_TIMEOUT_S
+    kill_signal: str = defaults.KILL_SIGNAL
     env: dict[str, str] = field(default_factory=dict)
     artifacts: tuple[ArtifactSpec, ...] = ()
     networks: tuple[Network, ...] = ()
@@ -153,7 +147,7 @@ def _task(name: str, body: dict[str, Any], where: str) -> Task:
         if isinstance(v, bool) or not isinstance(v, str | int | float):
             raise JobFileError("env values must be strings", where=f"{where}.env.{k}", value=v)
         env_out[k] = str(v)
-    kill_timeout = parse_duration(body.get("kill_timeout", DEFAULT_KILL_TIMEOUT_S),
+    kill_timeout = parse_duration(body.get("kill_timeout", defaults.KILL_TIMEOUT_S),
                                   where=f"{where}.kill_timeout")
     resources = one_block(body.get("resources"), f"{where}.resources")
     return Task(
@@ -163,7 +157,7 @@ def _task(name: str, body: dict[str, Any], where: str) -> Task:
         config=one_block(body.get("config"), f"{where}.config"),
         resources=resources,
         kill_timeout_s=kill_timeout,
-        kill_signal=_str(body.get("kill_signal", DEFAULT_KILL_SIGNAL), f"{where}.kill_signal"),
+        kill_signal=_str(body.get("kill_signal", defaults.KILL_SIGNAL), f"{where}.kill_signal"),
         env=env_out,
         artifacts=tuple(_artifact(b, f"{where}.artifact[{i}]")
                         for i, b in enumerate(blocks(body.get("artifact"), where))),

@@ -18,22 +18,16 @@ from typing import Any
 import psutil
 
 from vmdriver.errors import JobFileError, SpecError
-from vmdriver.jobfile.model import DEFAULT_CPU_MHZ, DEFAULT_MEMORY_MB, Group, Job, Network, Task
-from vmdriver.jobfile.qemu import (
-    AllocatedPort,
-    TaskInputs,
-    build_spec,
-    legacy_artifacts,
-    parse_config,
-)
-from vmdriver.runtime.taskdir import TaskDir
-from vmdriver.spec import ArtifactSpec, VMSpec
+from vmdriver.jobfile.dialects import DIALECTS
+from vmdriver.jobfile.inputs import AllocatedPort, TaskInputs
+from vmdriver.jobfile.model import Group, Job, Network, Task
+from vmdriver.runtime.request import Confinement, LaunchRequest
+from vmdriver.runtime.taskdir import TaskDir, VMDirs
+from vmdriver.spec import ArtifactSpec, VMSpec, defaults
 
 #: Nomad's default dynamic port range.
 DYNAMIC_PORTS = range(20000, 32000)
 _INTERP = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
-#: Drivers whose tasks `vmdriver run` executes.
-DRIVERS = ("qemu",)
 
 
 @dataclass(frozen=True)
@@ -53,6 +47,15 @@ class TaskPlan:
     def vm_id(self) -> str:
         """Nomad's task id form: ``<alloc id>/<task>``."""
         return f"{self.alloc_id}/{self.task.name}"
+
+    def request(self, state_dir: Path) -> LaunchRequest:
+        """The supervisor's request for this task, as `vmdriver run` runs it."""
+        return LaunchRequest(
+            vm_id=self.vm_id, spec=self.spec,
+            dirs=VMDirs.under(state_dir, self.vm_id, self.task_dir), env=self.env,
+            confinement=Confinement(parent="vmdriver", scope=f"{self.alloc_id[:8]}.{self.task.name}"),
+            remove_task_dir=True, where=self.task.where,
+        )
 
 
 def _port_free(port: int) -> bool:
@@ -154,7 +157,7 @@ def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
     plans: list[TaskPlan] = []
     taken: set[int] = set()
     for group in job.groups:
-        tasks = [t for t in group.tasks if t.driver in DRIVERS]
+        tasks = [t for t in group.tasks if t.driver in DIALECTS]
         for _ in range(group.count if tasks else 0):
             alloc_id = new_alloc_id()
             # Group ports belong to the allocation: every task of it shares them.
@@ -166,20 +169,22 @@ def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
                 plans.append(_plan_task(job, group, task, alloc_id, state_dir,
                                         (*group_ports, *task_ports), host_memory_mb))
     if not plans:
-        raise JobFileError('job has no task with driver = "qemu"', where=str(job.path))
+        raise JobFileError("job has no task with a driver vmdriver runs", where=str(job.path),
+                           allowed=[f'driver = "{name}"' for name in DIALECTS])
     return plans
 
 
 def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, state_dir: Path,
                ports: tuple[AllocatedPort, ...], host_memory_mb: int) -> TaskPlan:
     where = task.where
-    parse_config(task.config, where)  # early, typed check before interpolation
+    lang = DIALECTS[task.driver]
+    lang.parse(task.config, where)  # early, typed check before interpolation
     alloc = TaskDir(state_dir / "allocs" / alloc_id[:8], task.name)
     res = task.resources
-    memory = _int(res, "memory", DEFAULT_MEMORY_MB, where) or DEFAULT_MEMORY_MB
-    cpu = _int(res, "cpu", DEFAULT_CPU_MHZ, where) or DEFAULT_CPU_MHZ
+    memory = _int(res, "memory", defaults.MEMORY_MIB, where) or defaults.MEMORY_MIB
+    cpu = _int(res, "cpu", defaults.CPU_MHZ, where) or defaults.CPU_MHZ
     env = task_env(job, group, task, alloc, alloc_id, list(ports), memory, cpu)
-    cfg = parse_config(interpolate(task.config, env), where)
+    cfg = lang.parse(interpolate(task.config, env), where)
     dns = next((n for n in (*task.networks, *group.networks) if n.dns_servers or n.dns_searches),
                None)
     inputs = TaskInputs(
@@ -189,8 +194,8 @@ def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, state_dir: Pat
         env=env, ports=ports, dns_servers=dns.dns_servers if dns else (),
         dns_searches=dns.dns_searches if dns else (), host_memory_mb=host_memory_mb,
     )
-    spec = build_spec(cfg, inputs)
+    spec = lang.build(cfg, inputs)
     # Nomad interpolates artifact blocks too (e.g. a source built from ${NOMAD_META_x}).
     artifacts = tuple(ArtifactSpec.model_validate(interpolate(a.model_dump(mode="json"), env))
-                      for a in (*task.artifacts, *legacy_artifacts(cfg)))
+                      for a in (*task.artifacts, *lang.artifacts(cfg)))
     return TaskPlan(alloc_id, group.name, task, spec, alloc, env, ports, artifacts)

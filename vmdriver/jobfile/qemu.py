@@ -6,34 +6,49 @@ reading a job file, the Nomad plugin after decoding StartTask's msgpack.
 
 from __future__ import annotations
 
-import ipaddress
+import enum
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vmdriver.errors import SpecError
 from vmdriver.host.emulators import normalize_emulator
+from vmdriver.jobfile.inputs import TaskInputs, check_dns, stop_policy, task_resources
 from vmdriver.spec import (
     Accelerator,
     ArtifactSpec,
+    Bus,
     Drive,
-    DriveInterface,
-    NetworkSpec,
+    FileMedium,
     PortForward,
-    Resources,
-    ShutdownPolicy,
+    UserNic,
     VMSpec,
+    defaults,
 )
-from vmdriver.units import check_hostname, parse_port
+from vmdriver.units import parse_port
 
 log = logging.getLogger(__name__)
 
-#: Nomad bounds on ``resources.memory`` (MB) for the qemu driver.
-MIN_MEMORY_MB = 128
-MAX_MEMORY_MB = 4_000_000
-_SIGNALS = ("SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1", "SIGUSR2")
+
+class DriveInterface(enum.StrEnum):
+    """``drive_interface`` values of Nomad's qemu driver (QEMU's ``-drive if=``)."""
+
+    IDE = "ide"
+    SCSI = "scsi"
+    SD = "sd"
+    MTD = "mtd"
+    FLOPPY = "floppy"
+    PFLASH = "pflash"
+    VIRTIO = "virtio"
+    NONE = "none"
+
+
+#: ``if=scsi`` is a legacy LSI HBA, not virtio-scsi: it keeps ``-drive`` (see Bus).
+_BUSES = {DriveInterface.IDE: Bus.IDE, DriveInterface.VIRTIO: Bus.VIRTIO,
+          DriveInterface.SCSI: Bus.LEGACY_SCSI, DriveInterface.SD: Bus.SD,
+          DriveInterface.MTD: Bus.MTD, DriveInterface.FLOPPY: Bus.FLOPPY,
+          DriveInterface.PFLASH: Bus.PFLASH, DriveInterface.NONE: Bus.NONE}
 
 
 class QemuTaskConfig(BaseModel):
@@ -42,8 +57,9 @@ class QemuTaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     image_path: str | None = None
-    emulator: str = "x86_64"
-    machine_type: str = Field(default="pc", pattern=r"^[A-Za-z0-9_.,=-]{1,128}$")
+    emulator: str = defaults.EMULATOR
+    # No `,` or `=`: they would smuggle machine properties past args_allowlist.
+    machine_type: str = Field(default=defaults.MACHINE, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     accelerator: Accelerator = Field(default=Accelerator.TCG, strict=False)
     drive_interface: DriveInterface = Field(default=DriveInterface.IDE, strict=False)
     graceful_shutdown: bool = False
@@ -111,36 +127,6 @@ def legacy_artifacts(cfg: QemuTaskConfig) -> tuple[ArtifactSpec, ...]:
                          options=options),)
 
 
-@dataclass(frozen=True)
-class AllocatedPort:
-    """A port the scheduler (or `vmdriver run`) gave the task."""
-
-    label: str
-    host_port: int
-    to: int | None = None
-
-
-@dataclass(frozen=True)
-class TaskInputs:
-    """What a face knows about a task besides its config."""
-
-    name: str
-    where: str
-    memory_mb: int = 300
-    memory_max_mb: int | None = None
-    cores: int | None = None
-    cpu_shares: int | None = None
-    cpuset: tuple[int, ...] = ()
-    kill_timeout_s: float = 5.0
-    kill_signal: str = "SIGINT"
-    env: dict[str, str] = field(default_factory=dict)
-    ports: tuple[AllocatedPort, ...] = ()
-    dns_servers: tuple[str, ...] = ()
-    dns_searches: tuple[str, ...] = ()
-    #: Host memory in MB, the upper bound for ``memory``.
-    host_memory_mb: int | None = None
-
-
 def _forwards(cfg: QemuTaskConfig, inputs: TaskInputs) -> list[PortForward]:
     by_label = {p.label: p for p in inputs.ports}
     out: list[PortForward] = []
@@ -169,67 +155,45 @@ def _forwards(cfg: QemuTaskConfig, inputs: TaskInputs) -> list[PortForward]:
     return out
 
 
-def _resources(inputs: TaskInputs) -> Resources:
-    where = f"{inputs.where}.resources"
-    top = min(MAX_MEMORY_MB, inputs.host_memory_mb or MAX_MEMORY_MB)
-    if not MIN_MEMORY_MB <= inputs.memory_mb <= top:
-        raise SpecError("memory out of bounds", where=f"{where}.memory", value=inputs.memory_mb,
-                        allowed=f"{MIN_MEMORY_MB} to {top} (MB)")
-    mmax = inputs.memory_max_mb
-    if mmax is not None and mmax not in (0, -1) and mmax < inputs.memory_mb:
-        raise SpecError("memory_max is below memory", where=f"{where}.memory_max", value=mmax,
-                        allowed=f">= {inputs.memory_mb}, or -1 for no limit")
-    if inputs.cores is not None and not 1 <= inputs.cores <= 1024:
-        raise SpecError("cores out of bounds", where=f"{where}.cores", value=inputs.cores,
-                        allowed="1 to 1024")
-    return Resources(
-        memory_mib=inputs.memory_mb,
-        memory_max_mib=mmax if mmax and mmax > 0 else None,
-        cores=inputs.cores,
-        cpu_shares=inputs.cpu_shares,
-        cpuset=inputs.cpuset,
-    )
+def _drives(cfg: QemuTaskConfig, image: str) -> tuple[Drive, ...]:
+    """The image as Nomad's qemu driver attaches it, with the guest view unchanged.
+
+    The drive is a ``-blockdev`` + ``-device`` now; on the buses that have no
+    device form it stays ``-drive if=``. An ISO boots as a CD (El Torito) where
+    the bus can carry one; Nomad's plain disk drive only boots hybrid ISOs.
+    """
+    bus = _BUSES[cfg.drive_interface]
+    cd_bus = bus in (Bus.IDE, Bus.LEGACY_SCSI)
+    kind: Literal["disk", "cdrom"] = "cdrom" if cd_bus and image.lower().endswith(".iso") else "disk"
+    drives = [Drive(id="image0", medium=FileMedium(path=image), bus=bus, kind=kind,
+                    index=0 if bus is Bus.IDE else None)]
+    if bus is Bus.IDE and "-nodefaults" not in cfg.args and kind == "disk":
+        # `-drive if=ide` leaves QEMU's default empty CD-ROM on ide.1 in place;
+        # `-device ide-hd` removes it. Keep it, so the guest sees what it saw under Nomad.
+        drives.append(Drive(id="cdrom0", kind="cdrom", bus=Bus.IDE, index=2))
+    return tuple(drives)
 
 
 def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
     """Map a validated qemu task config plus task facts into the canonical spec."""
-    signal = inputs.kill_signal.upper()
-    signal = signal if signal.startswith("SIG") else f"SIG{signal}"
-    if signal not in _SIGNALS:
-        raise SpecError("unsupported kill_signal", where=f"{inputs.where}.kill_signal",
-                        value=inputs.kill_signal, allowed=_SIGNALS)
-    for server in inputs.dns_servers:
-        try:
-            ipaddress.ip_address(server)
-        except ValueError:
-            raise SpecError("not an IP address", where=f"{inputs.where}.network.dns.servers",
-                            value=server) from None
-    for search in inputs.dns_searches:
-        check_hostname(search, where=f"{inputs.where}.network.dns.searches")
+    shutdown = stop_policy(inputs, graceful=cfg.graceful_shutdown)
+    check_dns(inputs)
     image = cfg.image_path or "local/" + (cfg.image_source or "").rstrip("/").rsplit("/", 1)[-1]
     forwards = _forwards(cfg, inputs)
-    network = None
+    nics: tuple[UserNic, ...] = ()
     if forwards or inputs.dns_servers or inputs.dns_searches:
-        network = NetworkSpec(forwards=tuple(forwards), dns_servers=inputs.dns_servers,
-                              dns_searches=inputs.dns_searches)
-    # An ISO boots as a CD (El Torito) where the bus can carry one; Nomad's plain
-    # disk drive only boots hybrid ISOs.
-    cd_bus = cfg.drive_interface in (DriveInterface.IDE, DriveInterface.SCSI)
-    media: Literal["disk", "cdrom"] = (
-        "cdrom" if cd_bus and image.lower().endswith(".iso") else "disk"
-    )
+        nics = (UserNic(id="net0", forwards=tuple(forwards), dns_servers=inputs.dns_servers,
+                        dns_searches=inputs.dns_searches),)
     return VMSpec(
         name=inputs.name,
         display_name=image.rstrip("/").rsplit("/", 1)[-1],
         emulator=normalize_emulator(cfg.emulator),
         machine_type=cfg.machine_type,
         accelerator=cfg.accelerator,
-        drives=(Drive(path=image, interface=cfg.drive_interface, media=media),),
-        network=network,
-        resources=_resources(inputs),
-        shutdown=ShutdownPolicy(graceful=cfg.graceful_shutdown, timeout_s=inputs.kill_timeout_s,
-                                signal=signal),
+        drives=_drives(cfg, image),
+        nics=nics,
+        resources=task_resources(inputs),
+        shutdown=shutdown,
         guest_agent=cfg.guest_agent,
         args=tuple(cfg.args),
-        env=tuple(sorted(inputs.env.items())),
     )

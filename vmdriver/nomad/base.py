@@ -9,6 +9,7 @@ import grpc
 
 from vmdriver import __version__
 from vmdriver.host.config import HostConfig, host_config_from_mapping
+from vmdriver.jobfile.dialects import dialect_for_plugin
 from vmdriver.nomad import hclspec
 from vmdriver.nomad.codec import decode_config
 from vmdriver.nomad.loop import LoopThread
@@ -29,6 +30,8 @@ class PluginState:
     def __init__(self, name: str) -> None:
         #: The driver name jobs use in ``driver = "..."`` (the executable's file name).
         self.name = name
+        #: The task dialect jobs for this driver name are written in.
+        self.dialect = dialect_for_plugin(name)
         self.host = HostConfig()
         self.configured = False
         self.loop = LoopThread()

@@ -83,7 +83,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     def TaskConfigSchema(self, request: pb.TaskConfigSchemaRequest,
                          context: grpc.ServicerContext) -> pb.TaskConfigSchemaResponse:
         """The qemu task config as an hclspec object."""
-        return pb.TaskConfigSchemaResponse(spec=hclspec.task_config_spec())
+        return pb.TaskConfigSchemaResponse(spec=hclspec.task_config_spec(self.state.dialect))
 
     @rpc
     def Capabilities(self, request: pb.CapabilitiesRequest,
@@ -143,11 +143,12 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     def StartTask(self, request: pb.StartTaskRequest,
                   context: grpc.ServicerContext) -> pb.StartTaskResponse:
         """Decode, check, launch (confined), and hand back a handle with everything re-attaching needs."""
-        plan = plan_start(request.task)
-        task = self.state.loop.call(self.state.tasks.start(plan))
-        log.info("task %s started: pid %s", task.id, task.vm.pid)
+        plan = plan_start(request.task, self.state.dialect)
+        tasks = self.state.tasks
+        task = self.state.loop.call(tasks.start(plan))
+        log.info("task %s started: pid %s", task.id, tasks.info(task.id).pid)
         handle = pb.TaskHandle(version=HANDLE_VERSION, config=request.task, state=pb.RUNNING,
-                               driver_state=task.driver_state())
+                               driver_state=tasks.driver_state(task))
         return pb.StartTaskResponse(result=pb.StartTaskResponse.SUCCESS, handle=handle)
 
     @rpc
@@ -156,7 +157,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         """Re-attach to a VM an earlier plugin process started (Nomad sends only the handle)."""
         task_id = request.handle.config.id or request.task_id
         task = self.state.loop.call(self.state.tasks.recover(task_id, request.handle.driver_state))
-        log.info("task %s recovered: pid %s", task.id, task.vm.pid)
+        log.info("task %s recovered: pid %s", task.id, self.state.tasks.info(task.id).pid)
         return pb.RecoverTaskResponse()
 
     @rpc
@@ -193,7 +194,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
                     context: grpc.ServicerContext) -> pb.InspectTaskResponse:
         """State, times and result (always set: Nomad dereferences them)."""
         task = self.state.tasks.get(request.task_id)
-        vm = task.vm
+        vm = self.state.tasks.info(task.id)
         result = vm.result
         status = pb.TaskStatus(
             id=task.id, name=task.name, state=pb.EXITED if result else pb.RUNNING,
@@ -201,7 +202,7 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             result=exit_result(result, task.oom_killed) if result else pb.ExitResult(),
         )
         attrs = {"pid": str(vm.pid or ""), "state": vm.state.value,
-                 "qmp_socket": str(vm.task_dir.qmp_socket)}
+                 "qmp_socket": str(vm.qmp_socket)}
         return pb.InspectTaskResponse(task=status, driver=pb.TaskDriverStatus(attributes=attrs))
 
     @stream
@@ -211,13 +212,13 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         task = self.state.tasks.get(request.task_id)
         interval = request.collection_interval.ToTimedelta().total_seconds()
         interval = interval if interval > 0 else DEFAULT_STATS_INTERVAL_S
-        pid = task.vm.pid
+        pid = self.state.tasks.info(task.id).pid
         if pid is None:
             return
         ended = _ended(context)
         try:
             sampler = ProcessSampler(pid)
-            while not ended.is_set() and task.vm.result is None:
+            while not ended.is_set() and self.state.tasks.info(task.id).result is None:
                 sample = sampler.sample()
                 stats = pb.TaskStats(
                     id=task.id,

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vmdriver.host.config import HostConfig
-from vmdriver.jobfile.qemu import QemuTaskConfig
+from vmdriver.jobfile.dialects import Dialect
 from vmdriver.nomad.proto import hclspec_pb2 as hs
 
 #: Task config keys whose HCL type is not the one their Python type implies:
@@ -61,6 +61,6 @@ def host_config_spec() -> hs.Spec:
     return object_spec(HostConfig)
 
 
-def task_config_spec() -> hs.Spec:
+def task_config_spec(dialect: Dialect) -> hs.Spec:
     """TaskConfigSchema: a qemu task's ``config { ... }``."""
-    return object_spec(QemuTaskConfig, TASK_TYPE_OVERRIDES)
+    return object_spec(dialect.model, TASK_TYPE_OVERRIDES)

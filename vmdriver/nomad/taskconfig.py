@@ -1,9 +1,9 @@
 """From Nomad's TaskConfig message to the inputs the shared core takes.
 
-The qemu task config is decoded from msgpack and mapped by the same
-:func:`~vmdriver.jobfile.qemu.parse_config` / :func:`~vmdriver.jobfile.qemu.build_spec`
-`vmdriver run` uses; this module only adds what Nomad decided: the task dir,
-the allocated ports and resources, the log FIFOs and the task's cgroups.
+The task config is decoded from msgpack and mapped by the same dialect
+(:mod:`vmdriver.jobfile.dialects`) `vmdriver run` uses; this module only adds
+what Nomad decided: the task dir, the allocated ports and resources, the log
+FIFOs and the task's cgroups.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import psutil
 
-from vmdriver.jobfile.qemu import AllocatedPort, TaskInputs, build_spec, parse_config
+from vmdriver.jobfile.dialects import Dialect
+from vmdriver.jobfile.inputs import AllocatedPort, TaskInputs
 from vmdriver.nomad.codec import decode_config
 from vmdriver.nomad.proto import driver_pb2 as pb
-from vmdriver.runtime.cgroup import CgroupLimits, limits_for
-from vmdriver.runtime.taskdir import TaskDir
-from vmdriver.spec import VMSpec
+from vmdriver.runtime.request import Confinement, LaunchRequest
+from vmdriver.runtime.taskdir import TaskDir, VMDirs
+from vmdriver.spec import VMSpec, defaults
 
 #: Task config attributes of HCL type number (see hclspec.TASK_TYPE_OVERRIDES).
 NUMBER_KEYS = frozenset({"host_port", "guest_port"})
@@ -43,13 +44,17 @@ class StartPlan:
     cpuset_cpus: str
     cpuset_cgroup: str
 
-    def limits(self, accelerator: str) -> CgroupLimits:
-        """The cgroup limits for this task once the accelerator is known."""
-        # Nomad's own cpuset cgroup already pins the CPUs; set them only without it.
-        return limits_for(self.spec.resources, accelerator,
-                          task_limit_mib=self.task_memory_limit_bytes // MIB or 0,
-                          cpu_shares=self.cpu_shares,
-                          cpuset_cpus="" if self.cpuset_cgroup else self.cpuset_cpus)
+    def request(self, state_dir: Path) -> LaunchRequest:
+        """The supervisor's request; control sockets and records go under ``state_dir``."""
+        # Nomad's own cpuset cgroup already pins the CPUs; they are set only without it.
+        confinement = Confinement(
+            parent="nomad", scope=f"{self.alloc_id}.{self.name}",
+            task_limit_mib=self.task_memory_limit_bytes // MIB, cpu_shares=self.cpu_shares,
+            cpuset_cpus=self.cpuset_cpus, cpuset_cgroup=self.cpuset_cgroup)
+        return LaunchRequest(
+            vm_id=self.task_id, spec=self.spec,
+            dirs=VMDirs.under(state_dir, self.task_id, self.task_dir), env=self.env,
+            stdout=self.stdout, stderr=self.stderr, confinement=confinement, where=self.name)
 
 
 def _ports(res: pb.Resources) -> tuple[AllocatedPort, ...]:
@@ -70,15 +75,15 @@ def _cpu_count(cpus: str) -> int:
     return count
 
 
-def plan_start(task: pb.TaskConfig) -> StartPlan:
+def plan_start(task: pb.TaskConfig, dialect: Dialect) -> StartPlan:
     """Decode and check a StartTask request; raises InputError with the field at fault."""
     where = task.name or "task"
     raw = decode_config(task.msgpack_driver_config, where=f"{where}.config", numbers=NUMBER_KEYS)
-    cfg = parse_config(raw, where)
+    cfg = dialect.parse(raw, where)
     res = task.resources
     linux = res.linux_resources
     mem = res.allocated_resources.memory
-    memory_mb = int(mem.memory_mb) or (int(linux.memory_limit_bytes) // MIB) or 300
+    memory_mb = int(mem.memory_mb) or (int(linux.memory_limit_bytes) // MIB) or defaults.MEMORY_MIB
     reserved = "reserve" in linux.cpuset_cgroup or (linux.cpuset_cpus and not linux.cpuset_cgroup)
     cores = _cpu_count(linux.cpuset_cpus) if reserved and linux.cpuset_cpus else None
     shares = int(linux.cpu_shares or res.allocated_resources.cpu.cpu_shares) or None
@@ -95,7 +100,7 @@ def plan_start(task: pb.TaskConfig) -> StartPlan:
         dns_searches=tuple(task.dns.searches),
         host_memory_mb=psutil.virtual_memory().total // MIB,
     )
-    spec = build_spec(cfg, inputs)
+    spec = dialect.build(cfg, inputs)
     return StartPlan(
         task_id=task.id, alloc_id=task.alloc_id, name=task.name, spec=spec,
         task_dir=TaskDir(Path(task.alloc_dir), task.name),

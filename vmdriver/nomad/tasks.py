@@ -23,40 +23,27 @@ from typing import Any
 
 from vmdriver.errors import InputError, LaunchError, TaskNotFound
 from vmdriver.nomad.taskconfig import StartPlan
-from vmdriver.runtime import cgroup
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitResult
-from vmdriver.runtime.supervisor import Supervisor
-from vmdriver.runtime.vm import VM
+from vmdriver.runtime.supervisor import Supervisor, VMInfo
+from vmdriver.spec import StopSignal
 
 log = logging.getLogger(__name__)
 
 #: Format of ``driver_state``; bump on incompatible changes.
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
 class Task:
-    """One Nomad task and its VM."""
+    """One Nomad task and the id of its VM in the supervisor (the same id)."""
 
     id: str
     alloc_id: str
     name: str
-    vm: VM
-    cgroup_paths: tuple[str, ...] = ()
-    cgroups_created: tuple[str, ...] = ()
     completed_at: float | None = None
     oom_killed: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    def driver_state(self) -> bytes:
-        """What a later plugin process needs to re-attach, as JSON."""
-        return json.dumps({
-            "version": STATE_VERSION,
-            "task": {"id": self.id, "alloc_id": self.alloc_id, "name": self.name},
-            "record": self.vm.record().model_dump(mode="json"),
-            "cgroups": {"paths": list(self.cgroup_paths), "created": list(self.cgroups_created)},
-        }).encode()
 
 
 @dataclass(frozen=True)
@@ -114,7 +101,7 @@ def _check_log_fifo(path: Path | None) -> None:
 
 
 class TaskTable:
-    """Nomad tasks of this plugin process."""
+    """Nomad tasks of this plugin process, mapped onto the shared supervisor."""
 
     def __init__(self, supervisor: Supervisor, events: EventHub) -> None:
         self.supervisor = supervisor
@@ -132,47 +119,33 @@ class TaskTable:
         """The task with this id, if known."""
         return self._tasks.get(task_id)
 
+    def info(self, task_id: str) -> VMInfo:
+        """What the supervisor says of the task's VM."""
+        return self.supervisor.info(self.get(task_id).id)
+
+    def driver_state(self, task: Task) -> bytes:
+        """What a later plugin process needs to re-attach, as JSON."""
+        return json.dumps({
+            "version": STATE_VERSION,
+            "task": {"id": task.id, "alloc_id": task.alloc_id, "name": task.name},
+            "record": self.supervisor.record(task.id).model_dump(mode="json"),
+        }).encode()
+
     def __len__(self) -> int:
         return len(self._tasks)
 
     async def start(self, plan: StartPlan) -> Task:
-        """Prepare, launch (confined to the task's cgroups) and register a VM."""
+        """Launch (confined to the task's cgroups) and register a VM."""
         if plan.task_id in self._tasks:
             raise InputError("task is already started", where=plan.task_id)
         _check_log_fifo(plan.stdout)
         _check_log_fifo(plan.stderr)
-        plan.task_dir.create()
-        prepared = await self.supervisor.prepare(plan.spec, plan.task_dir, where=plan.name)
-        limits = plan.limits(prepared.ctx.accelerator)
-        placed: list[cgroup.Placement] = []
-
-        def confine(pid: int) -> None:
-            placed.append(
-                cgroup.apply(
-                    pid,
-                    limits,
-                    f"{plan.alloc_id}.{plan.name}",
-                    parent="nomad",
-                    cpuset_cgroup=plan.cpuset_cgroup,
-                )
-            )
-
-        vm = await self.supervisor.start(
-            plan.task_id, plan.spec, plan.task_dir, env=plan.env, stdout=plan.stdout,
-            stderr=plan.stderr, prepared=prepared, on_spawn=confine,
-        )
-        placement = placed[0] if placed else None
-        task = Task(plan.task_id, plan.alloc_id, plan.name, vm,
-                    placement.paths if placement else (),
-                    placement.created if placement else ())
+        info = await self.supervisor.start(plan.request(self.supervisor.host.state_dir))
+        task = Task(plan.task_id, plan.alloc_id, plan.name)
         self._register(task)
-        self.events.emit(
-            task,
-            f"VM started (pid {vm.pid}, {prepared.ctx.accelerator})",
-            accelerator=prepared.ctx.accelerator,
-            reason=prepared.accel_reason,
-        )
-        for warning in placement.warnings if placement else ():
+        self.events.emit(task, f"VM started (pid {info.pid}, {info.accelerator})",
+                         accelerator=info.accelerator)
+        for warning in info.warnings:
             self.events.emit(task, f"running without a cgroup limit: {warning}")
         return task
 
@@ -183,13 +156,11 @@ class TaskTable:
         try:
             state = json.loads(driver_state)
             record = VMRecord.model_validate(state["record"])
-            cg = state.get("cgroups", {})
             info = state["task"]
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"driver_state is not vmdriver's: {exc}", where=task_id) from None
-        vm = await self.supervisor.recover(record)
-        task = Task(task_id or info["id"], info.get("alloc_id", ""), info.get("name", record.task),
-                    vm, tuple(cg.get("paths", ())), tuple(cg.get("created", ())))
+        vm = await self.supervisor.recover(record)  # VMInfo
+        task = Task(task_id or info["id"], info.get("alloc_id", ""), info.get("name", record.task))
         self._register(task)
         self.events.emit(task, f"re-attached to the running VM (pid {vm.pid})")
         return task
@@ -199,9 +170,9 @@ class TaskTable:
         task.watcher = asyncio.create_task(self._watch(task), name=f"nomad task {task.id}")
 
     async def _watch(self, task: Task) -> None:
-        """Note the end of a VM: time, OOM kill, cgroup cleanup, an event."""
+        """Note the end of a VM: time, OOM kill, an event."""
         try:
-            result = await task.vm.wait()
+            result = await self.supervisor.wait(task.id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -210,15 +181,14 @@ class TaskTable:
             task.completed_at = time.time()
             return
         task.completed_at = time.time()
-        task.oom_killed = result.signal == 9 and cgroup.oom_kills(task.cgroup_paths) > 0
-        cgroup.remove(task.cgroups_created)
+        task.oom_killed = result.signal == 9 and self.supervisor.oom_killed(task.id)
         text = result.describe() + (" (out of memory)" if task.oom_killed else "")
         self.events.emit(task, f"VM exited: {text}", exit_code=str(result.exit_code))
 
     async def wait(self, task_id: str) -> ExitResult:
         """Block until the task's VM ends."""
         task = self.get(task_id)
-        result = await task.vm.wait()
+        result = await self.supervisor.wait(task.id)
         if task.watcher is not None:
             # Let the watcher record OOM and completion time before answering.
             await asyncio.shield(task.watcher)
@@ -227,25 +197,27 @@ class TaskTable:
     async def stop(self, task_id: str, timeout: float | None, signal: str) -> None:
         """The graceful ladder with Nomad's timeout and signal; unknown ids are already stopped."""
         task = self.find(task_id)
-        if task is None or task.vm.result is not None:
+        if task is None or self.supervisor.info(task.id).result is not None:
             return
-        await task.vm.stop(timeout, signal or None)
+        try:
+            sig = StopSignal.parse(signal) if signal else None
+        except ValueError:
+            raise InputError("unsupported signal", where=task_id, value=signal,
+                             allowed=[s.value for s in StopSignal]) from None
+        await self.supervisor.stop(task.id, timeout, sig)
 
     async def destroy(self, task_id: str, force: bool) -> None:
         """Forget a task; with ``force`` kill a VM that still runs."""
         task = self.find(task_id)
         if task is None:
             return
-        if task.vm.result is None:
-            if not force:
-                raise InputError("task is still running; stop it first or destroy with force",
-                                 where=task_id)
-            await task.vm.kill()
+        if self.supervisor.info(task.id).result is None and not force:
+            raise InputError("task is still running; stop it first or destroy with force",
+                             where=task_id)
+        await self.supervisor.destroy(task.id, force=force)
         if task.watcher is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task.watcher)
-        cgroup.remove(task.cgroups_created)
-        self.supervisor.forget(task_id)
         del self._tasks[task_id]
 
     async def detach_all(self) -> None:
@@ -258,4 +230,4 @@ class TaskTable:
 
     def describe(self) -> dict[str, Any]:
         """A summary for logs."""
-        return {tid: t.vm.state.value for tid, t in self._tasks.items()}
+        return {tid: self.supervisor.info(tid).state.value for tid in self._tasks}

@@ -1,18 +1,19 @@
 """Render a :class:`~vmdriver.spec.VMSpec` into a QEMU argv tuple.
 
-The order and meaning follow Nomad's qemu driver, so jobs written for it get
-the VM they expect::
+The order follows Nomad's qemu driver, so jobs written for it get the VM they
+expect::
 
-    binary -machine type=T,accel=A -name N -m MB -drive file=F,if=I,id=image0
-    -nographic <vmdriver control> <guest agent> <user args> <netdev> <-enable-kvm> <-smp>
+    binary -machine type=T,accel=A -name N -m MB <drives> -nographic <vmdriver control>
+    <guest agent> <channels, TPM, shares, balloon> <user args> <NICs> <-enable-kvm> <-smp>
 
 Where vmdriver differs, it does so on purpose:
 
-* every drive gets an explicit ``format=`` (a raw image is never probed);
+* drives are ``-blockdev`` node graphs + ``-device`` (:mod:`vmdriver.qemu.blockdev`),
+  each with an explicit format (a raw image is never probed), addressable by QMP;
 * QEMU starts paused (``-S``) with a QMP monitor on an inherited socket and a
-  second one on a unix socket in the task dir (for re-attaching), not HMP;
-* ``-smp`` follows ``resources.cores`` under every accelerator, unless the
-  user's args already hold a ``-smp``;
+  second one on a unix socket in the VM's runtime dir (for re-attaching), not HMP;
+* ``-smp`` follows the vCPU count under every accelerator, unless the user's
+  args already hold a ``-smp``;
 * hostfwd rules come sorted by label, so the argv is deterministic;
 * values are comma-escaped (QEMU reads ``,`` as an option separator).
 
@@ -21,57 +22,24 @@ The result is a tuple; it is joined into one string only for display.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import shlex
 
+from vmdriver.qemu import devices as dev
+from vmdriver.qemu.blockdev import qemu_escape, render_drives
+from vmdriver.qemu.context import DriveSource, NicFds, RbdSource, RenderContext
 from vmdriver.spec import VMSpec
+
+__all__ = ["SANDBOX_ARG", "DriveSource", "NicFds", "RbdSource", "RenderContext", "display",
+           "qemu_escape", "render_argv"]
 
 #: QMP over the inherited socketpair (the launching supervisor's channel).
 QMP_FD_ID = "vmdriver-qmp"
-#: QMP over the unix socket in the task dir (for re-attaching).
+#: QMP over the unix socket in the runtime dir (for re-attaching).
 QMP_PATH_ID = "vmdriver-qmp-sock"
 #: Seccomp filter flags: block what a compromised QEMU would need to escape.
 SANDBOX_ARG = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 #: Machine types that have an ISA bus for the pvpanic device.
 _PVPANIC_MACHINES = ("pc", "q35")
-
-
-def qemu_escape(value: str) -> str:
-    """Escape a value for QEMU's ``key=value,...`` option syntax."""
-    return value.replace(",", ",,")
-
-
-@dataclass(frozen=True)
-class RenderContext:
-    """Host facts the argv depends on, decided before rendering."""
-
-    #: Absolute path of the emulator binary.
-    binary: Path
-    #: Accelerator after resolving ``auto`` (``kvm`` or ``tcg``).
-    accelerator: str
-    #: Path of the re-attach QMP socket.
-    qmp_socket: Path
-    #: Path of the guest agent socket.
-    qga_socket: Path
-    #: Drive paths as QEMU opens them, one per spec drive.
-    drive_paths: tuple[str, ...]
-    #: Detected image format per drive.
-    drive_formats: tuple[str, ...]
-    #: Inherited QMP socket fd in QEMU; ``None`` renders no fd monitor.
-    qmp_fd: int | None = 3
-    #: Add ``-sandbox`` (only where the binary supports it).
-    sandbox: bool = False
-    #: Add ``-no-user-config`` so host-wide QEMU config files do not leak in.
-    no_user_config: bool = True
-    #: Per drive, open fds of its image (read-only first, then read-write) that QEMU
-    #: inherits; a drive with fds is rendered as ``-add-fd`` + ``file=/dev/fdset/N``
-    #: so QEMU uses the very file policy checked. Empty: drives are opened by path.
-    drive_fds: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def pass_fds(self) -> tuple[int, ...]:
-        """Every image fd QEMU must inherit."""
-        return tuple(fd for fds in self.drive_fds for fd in fds)
 
 
 def _has_option(args: tuple[str, ...], name: str) -> bool:
@@ -85,46 +53,67 @@ def _has_option(args: tuple[str, ...], name: str) -> bool:
     return False
 
 
-def _machine_base(spec: VMSpec) -> str:
-    return spec.machine_type.split(",", 1)[0]
-
-
 def render_argv(spec: VMSpec, ctx: RenderContext) -> tuple[str, ...]:
     """The full argv for ``spec`` on this host, as a tuple."""
-    argv: list[str] = [str(ctx.binary)]
-    argv += ["-machine", f"type={spec.machine_type},accel={ctx.accelerator}"]
+    fw_props, fw_args = dev.firmware_args(spec)
+    machine = [f"type={spec.machine_type}", f"accel={ctx.accelerator}", *fw_props]
+    memory = _memory(spec)
+    if dev.needs_shared_memory(spec):
+        machine.append("memory-backend=mem0")
+    argv: list[str] = [str(ctx.binary), "-machine", ",".join(machine)]
     argv += ["-name", qemu_escape(spec.display_name or spec.name)]
-    argv += ["-m", f"{spec.resources.memory_mib}M"]
-    for i, (drive, given, fmt) in enumerate(
-        zip(spec.drives, ctx.drive_paths, ctx.drive_formats, strict=True)
-    ):
-        fds = ctx.drive_fds[i] if i < len(ctx.drive_fds) else ()
-        for fd in fds:
-            argv += ["-add-fd", f"fd={fd},set={i + 1},opaque={drive.id}"]
-        path = f"/dev/fdset/{i + 1}" if fds else given
-        opts = [f"file={qemu_escape(path)}", f"if={drive.interface.value}", f"id={drive.id}"]
-        opts.append(f"format={fmt}")
-        if drive.media == "cdrom":
-            opts.append("media=cdrom")
-        if drive.read_only:
-            opts.append("readonly=on")
-        argv += ["-drive", ",".join(opts)]
-    argv.append("-nographic")
+    if spec.uuid:
+        argv += ["-uuid", spec.uuid]
+    argv += ["-m", memory]
+    if dev.needs_shared_memory(spec):
+        argv += ["-object", f"memory-backend-memfd,id=mem0,size={memory},share=on"]
+    argv += fw_args
+    argv += render_drives(spec, ctx)
+    if spec.cpu.model:
+        argv += ["-cpu", spec.cpu.model]
+    argv += _display(spec, ctx)
+    if spec.boot_menu:
+        argv += ["-boot", "menu=on"]
     argv += _control_args(spec, ctx)
-    if spec.guest_agent:
-        argv += [
-            "-chardev",
-            f"socket,path={qemu_escape(str(ctx.qga_socket))},server=on,wait=off,id=qga0",
-            "-device", "virtio-serial",
-            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ]
+    argv += dev.guest_agent_args(spec, ctx)
+    argv += dev.channel_args(spec, ctx)
+    argv += dev.tpm_args(spec, ctx)
+    argv += dev.share_args(spec, ctx)
+    argv += dev.misc_devices(spec)
     argv += spec.args
-    argv += _network_args(spec)
+    argv += dev.render_nics(spec, ctx)
     if ctx.accelerator == "kvm":
         argv.append("-enable-kvm")
-    if spec.resources.cores and not _has_option(spec.args, "-smp"):
-        argv += ["-smp", str(spec.resources.cores)]
+    if not _has_option(spec.args, "-smp"):
+        argv += _smp(spec)
     return tuple(argv)
+
+
+def _memory(spec: VMSpec) -> str:
+    # With a ceiling, the guest gets the ceiling and the balloon gives back the rest
+    # (VM-Operator's way: no memory hotplug needed to grow).
+    res = spec.resources
+    return f"{res.max_memory_mib or res.memory_mib}M"
+
+
+def _display(spec: VMSpec, ctx: RenderContext) -> list[str]:
+    shown = spec.display
+    if shown.kind == "spice" and ctx.spice and shown.spice_port:
+        addr = qemu_escape(shown.spice_address)
+        return ["-display", "none", "-serial", "stdio", "-device", "qxl-vga",
+                "-spice", f"port={shown.spice_port},addr={addr},disable-ticketing=on"]
+    return ["-nographic"]
+
+
+def _smp(spec: VMSpec) -> list[str]:
+    vcpus, cpu = spec.resources.cores, spec.cpu
+    extra = {"maxcpus": cpu.max_vcpus, "sockets": cpu.sockets, "dies": cpu.dies,
+             "cores": cpu.cores, "threads": cpu.threads}
+    given = {k: v for k, v in extra.items() if v is not None}
+    if not given:
+        return ["-smp", str(vcpus)] if vcpus else []
+    parts = ([f"cpus={vcpus}"] if vcpus else []) + [f"{k}={v}" for k, v in given.items()]
+    return ["-smp", ",".join(parts)]
 
 
 def _control_args(spec: VMSpec, ctx: RenderContext) -> list[str]:
@@ -140,27 +129,11 @@ def _control_args(spec: VMSpec, ctx: RenderContext) -> list[str]:
     sock = qemu_escape(str(ctx.qmp_socket))
     out += ["-chardev", f"socket,id={QMP_PATH_ID},path={sock},server=on,wait=off"]
     out += ["-mon", f"chardev={QMP_PATH_ID},mode=control"]
-    if spec.emulator in ("x86_64", "i386") and _machine_base(spec) in _PVPANIC_MACHINES:
+    if spec.emulator in ("x86_64", "i386") and spec.machine_type in _PVPANIC_MACHINES:
         out += ["-device", "pvpanic"]
     return out
 
 
-def _network_args(spec: VMSpec) -> list[str]:
-    net = spec.network
-    if net is None or not (net.forwards or net.dns_servers or net.dns_searches):
-        return []
-    opts = ["user", "id=user.0"]
-    if net.dns_servers:
-        opts.append(f"dns={qemu_escape(net.dns_servers[0])}")
-    opts += [f"dnssearch={qemu_escape(s)}" for s in net.dns_searches]
-    for fwd in sorted(net.forwards, key=lambda f: f.label):
-        opts += [f"hostfwd={proto}:{fwd.host_ip}:{fwd.host_port}-:{fwd.guest_port}"
-                 for proto in fwd.protocols]
-    return ["-netdev", ",".join(opts), "-device", f"{net.model},netdev=user.0"]
-
-
 def display(argv: tuple[str, ...]) -> str:
     """A shell-quoted one-line form, for logs and `vmdriver argv` only."""
-    import shlex
-
     return shlex.join(argv)

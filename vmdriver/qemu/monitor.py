@@ -63,6 +63,15 @@ class Monitor:
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
 
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the session to end (QEMU closing its side)."""
+        async def closed() -> None:
+            while self._client.runstate == Runstate.RUNNING:
+                await self._client.runstate_changed()
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closed(), timeout)
+
     @property
     def connected(self) -> bool:
         """True while the session runs."""

@@ -242,6 +242,13 @@ def _read(path: Path) -> str:
         return ""
 
 
+def join(pid: int, paths: tuple[str, ...] | list[str]) -> None:
+    """Put ``pid`` into cgroups already made (a VM's helper joins its VM's cgroup)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            (Path(path) / "cgroup.procs").write_text(str(pid))
+
+
 def remove(created: tuple[str, ...] | list[str]) -> None:
     """Remove the cgroups :func:`apply` created, once their processes are gone.
 

@@ -1,16 +1,20 @@
-"""Everything decided before launch: binary, accelerator, images, sockets, policy.
+"""Everything decided before launch: binary, accelerator, images, sockets, helpers, policy.
 
 Any failure here is an :class:`~vmdriver.errors.InputError` or
 :class:`~vmdriver.errors.HostError` raised before QEMU starts, so a bad job
-never leaves a half-started VM.
+never leaves a half-started VM; image fds opened on the way are closed on
+every failure path, and by :meth:`Prepared.close` when the VM is not launched.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import shutil
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmdriver.errors import AcceleratorUnavailable
+from vmdriver.errors import AcceleratorUnavailable, HostError, SpecError
 from vmdriver.host.config import HostConfig
 from vmdriver.host.emulators import find_emulator
 from vmdriver.host.features import option_takes_arg, supports_sandbox
@@ -22,13 +26,16 @@ from vmdriver.policy import (
     check_emulator,
     check_image_path,
     inspect_image,
+    resolve_allowed,
 )
 from vmdriver.policy.args import static_arity
 from vmdriver.policy.images import checked_image
-from vmdriver.qemu.argv import SANDBOX_ARG, RenderContext
+from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RenderContext
+from vmdriver.qemu.sidecars import HelperSpec, helpers_for
 from vmdriver.runtime.process import close_fds
-from vmdriver.runtime.taskdir import TaskDir
-from vmdriver.spec import Accelerator, VMSpec
+from vmdriver.runtime.taskdir import VMDirs, vm_key
+from vmdriver.spec import Accelerator, Drive, FileMedium, NoNic, RbdMedium, UserNic, VMSpec
+from vmdriver.spec.devices import derive_mac
 
 
 @dataclass(frozen=True)
@@ -37,11 +44,14 @@ class Prepared:
 
     spec: VMSpec
     ctx: RenderContext
+    helpers: tuple[HelperSpec, ...] = ()
     #: Why the accelerator was chosen (for `run` output and the fingerprint).
     accel_reason: str = ""
+    #: Files prepare created (overlays) that go when the VM's launch fails.
+    created: tuple[Path, ...] = field(default=())
 
     def close(self) -> None:
-        """Release the image fds of a VM that will not be launched (launch closes them)."""
+        """Release the fds of a VM that will not be launched (launch closes them itself)."""
         close_fds(self.ctx.pass_fds)
 
 
@@ -58,20 +68,140 @@ def resolve_accelerator(requested: Accelerator, qemu: Path, cache_dir: Path) -> 
     return "tcg", f"auto: KVM unusable ({verdict.reason})"
 
 
-def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "",
+def _with_macs(spec: VMSpec, vm_id: str) -> VMSpec:
+    key = vm_key(vm_id)
+    nics = tuple(nic if isinstance(nic, NoNic) or nic.mac else
+                 nic.model_copy(update={"mac": derive_mac(key, nic.id)}) for nic in spec.nics)
+    return spec.model_copy(update={"nics": nics})
+
+
+class _Opener:
+    """Opens and checks each drive's medium; owns the fds until handed over."""
+
+    def __init__(self, dirs: VMDirs, host: HostConfig, policy: PathPolicy, prefix: str,
+                 preview: bool) -> None:
+        self.dirs, self.host, self.policy = dirs, host, policy
+        self.prefix, self.preview = prefix, preview
+        self.opened: list[OpenedImage] = []
+        self.created: list[Path] = []
+
+    def close(self) -> None:
+        for image in self.opened:
+            image.close()
+        for path in self.created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def source(self, index: int, drive: Drive) -> DriveSource | None:
+        medium = drive.medium
+        if medium is None:
+            return None
+        field_name = f"{self.prefix}drive[{index}] ({drive.id})"
+        if isinstance(medium, RbdMedium):
+            raise HostError(f"{field_name}: Ceph RBD drives are not available in this build")
+        if self.preview:
+            return self._preview(medium, field_name)
+        if medium.overlay_on:
+            self._make_overlay(medium, field_name)
+        image, fmt = checked_image(medium.path, self.policy, fmt=medium.format,
+                                   writable=drive.writable, where=field_name)
+        self.opened.append(image)
+        return DriveSource(path=f"/dev/fdset/{index + 1}", format=fmt, fds=image.fds,
+                           fdset=index + 1)
+
+    def _preview(self, medium: FileMedium, where: str) -> DriveSource:
+        shown = check_image_path(medium.path, self.dirs.task.path, self.dirs.task.alloc_dir,
+                                 self.host, where=where, must_exist=False)
+        if not shown.exists():
+            # Artifacts may not be there yet: only where the path leads is checked.
+            return DriveSource(path=str(shown), format=medium.format or "<detected>")
+        image, fmt = checked_image(medium.path, self.policy, fmt=medium.format, writable=False,
+                                   where=where)
+        image.close()  # shown by path; nothing will be launched
+        return DriveSource(path=str(image.path), format=fmt)
+
+    def _make_overlay(self, medium: FileMedium, where: str) -> None:
+        assert medium.overlay_on is not None
+        base = resolve_allowed(medium.overlay_on, self.policy.for_backing(), where=where,
+                               what="overlay base")
+        fmt = inspect_image(str(base), self.policy.for_backing(), fmt=None, where=where,
+                            value=str(base), base_dir=base.parent)
+        target = self.dirs.task.path / medium.path if not Path(medium.path).is_absolute() \
+            else Path(medium.path)
+        if target.exists():
+            return  # a restart keeps the overlay it wrote to
+        out = subprocess.run(("qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base),
+                              "--", str(target)), capture_output=True, text=True, check=False,
+                             stdin=subprocess.DEVNULL, timeout=60)
+        if out.returncode != 0:
+            raise SpecError(f"cannot create an overlay: {out.stderr.strip()[:200]}", where=where,
+                            value=medium.path)
+        self.created.append(target)
+
+
+def _share_paths(spec: VMSpec, policy: PathPolicy, prefix: str) -> dict[str, str]:
+    out = {}
+    for share in spec.shares:
+        where = f"{prefix}share {share.tag}"
+        path = resolve_allowed(share.path, policy, where=where, what="shared directory")
+        if not path.is_dir():
+            raise SpecError("a shared directory must be a directory", where=where, value=share.path)
+        out[share.tag] = str(path)
+    return out
+
+
+def _firmware_vars(spec: VMSpec) -> None:
+    fw = spec.firmware
+    if fw.kind == "bios" or not fw.vars or Path(fw.vars).exists():
+        return
+    if not fw.vars_template:
+        raise SpecError("UEFI vars file is missing and there is no template to copy",
+                        where="firmware", value=fw.vars)
+    # Copied once, then kept: EFI variables persist across restarts.
+    shutil.copyfile(fw.vars_template, fw.vars)
+    Path(fw.vars).chmod(0o600)
+
+
+def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: str = "",
             preview: bool = False) -> Prepared:
     """Check ``spec`` against policy and this host; decide everything argv needs.
 
     With ``preview``, an image that is not there yet (it comes with the task's
-    artifacts) is shown where QEMU will open it, its format as ``<detected>``.
+    artifacts) is shown where QEMU will open it, its format as ``<detected>``,
+    and nothing is opened or created.
     """
     prefix = f"{where}: " if where else ""
     emulator = check_emulator(spec.emulator, host, where=f"{prefix}config.emulator")
-    task_dir.check_socket_paths()
+    dirs.check_socket_paths()
     binary = find_emulator(emulator)
-    policy = PathPolicy.for_task(task_dir.path, task_dir.alloc_dir, host)
+    task = dirs.task
+    policy = PathPolicy.for_task(task.path, task.alloc_dir, host)
     accel, reason = resolve_accelerator(spec.accelerator, binary, host.state_dir)
+    _check_args(spec, dirs, host, policy, binary, prefix, preview)
+    _check_nics(spec, prefix)
+    spec = _with_macs(spec.model_copy(update={"emulator": emulator}), vm_id)
+    opener = _Opener(dirs, host, policy, prefix, preview)
+    try:
+        drives = {d.id: src for i, d in enumerate(spec.drives)
+                  if (src := opener.source(i, d)) is not None}
+        shares = _share_paths(spec, policy, prefix)
+        if not preview:
+            _firmware_vars(spec)
+    except BaseException:
+        opener.close()
+        raise
+    ctx = RenderContext(
+        binary=binary, accelerator=accel, runtime_dir=dirs.runtime, qmp_socket=dirs.qmp_socket,
+        qga_socket=dirs.qga_socket, drives=drives, nic_fds=dict[str, NicFds](),
+        share_paths=shares, qmp_fd=None,
+        sandbox=host.sandbox and supports_sandbox(binary, SANDBOX_ARG),
+    )
+    helpers = helpers_for(spec, dirs.runtime, dirs.data, shares)
+    return Prepared(spec, ctx, helpers, reason, tuple(opener.created))
 
+
+def _check_args(spec: VMSpec, dirs: VMDirs, host: HostConfig, policy: PathPolicy, binary: Path,
+                prefix: str, preview: bool) -> None:
     def arity(name: str) -> bool | None:
         known = static_arity(name)
         return known if known is not None else option_takes_arg(binary, name)
@@ -82,40 +212,12 @@ def prepare(spec: VMSpec, task_dir: TaskDir, host: HostConfig, *, where: str = "
             inspect_image(str(path), policy, fmt=fmt, where=here, value=str(path),
                           base_dir=path.parent)
 
-    check_args(spec.args, host, where=f"{prefix}config.args", task_dir=task_dir.path,
-               alloc_dir=task_dir.alloc_dir, arity=arity, image_check=image_check)
-    paths: list[str] = []
-    formats: list[str] = []
-    opened: list[OpenedImage] = []
-    try:
-        for i, drive in enumerate(spec.drives):
-            field = f"{prefix}config.image_path" if i == 0 else f"{prefix}drive[{i}]"
-            if preview:
-                shown = check_image_path(drive.path, task_dir.path, task_dir.alloc_dir, host,
-                                         where=field, must_exist=False)
-                if not shown.exists():
-                    # Artifacts may not be there yet: only where the path leads is checked.
-                    paths.append(str(shown))
-                    formats.append(drive.format or "<detected>")
-                    continue
-            writable = not drive.read_only and drive.media != "cdrom"
-            image, fmt = checked_image(drive.path, policy, fmt=drive.format, writable=writable,
-                                       where=field)
-            paths.append(str(image.path))
-            formats.append(fmt)
-            if preview:
-                image.close()  # shown by path; nothing will be launched
-            else:
-                opened.append(image)
-    except BaseException:
-        for image in opened:
-            image.close()
-        raise
-    ctx = RenderContext(
-        binary=binary, accelerator=accel, qmp_socket=task_dir.qmp_socket,
-        qga_socket=task_dir.qga_socket, drive_paths=tuple(paths),
-        drive_formats=tuple(formats), qmp_fd=None,
-        sandbox=host.sandbox and supports_sandbox(binary, SANDBOX_ARG),
-        drive_fds=tuple(image.fds for image in opened),
-    )
-    return Prepared(spec.model_copy(update={"emulator": emulator}), ctx, reason)
+    check_args(spec.args, host, where=f"{prefix}config.args", task_dir=dirs.task.path,
+               alloc_dir=dirs.task.alloc_dir, arity=arity, image_check=image_check)
+
+
+def _check_nics(spec: VMSpec, prefix: str) -> None:
+    for nic in spec.nics:
+        if not isinstance(nic, UserNic | NoNic):
+            raise HostError(f"{prefix}nic {nic.id}: {nic.kind} networking is not available "
+                            "in this build")

@@ -1,4 +1,4 @@
-"""The QEMU process: spawned as our child, or found again after a restart.
+"""A supervised process (QEMU or a helper): spawned as our child, or found again.
 
 Exit is observed through a pidfd in the event loop (no watcher threads), for
 children and re-attached processes alike. A re-attached process is identified by
@@ -43,8 +43,8 @@ def close_fds(fds: tuple[int, ...]) -> None:
             os.close(fd)
 
 
-class QemuProcess:
-    """One QEMU process, with exit observed through a pidfd."""
+class ManagedProcess:
+    """One process we supervise, with exit observed through a pidfd."""
 
     def __init__(self, pid: int, start_time: float, *, child: bool) -> None:
         self.pid = pid
@@ -64,14 +64,14 @@ class QemuProcess:
         stdout: Path,
         stderr: Path,
         pass_fds: tuple[int, ...],
-    ) -> QemuProcess:
+    ) -> ManagedProcess:
         """Start ``argv`` directly (no shell) in a new process group."""
         out, err = _open_output(stdout), _open_output(stderr)
         try:
             proc = subprocess.Popen(
                 argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
                 stderr=err, pass_fds=pass_fds, process_group=0, close_fds=True,
-                # Sockets and files QEMU creates (QMP, guest agent) are the owner's only.
+                # Sockets and files it creates (QMP, guest agent, swtpm) are the owner's only.
                 umask=0o177,
             )
         except OSError as exc:
@@ -86,7 +86,7 @@ class QemuProcess:
         return cls(proc.pid, start, child=True)
 
     @classmethod
-    def attach(cls, pid: int, start_time: float) -> QemuProcess | None:
+    def attach(cls, pid: int, start_time: float) -> ManagedProcess | None:
         """The running process ``pid`` if it is the one that started at ``start_time``."""
         actual = process_start_time(pid)
         if actual is None or abs(actual - start_time) > 0.05:
@@ -128,13 +128,13 @@ class QemuProcess:
             self._exit.set_result((code, sig))
 
     def send_signal(self, sig: int) -> None:
-        """Signal QEMU, unless the pid no longer belongs to it."""
+        """Signal the process, unless the pid no longer belongs to it."""
         if self._pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, sig)
 
     def kill_group(self) -> None:
-        """SIGKILL QEMU and anything it started in its process group."""
+        """SIGKILL the process and anything it started in its process group."""
         self.send_signal(signal.SIGKILL)
         if self.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from vmdriver.errors import last_line
+
 
 class VMState(enum.StrEnum):
     """Where a VM is in its life. Transitions only go down this list."""
@@ -57,6 +59,6 @@ class ExitResult:
         text = str(self.kind)
         if self.kind is ExitKind.CRASHED:
             text += f" (exit code {self.exit_code})"
-            if self.stderr_tail:
-                text += f": {self.stderr_tail.strip().splitlines()[-1]}"
+            if last_line(self.stderr_tail):
+                text += f": {last_line(self.stderr_tail)}"
         return text

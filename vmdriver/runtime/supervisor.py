@@ -1,27 +1,68 @@
-"""The supervisor: many VMs in one process, started, recovered, stopped, measured.
+"""The supervisor: many VMs in one process, each owned from prepare to cleanup.
 
-Every face uses this class and nothing below it: the CLI's `run`, the Nomad
-plugin and the pod runner launch, stop and measure VMs only through here.
+Every face uses this class and nothing below it: `vmdriver run`, the Nomad
+plugin and the pod runner hand it :class:`LaunchRequest`\\ s and VM ids, and get
+back :class:`VMInfo` snapshots and :class:`ExitResult`\\ s. For each VM the
+supervisor does, in order: prepare (policy, images opened as fds, closed on
+every path), helper processes, launch with the VM confined to its cgroup while
+paused, the stop ladder on request, and when QEMU has exited: helpers stopped,
+cgroups removed, the runtime dir (and, if asked, the task dir) removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from vmdriver.errors import TaskNotFound, VmdriverError
+from vmdriver.errors import InputError, StateError, TaskNotFound
 from vmdriver.host.config import HostConfig
+from vmdriver.runtime import cgroup
+from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
 from vmdriver.runtime.prepare import Prepared, prepare
 from vmdriver.runtime.record import VMRecord
-from vmdriver.runtime.state import ExitResult
-from vmdriver.runtime.taskdir import TaskDir
+from vmdriver.runtime.request import LaunchRequest
+from vmdriver.runtime.state import ExitResult, VMState
 from vmdriver.runtime.vm import VM
-from vmdriver.spec import VMSpec
+from vmdriver.spec import StopSignal
 
 log = logging.getLogger(__name__)
+
+#: The only environment variables of vmdriver's own that reach QEMU and helpers.
+_HOST_ENV = ("PATH", "LANG", "LC_ALL")
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    """A VM as a face may see it."""
+
+    id: str
+    state: VMState
+    pid: int | None
+    accelerator: str
+    stdout: Path
+    stderr: Path
+    result: ExitResult | None
+    #: Unix time QEMU was launched.
+    started_at: float
+    qmp_socket: Path
+    cgroup_paths: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+class _Owned:
+    """One VM and what the supervisor holds for it."""
+
+    def __init__(self, vm: VM, helpers: list[Helper], accelerator: str,
+                 warnings: tuple[str, ...] = ()) -> None:
+        self.vm, self.helpers, self.accelerator, self.warnings = vm, helpers, accelerator, warnings
+        self.finished: asyncio.Task[None] | None = None
 
 
 class Supervisor:
@@ -29,89 +70,219 @@ class Supervisor:
 
     def __init__(self, host: HostConfig | None = None) -> None:
         self.host = host or HostConfig()
-        self._vms: dict[str, VM] = {}
+        self._vms: dict[str, _Owned] = {}
+
+    # Section: looking
 
     def __contains__(self, vm_id: str) -> bool:
         return vm_id in self._vms
 
-    def get(self, vm_id: str) -> VM:
-        """The VM with this id; :class:`TaskNotFound` if there is none."""
+    def ids(self) -> list[str]:
+        """Every VM this supervisor knows, running or exited."""
+        return list(self._vms)
+
+    def info(self, vm_id: str) -> VMInfo:
+        """A snapshot of the VM; :class:`TaskNotFound` if there is none."""
+        owned = self._get(vm_id)
+        vm = owned.vm
+        return VMInfo(vm.id, vm.state, vm.pid, owned.accelerator, vm.stdout, vm.stderr, vm.result,
+                      vm.started_at, vm.dirs.qmp_socket, vm.cgroup_paths, owned.warnings)
+
+    def oom_killed(self, vm_id: str) -> bool:
+        """True if the kernel OOM-killed a process in the VM's cgroups."""
+        return cgroup.oom_kills(self._get(vm_id).vm.cgroup_paths) > 0
+
+    def record(self, vm_id: str) -> VMRecord:
+        """What a later supervisor needs to re-attach (Nomad's driver_state)."""
+        return self._get(vm_id).vm.record()
+
+    async def qmp(self, vm_id: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Run a QMP command on a running VM."""
+        return await self._get(vm_id).vm.qmp(cmd, args)
+
+    # Section: starting
+
+    async def prepare(self, req: LaunchRequest, *, preview: bool = False) -> Prepared:
+        """Policy and host checks, off the event loop (they run qemu-img and may probe KVM)."""
+        return await asyncio.to_thread(prepare, req.spec, req.dirs, self.host, vm_id=req.vm_id,
+                                       where=req.where, preview=preview)
+
+    async def start(self, req: LaunchRequest) -> VMInfo:
+        """Prepare, launch and own one VM; returns once the guest is running."""
+        return (await self.start_many([req]))[0]
+
+    async def start_many(self, reqs: list[LaunchRequest]) -> list[VMInfo]:
+        """Prepare every VM first (any bad one starts none), then launch them in order.
+
+        If a launch fails, the VMs launched before it keep running (the caller
+        decides: `vmdriver run` stops them); prepared ones not launched are released.
+        """
+        for req in reqs:
+            if req.vm_id in self._vms:
+                raise InputError("a VM with this id is already started", where=req.vm_id)
+            req.dirs.create()
+        pending: list[Prepared] = []
+        try:
+            for req in reqs:
+                pending.append(await self.prepare(req))
+            out = []
+            for req in reqs:
+                # Launching hands the fds to QEMU (and closes ours) whatever happens.
+                out.append(await self._launch(req, pending.pop(0)))
+            return out
+        finally:
+            for prep in pending:
+                prep.close()
+
+    async def _launch(self, req: LaunchRequest, prep: Prepared) -> VMInfo:
+        env = self._env(req.env)
+        vm = VM(req.vm_id, prep.spec, req.dirs)
+        vm.remove_task_dir = req.remove_task_dir
+        helpers = await start_helpers(prep.helpers, req.dirs.runtime, env)
+        vm.helpers = [h.record() for h in helpers]
+        warnings: list[str] = []
+
+        def confine(pid: int) -> None:
+            if req.confinement is None or not req.confinement.available():
+                return
+            c = req.confinement
+            placement = cgroup.apply(pid, c.limits(prep.spec, prep.ctx.accelerator), c.scope,
+                                     parent=c.parent, cpuset_cgroup=c.cpuset_cgroup)
+            vm.cgroup_paths, vm.cgroups_created = placement.paths, placement.created
+            warnings.extend(placement.warnings)
+            for helper in helpers:
+                cgroup.join(helper.proc.pid, placement.paths)
+
+        try:
+            await vm.launch(prep.ctx, env=env, stdout=req.stdout, stderr=req.stderr,
+                            on_spawn=confine)
+        except BaseException:
+            await stop_helpers(helpers)
+            cgroup.remove(vm.cgroups_created)
+            for path in prep.created:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            req.dirs.remove_runtime()
+            raise
+        return self._own(_Owned(vm, helpers, prep.ctx.accelerator, tuple(warnings)))
+
+    def _own(self, owned: _Owned) -> VMInfo:
+        self._vms[owned.vm.id] = owned
+        owned.finished = asyncio.create_task(self._finish(owned), name=f"owner of {owned.vm.id}")
+        return self.info(owned.vm.id)
+
+    async def _finish(self, owned: _Owned) -> None:
+        """After QEMU exits: helpers, cgroups, runtime dir (and task dir, if asked)."""
+        vm = owned.vm
+        with contextlib.suppress(Exception):
+            await vm.wait()
+        await stop_helpers(owned.helpers)
+        cgroup.remove(vm.cgroups_created)
+        vm.dirs.remove_runtime()
+        if vm.remove_task_dir:
+            shutil.rmtree(vm.dirs.task.path, ignore_errors=True)
+
+    async def recover(self, record: VMRecord) -> VMInfo:
+        """Re-attach to a VM an earlier process started; a no-op if already owned.
+
+        If the VM is gone, its helpers, cgroups and runtime dir are cleaned up and
+        :class:`StateError` says so.
+        """
+        if record.id in self._vms:
+            return self.info(record.id)
+        helpers = attach_helpers(record.helpers)
+        try:
+            vm = await VM.attach(record)
+        except StateError:
+            await stop_helpers(helpers)
+            cgroup.remove(record.cgroups_created)
+            shutil.rmtree(record.runtime_dir, ignore_errors=True)
+            raise
+        return self._own(_Owned(vm, helpers, "kvm" if "-enable-kvm" in record.argv else "tcg"))
+
+    # Section: stopping
+
+    async def stop(self, vm_id: str, timeout: float | None = None,
+                   signal: StopSignal | None = None) -> ExitResult:
+        """Stop a VM with its shutdown ladder; returns once it is cleaned up."""
+        owned = self._get(vm_id)
+        result = await owned.vm.stop(timeout, signal)
+        await self._finished(owned)
+        return result
+
+    async def kill(self, vm_id: str) -> ExitResult:
+        """Stop at once with SIGKILL (Nomad's forced DestroyTask, a second Ctrl-C)."""
+        owned = self._get(vm_id)
+        result = await owned.vm.kill()
+        await self._finished(owned)
+        return result
+
+    async def wait(self, vm_id: str) -> ExitResult:
+        """Wait for the VM to end and be cleaned up."""
+        owned = self._get(vm_id)
+        result = await owned.vm.wait()
+        await self._finished(owned)
+        return result
+
+    async def destroy(self, vm_id: str, *, force: bool = False) -> None:
+        """Forget a VM; ``force`` kills one that still runs. Unknown ids are a no-op."""
+        owned = self._vms.get(vm_id)
+        if owned is None:
+            return
+        if owned.vm.result is None:
+            if not force:
+                raise InputError("VM is still running; stop it first or destroy with force",
+                                 where=vm_id)
+            await self.kill(vm_id)
+        await self._finished(owned)
+        del self._vms[vm_id]
+
+    async def stop_all(self, timeout: float | None = None) -> None:
+        """Stop every running VM at once (SIGINT/SIGTERM of `vmdriver run`)."""
+        running = [i for i, o in self._vms.items() if o.vm.result is None]
+        results = await asyncio.gather(*(self.stop(i, timeout) for i in running),
+                                       return_exceptions=True)
+        for vm_id, res in zip(running, results, strict=True):
+            if isinstance(res, BaseException):
+                log.error("stopping VM %s failed: %s", vm_id, res)
+
+    async def kill_all(self) -> None:
+        """SIGKILL every VM that still runs."""
+        await asyncio.gather(*(self.kill(i) for i, o in self._vms.items() if o.vm.result is None),
+                             return_exceptions=True)
+
+    async def detach_all(self) -> None:
+        """Stop supervising every VM but leave them and their helpers running."""
+        for owned in self._vms.values():
+            if owned.finished is not None:
+                owned.finished.cancel()
+        await asyncio.gather(*(o.vm.detach() for o in self._vms.values()))
+        for owned in self._vms.values():
+            for helper in owned.helpers:
+                helper.proc.close()
+        self._vms.clear()
+
+    # Section: internals
+
+    def _get(self, vm_id: str) -> _Owned:
         try:
             return self._vms[vm_id]
         except KeyError:
             raise TaskNotFound(f"no VM with id {vm_id!r}") from None
 
-    def vms(self) -> list[VM]:
-        """Every VM this supervisor knows, running or exited."""
-        return list(self._vms.values())
-
-    async def prepare(self, spec: VMSpec, task_dir: TaskDir, *, where: str = "") -> Prepared:
-        """Policy and host checks, off the event loop (they run qemu-img and may probe KVM)."""
-        return await asyncio.to_thread(prepare, spec, task_dir, self.host, where=where)
-
-    async def start(
-        self,
-        vm_id: str,
-        spec: VMSpec,
-        task_dir: TaskDir,
-        *,
-        env: Mapping[str, str] | None = None,
-        stdout: Path | None = None,
-        stderr: Path | None = None,
-        prepared: Prepared | None = None,
-        on_spawn: Callable[[int], None] | None = None,
-    ) -> VM:
-        """Check, launch and register a VM; returns once the guest is running.
-
-        ``on_spawn`` is passed to :meth:`VM.launch` (called with QEMU's pid while paused).
-        """
-        if vm_id in self._vms:
-            raise VmdriverError(f"a VM with id {vm_id!r} is already started")
-        task_dir.create()
-        prepared = prepared or await self.prepare(spec, task_dir)
-        vm = VM(vm_id, prepared.spec, task_dir)
-        self._vms[vm_id] = vm
-        try:
-            await vm.launch(prepared.ctx, env=self._env(env), stdout=stdout, stderr=stderr,
-                            on_spawn=on_spawn)
-        except BaseException:
-            del self._vms[vm_id]
-            raise
-        return vm
-
-    async def recover(self, record: VMRecord) -> VM:
-        """Re-attach to a VM an earlier process started; a no-op if already tracked."""
-        if record.id in self._vms:
-            return self._vms[record.id]
-        vm = await VM.attach(record)
-        self._vms[record.id] = vm
-        return vm
-
-    async def stop(self, vm_id: str, timeout: float | None = None,
-                   signal: str | None = None) -> ExitResult:
-        """Stop a VM with its shutdown ladder."""
-        return await self.get(vm_id).stop(timeout, signal)
-
-    def forget(self, vm_id: str) -> None:
-        """Drop an exited VM from the table."""
-        self._vms.pop(vm_id, None)
-
-    async def stop_all(self, timeout: float | None = None) -> None:
-        """Stop every running VM at once (used on SIGINT/SIGTERM of `vmdriver run`)."""
-        running = [vm for vm in self._vms.values() if vm.result is None]
-        results = await asyncio.gather(*(vm.stop(timeout) for vm in running), return_exceptions=True)
-        for vm, res in zip(running, results, strict=True):
-            if isinstance(res, BaseException):
-                log.error("stopping VM %s failed: %s", vm.id, res)
-
-    async def detach_all(self) -> None:
-        """Stop supervising every VM but leave them running (a plugin shutting down)."""
-        await asyncio.gather(*(vm.detach() for vm in self._vms.values()))
-        self._vms.clear()
+    @staticmethod
+    async def _finished(owned: _Owned) -> None:
+        if owned.finished is not None:
+            await asyncio.shield(owned.finished)
 
     @staticmethod
-    def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
-        # QEMU gets a small, predictable environment plus the task's own.
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR")}
-        env.update(extra or {})
+    def _env(extra: Mapping[str, str]) -> dict[str, str]:
+        """A small, predictable environment: a few of ours, and Nomad's ``NOMAD_*`` names.
+
+        The task's own env never reaches QEMU: a job's ``LD_PRELOAD`` or ``TMPDIR``
+        would run job code, or redirect files, inside a process that runs as root
+        before its seccomp filter applies. It belongs in the guest (cloud-init).
+        """
+        env = {k: v for k, v in os.environ.items() if k in _HOST_ENV}
+        env.update({k: v for k, v in extra.items() if k.startswith("NOMAD_") and "\0" not in v})
         return env

@@ -1,19 +1,26 @@
-"""Task directories, laid out the way Nomad lays them out.
+"""Where a VM's files live: the task dir (Nomad's layout), a runtime dir, a data dir.
 
 ::
 
-    <alloc_dir>/alloc/{data,logs,tmp}       shared by the allocation's tasks
-    <alloc_dir>/<task>/{local,secrets,tmp}  the task dir; QEMU's working directory
-    <alloc_dir>/<task>/qmp.sock             QMP, for re-attaching
-    <alloc_dir>/<task>/qa.sock              guest agent (when enabled)
-    <alloc_dir>/<task>/vmdriver.json        what re-attaching needs
-    <alloc_dir>/alloc/logs/<task>.stdout.0  serial console (QEMU's stdout)
-    <alloc_dir>/alloc/logs/<task>.stderr.0  QEMU's own messages
+    <alloc_dir>/alloc/{data,logs,tmp}        shared by the allocation's tasks
+    <alloc_dir>/<task>/{local,secrets,tmp}   the task dir; QEMU's working directory
+    <alloc_dir>/alloc/logs/<task>.stdout.0   serial console (QEMU's stdout)
+    <alloc_dir>/alloc/logs/<task>.stderr.0   QEMU's own messages
+
+    <runtime dir>/                           sockets, seeds, the VM record: removed
+                                             when the VM ends; outside anything a job names
+    <data dir>/                              UEFI vars, TPM state, volumes: kept as long as
+                                             the face wants (a restart finds them again)
+
+The control plane (QMP, the guest agent socket, the record) lives in the runtime
+dir, never in the task dir a job can name in its args.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +28,13 @@ from vmdriver.errors import SpecError
 
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
+#: The record re-attaching needs, in the runtime dir.
+RECORD_NAME = "vmdriver.json"
 
 
 @dataclass(frozen=True)
 class TaskDir:
-    """Paths of one task's directory."""
+    """Paths of one task's directory, in Nomad's layout."""
 
     alloc_dir: Path
     task: str
@@ -51,21 +60,6 @@ class TaskDir:
         return self.alloc_dir / "alloc"
 
     @property
-    def qmp_socket(self) -> Path:
-        """QMP unix socket, for re-attaching."""
-        return self.path / "qmp.sock"
-
-    @property
-    def qga_socket(self) -> Path:
-        """Guest agent socket (Nomad's name)."""
-        return self.path / "qa.sock"
-
-    @property
-    def state_file(self) -> Path:
-        """JSON with what re-attaching needs."""
-        return self.path / "vmdriver.json"
-
-    @property
     def stdout(self) -> Path:
         """Serial console log."""
         return self.shared / "logs" / f"{self.task}.stdout.0"
@@ -74,17 +68,6 @@ class TaskDir:
     def stderr(self) -> Path:
         """QEMU's stderr log."""
         return self.shared / "logs" / f"{self.task}.stderr.0"
-
-    def check_socket_paths(self) -> None:
-        """Refuse before launch if a socket path would not fit in sun_path."""
-        for sock in (self.qmp_socket, self.qga_socket):
-            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
-                raise SpecError(
-                    f"socket path is {len(os.fsencode(sock))} bytes, longer than the "
-                    f"{MAX_SOCKET_PATH} a unix socket allows; use a shorter task name "
-                    "or state dir",
-                    where=str(sock),
-                )
 
     def create(self) -> None:
         """Make the directories, private to the owner.
@@ -97,3 +80,65 @@ class TaskDir:
         for d in (self.path, self.local, self.secrets, self.path / "tmp",
                   self.shared / "data", self.shared / "logs", self.shared / "tmp"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def vm_key(vm_id: str) -> str:
+    """A short, path-safe name for a VM id (ids hold ``/`` and may be long)."""
+    return hashlib.sha256(vm_id.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class VMDirs:
+    """The three places of one VM."""
+
+    task: TaskDir
+    #: Sockets, seeds, the record: removed when the VM ends.
+    runtime: Path
+    #: Persistent state (UEFI vars, TPM): kept unless the face removes it.
+    data: Path
+    #: Names of the QMP and guest-agent sockets in the runtime dir (the runner uses
+    #: VM-Operator's ``monitor.sock`` for an operator's own QMP client, so ours differs).
+    qmp_name: str = "qmp.sock"
+    qga_name: str = "qga.sock"
+
+    @classmethod
+    def under(cls, state_dir: Path, vm_id: str, task: TaskDir) -> VMDirs:
+        """The default places under a state dir: ``run/<key>`` and ``data/<key>``."""
+        key = vm_key(vm_id)
+        return cls(task, state_dir / "run" / key, state_dir / "data" / key)
+
+    @property
+    def qmp_socket(self) -> Path:
+        """QMP unix socket, for re-attaching."""
+        return self.runtime / self.qmp_name
+
+    @property
+    def qga_socket(self) -> Path:
+        """Guest agent socket."""
+        return self.runtime / self.qga_name
+
+    @property
+    def record(self) -> Path:
+        """JSON with what re-attaching needs."""
+        return self.runtime / RECORD_NAME
+
+    def check_socket_paths(self) -> None:
+        """Refuse before launch if a socket path would not fit in sun_path."""
+        for sock in (self.qmp_socket, self.qga_socket, self.runtime / "vfs-xxxxxxxxxxxxxxx.sock"):
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                raise SpecError(
+                    f"socket path is {len(os.fsencode(sock))} bytes, longer than the "
+                    f"{MAX_SOCKET_PATH} a unix socket allows; use a shorter state or runtime dir",
+                    where=str(sock),
+                )
+
+    def create(self) -> None:
+        """Make the task dir, and the runtime and data dirs private to the owner."""
+        self.task.create()
+        for d in (self.runtime, self.data):
+            d.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            d.mkdir(exist_ok=True, mode=0o700)
+
+    def remove_runtime(self) -> None:
+        """Remove the runtime dir and everything in it (the VM has ended)."""
+        shutil.rmtree(self.runtime, ignore_errors=True)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal as _signal
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -24,11 +23,12 @@ from qemu.qmp import EventListener
 from vmdriver.errors import LaunchError, MonitorError, StateError
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
-from vmdriver.runtime.process import QemuProcess, close_fds
+from vmdriver.runtime.helpers import HelperRecord
+from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitKind, ExitResult, VMState
-from vmdriver.runtime.taskdir import TaskDir
-from vmdriver.spec import VMSpec
+from vmdriver.runtime.taskdir import TaskDir, VMDirs
+from vmdriver.spec import StopSignal, VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,6 @@ SIGNAL_GRACE_S = 5.0
 #: How long the POWERDOWN event may take to confirm the button press.
 POWERDOWN_CONFIRM_S = 2.0
 QMP_CONNECT_TIMEOUT_S = 15.0
-
-
-def _signum(name: str) -> int:
-    name = name.upper()
-    return int(getattr(_signal, name if name.startswith("SIG") else "SIG" + name))
 
 
 def tail(path: Path, limit: int = 4000) -> str:
@@ -65,16 +60,21 @@ def tail(path: Path, limit: int = 4000) -> str:
 class VM:
     """A VM under supervision. Create with :meth:`launch` or :meth:`attach`."""
 
-    def __init__(self, vm_id: str, spec: VMSpec, task_dir: TaskDir) -> None:
+    def __init__(self, vm_id: str, spec: VMSpec, dirs: VMDirs) -> None:
         self.id = vm_id
         self.spec = spec
-        self.task_dir = task_dir
+        self.dirs = dirs
         self.state = VMState.DEFINED
         self.argv: tuple[str, ...] = ()
         self.started_at = 0.0
-        self.stdout = task_dir.stdout
-        self.stderr = task_dir.stderr
-        self._proc: QemuProcess | None = None
+        self.stdout = dirs.task.stdout
+        self.stderr = dirs.task.stderr
+        #: Set by the supervisor before launch, so the record carries them.
+        self.helpers: list[HelperRecord] = []
+        self.cgroup_paths: tuple[str, ...] = ()
+        self.cgroups_created: tuple[str, ...] = ()
+        self.remove_task_dir = False
+        self._proc: ManagedProcess | None = None
         self._monitor: Monitor | None = None
         self._listener: EventListener | None = None
         self._events: list[dict[str, Any]] = []
@@ -122,7 +122,7 @@ class VM:
             # fork+exec blocks for tens of ms on a busy host: keep the event loop (and
             # the QMP handshakes of VMs launched alongside) going meanwhile.
             spawning = asyncio.ensure_future(asyncio.to_thread(
-                QemuProcess.spawn, self.argv, cwd=self.task_dir.path, env=env,
+                ManagedProcess.spawn, self.argv, cwd=self.dirs.task.path, env=env,
                 stdout=self.stdout, stderr=self.stderr,
                 pass_fds=(theirs.fileno(), *ctx.pass_fds),
             ))
@@ -141,7 +141,7 @@ class VM:
                 on_spawn(self._proc.pid)
             await self._connect(ours)
             self._watcher = asyncio.create_task(self._watch(), name=f"watcher of VM {self.id}")
-            self._save_record()
+            self.save_record()
             assert self._monitor is not None
             await self._monitor.execute("cont")
         except BaseException:
@@ -155,19 +155,27 @@ class VM:
     async def attach(cls, record: VMRecord) -> VM:
         """Take over a VM started by an earlier supervisor process, without restarting it."""
         spec = VMSpec.model_validate(record.spec)
-        vm = cls(record.id, spec, TaskDir(Path(record.alloc_dir), record.task))
+        dirs = VMDirs(TaskDir(Path(record.alloc_dir), record.task), Path(record.runtime_dir),
+                      Path(record.data_dir), Path(record.qmp_socket).name,
+                      Path(record.qga_socket).name)
+        vm = cls(record.id, spec, dirs)
         vm.argv, vm.started_at = tuple(record.argv), record.started_at
         vm.stdout, vm.stderr = Path(record.stdout), Path(record.stderr)
-        proc = QemuProcess.attach(record.pid, record.pid_start_time)
+        vm.helpers = list(record.helpers)
+        vm.cgroup_paths, vm.cgroups_created = tuple(record.cgroup_paths), tuple(record.cgroups_created)
+        vm.remove_task_dir = record.remove_task_dir
+        proc = ManagedProcess.attach(record.pid, record.pid_start_time)
         if proc is None:
             raise StateError(vm.id, "gone (its QEMU process no longer exists)", "running")
         vm._proc = proc
-        vm._monitor = Monitor(f"{record.task}")
+        monitor = Monitor(f"{record.task}")
         try:
-            await vm._monitor.connect(Path(record.qmp_socket), timeout=QMP_CONNECT_TIMEOUT_S)
-        except MonitorError:
-            proc.close()
-            raise
+            await monitor.connect(Path(record.qmp_socket), timeout=QMP_CONNECT_TIMEOUT_S)
+            vm._monitor = monitor
+        except MonitorError as exc:
+            # QMP does not answer (hung, or its socket is gone): the VM is still ours to
+            # stop, by its pid and start time; stops skip the power button.
+            log.warning("VM %s: re-attached without QMP: %s", vm.id, exc)
         vm._watcher = asyncio.create_task(vm._watch(), name=f"watcher of VM {vm.id}")
         vm.state = VMState.RUNNING
         return vm
@@ -176,7 +184,8 @@ class VM:
         """Wait for the VM to end; re-raises any error of the watcher."""
         return await asyncio.shield(self._result)
 
-    async def stop(self, timeout: float | None = None, signal: str | None = None) -> ExitResult:
+    async def stop(self, timeout: float | None = None,
+                   signal: StopSignal | None = None) -> ExitResult:
         """Stop the VM with the spec's ladder; concurrent calls share one stop."""
         if self._result.done():
             return await self.wait()
@@ -214,12 +223,16 @@ class VM:
     def record(self) -> VMRecord:
         """What a later supervisor needs to re-attach."""
         assert self._proc is not None
+        d = self.dirs
         return VMRecord(
-            id=self.id, task=self.task_dir.task, alloc_dir=str(self.task_dir.alloc_dir),
+            id=self.id, task=d.task.task, alloc_dir=str(d.task.alloc_dir),
+            runtime_dir=str(d.runtime), data_dir=str(d.data),
             pid=self._proc.pid, pid_start_time=self._proc.start_time,
-            qmp_socket=str(self.task_dir.qmp_socket), argv=list(self.argv),
+            qmp_socket=str(d.qmp_socket), qga_socket=str(d.qga_socket), argv=list(self.argv),
             spec=self.spec.model_dump(mode="json"), started_at=self.started_at,
-            stdout=str(self.stdout), stderr=str(self.stderr),
+            stdout=str(self.stdout), stderr=str(self.stderr), helpers=self.helpers,
+            cgroup_paths=list(self.cgroup_paths), cgroups_created=list(self.cgroups_created),
+            remove_task_dir=self.remove_task_dir,
         )
 
     # Section: launch helpers
@@ -230,7 +243,7 @@ class VM:
 
     async def _connect(self, sock: socket.socket) -> None:
         assert self._proc is not None
-        self._monitor = Monitor(self.task_dir.task)
+        self._monitor = Monitor(self.dirs.task.task)
         connect: asyncio.Future[None] = asyncio.ensure_future(
             self._monitor.connect(sock, QMP_CONNECT_TIMEOUT_S)
         )
@@ -269,15 +282,12 @@ class VM:
         self._cleanup_files()
         self.state = VMState.EXITED
 
-    def _save_record(self) -> None:
-        path = self.task_dir.state_file
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.record().model_dump_json())
-        tmp.chmod(0o600)
-        tmp.replace(path)
+    def save_record(self) -> None:
+        """Write the record for re-attaching (again, when the supervisor changed it)."""
+        self.record().save(self.dirs.record)
 
     def _cleanup_files(self) -> None:
-        for p in (self.task_dir.qmp_socket, self.task_dir.qga_socket, self.task_dir.state_file):
+        for p in (self.dirs.qmp_socket, self.dirs.qga_socket, self.dirs.record):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -285,19 +295,12 @@ class VM:
 
     async def _watch(self) -> None:
         """Record events until QEMU exits, then settle the result."""
-        assert self._proc is not None and self._monitor is not None
+        assert self._proc is not None
         try:
-            async with self._monitor.events(*LIFECYCLE_EVENTS) as listener:
-                self._listener = listener
-                reader = asyncio.create_task(self._read_events(listener))
-                try:
-                    code, sig = await self._proc.wait()
-                    await self._drain(listener)
-                finally:
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reader
-            await self._monitor.disconnect()
+            if self._monitor is None:
+                code, sig = await self._proc.wait()
+            else:
+                code, sig = await self._watch_events(self._monitor)
             self._cleanup_files()
             self.state = VMState.EXITED
             self._result.set_result(self._classify(code, sig))
@@ -308,17 +311,26 @@ class VM:
             if not self._result.done():
                 self._result.set_exception(exc)
 
+    async def _watch_events(self, monitor: Monitor) -> tuple[int, int]:
+        assert self._proc is not None
+        async with monitor.events(*LIFECYCLE_EVENTS) as listener:
+            self._listener = listener
+            reader = asyncio.create_task(self._read_events(listener))
+            try:
+                code, sig = await self._proc.wait()
+                # Take the events QEMU sent just before exiting, which may still be in flight.
+                await monitor.wait_closed(1.0)
+                for event in listener.clear():
+                    self._on_event(dict(event))
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        await monitor.disconnect()
+        return code, sig
+
     async def _read_events(self, listener: EventListener) -> None:
         async for event in listener:
-            self._on_event(dict(event))
-
-    async def _drain(self, listener: EventListener) -> None:
-        """Take the events QEMU sent just before exiting, which may still be in flight."""
-        assert self._monitor is not None
-        deadline = time.monotonic() + 1.0
-        while self._monitor.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for event in listener.clear():
             self._on_event(dict(event))
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -352,11 +364,11 @@ class VM:
             return ExitResult(ExitKind.LOST, code, sig)
         return ExitResult(ExitKind.CRASHED, code, sig, tail(self.stderr))
 
-    async def _stop(self, timeout: float | None, signal: str | None) -> ExitResult:
+    async def _stop(self, timeout: float | None, signal: StopSignal | None) -> ExitResult:
         assert self._proc is not None
         policy = self.spec.shutdown
         timeout = policy.timeout_s if timeout is None else timeout
-        sig = _signum(signal or policy.signal)
+        sig = (signal or policy.signal).number
         self._stop_requested = True
         self.state = VMState.STOPPING
         if policy.graceful and self._monitor and self._monitor.connected:
