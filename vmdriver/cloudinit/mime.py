@@ -1,17 +1,22 @@
 """Merge the job's own user-data with the generated cloud-config.
 
 The result is a ``multipart/mixed`` message, cloud-init's way of carrying
-several user-data parts. The generated part comes first and the job's part(s)
-last. cloud-init merges cloud-config parts in order, each into what came
-before, with the merge rules named by the part's ``Merge-Type`` header (or its
-own ``merge_how`` key, which wins over the header). vmdriver gives each
-cloud-config part of the job, unless it says otherwise,
+several user-data parts. cloud-init merges the cloud-config parts in order,
+each into what came before, by the rules in the part's ``merge_how`` key or
+its ``Merge-Type`` header (default ``dict(replace)+list()+str()``).
 
-    dict(recurse_array,recurse_dict,replace)+list(append)+str()
+None of those rules lets a *later* part win on scalars while appending lists:
+``dict(replace)`` replaces whole lists too (a job's ``runcmd`` would wipe the
+task's ``cmds`` and its ``write_files`` the Nomad env), and ``dict(no_replace)``
+keeps the earlier scalar. So the job's part(s) come first, unchanged, and the
+generated part comes last with
 
-so both apply: lists such as ``runcmd``, ``write_files`` or
-``ssh_authorized_keys`` are appended (generated entries first) and, where both
-set the same scalar key, the job's value wins.
+    dict(no_replace,recurse_array,recurse_dict)+list(prepend)+str()
+
+which means: where both set the same scalar (``timezone``, ``ssh_pwauth``,
+``password``, ``chpasswd.expire``...) the job's value wins; lists
+(``runcmd``, ``write_files``, ``ssh_authorized_keys``, ``bootcmd``) are
+joined, generated entries first; nested mappings merge key by key.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from typing import Final
 
 from vmdriver.errors import SpecError
 
-#: Merge rules for the job's cloud-config parts (see the module docstring).
-USER_MERGE_TYPE: Final = "dict(recurse_array,recurse_dict,replace)+list(append)+str()"
+#: Merge rules of the generated part, merged after the job's (see the module docstring).
+GENERATED_MERGE_TYPE: Final = "dict(no_replace,recurse_array,recurse_dict)+list(prepend)+str()"
 MERGE_HEADER: Final = "Merge-Type"
 
 # cloud-init's "starts with" table (cloudinit/handlers/__init__.py); longest first.
@@ -78,12 +83,10 @@ def _user_parts(text: str) -> list[EmailMessage]:
 
 
 def merge_user_data(generated: str, user: str) -> str:
-    """``multipart/mixed``: the generated cloud-config, then the job's part(s)."""
-    parts: list[EmailMessage] = [_text_part(generated, "cloud-config", "vmdriver.cfg")]
-    for part in _user_parts(user):
-        if part.get_content_type() == "text/cloud-config" and MERGE_HEADER not in part:
-            part[MERGE_HEADER] = USER_MERGE_TYPE
-        parts.append(part)
+    """``multipart/mixed``: the job's part(s), then the generated cloud-config."""
+    ours = _text_part(generated, "cloud-config", "vmdriver.cfg")
+    ours[MERGE_HEADER] = GENERATED_MERGE_TYPE
+    parts = [*_user_parts(user), ours]
     outer = EmailMessage()
     outer["MIME-Version"] = "1.0"
     outer.make_mixed()
