@@ -9,8 +9,9 @@ import pytest
 
 from vmdriver.errors import JobFileError, SpecError
 from vmdriver.jobfile.model import load_job
-from vmdriver.jobfile.plan import plan_job
-from vmdriver.spec import Accelerator, DriveInterface
+from vmdriver.jobfile.plan import TaskPlan, plan_job
+from vmdriver.jobfile.qemu import DriveInterface, QemuTaskConfig
+from vmdriver.spec import Accelerator, Bus, FileMedium, PortForward, UserNic
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -36,8 +37,15 @@ job "j" {{
 """
 
 
-def plan(tmp_path: Path, body: str):  # type: ignore[no-untyped-def]
+def plan(tmp_path: Path, body: str) -> list[TaskPlan]:
     return plan_job(load_job(write(tmp_path, body)), tmp_path / "state", host_memory_mb=8192)
+
+
+def forwards(p: TaskPlan) -> tuple[PortForward, ...]:
+    """The port forwards of the task's one user-mode NIC."""
+    (nic,) = p.spec.nics
+    assert isinstance(nic, UserNic), nic
+    return nic.forwards
 
 
 def test_defaults_follow_nomad(tmp_path: Path) -> None:
@@ -45,10 +53,11 @@ def test_defaults_follow_nomad(tmp_path: Path) -> None:
     spec = p.spec
     assert spec.emulator == "x86_64" and spec.machine_type == "pc"
     assert spec.accelerator is Accelerator.TCG
-    assert spec.drives[0].interface is DriveInterface.IDE
+    assert QemuTaskConfig().drive_interface is DriveInterface.IDE
+    assert spec.drives[0].bus is Bus.IDE
     assert spec.resources.memory_mib == 300
     assert spec.shutdown.timeout_s == 5.0 and spec.shutdown.signal == "SIGINT"
-    assert not spec.shutdown.graceful and spec.network is None
+    assert not spec.shutdown.graceful and spec.nics == ()
 
 
 def test_group_network_ports_are_forwarded(tmp_path: Path) -> None:
@@ -56,8 +65,7 @@ def test_group_network_ports_are_forwarded(tmp_path: Path) -> None:
     body = job('image_path = "x.img"\nport_map { http = 80 }',
                group_extra='network { port "http" { static = 18080 } }')
     (p,) = plan(tmp_path, body)
-    assert p.spec.network is not None
-    (fwd,) = p.spec.network.forwards
+    (fwd,) = forwards(p)
     assert (fwd.host_port, fwd.guest_port, fwd.label) == (18080, 80, "http")
     assert p.env["NOMAD_HOST_PORT_http"] == "18080"
 
@@ -66,8 +74,7 @@ def test_dynamic_port_gets_a_free_host_port(tmp_path: Path) -> None:
     body = job('image_path = "x.img"\nport_map { web = 8080 }',
                group_extra='network { port "web" {} }')
     (p,) = plan(tmp_path, body)
-    assert p.spec.network is not None
-    assert 20000 <= p.spec.network.forwards[0].host_port < 32000
+    assert 20000 <= forwards(p)[0].host_port < 32000
 
 
 def test_port_map_label_must_be_declared(tmp_path: Path) -> None:
@@ -112,8 +119,9 @@ def test_legacy_keys_warn_and_map(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert "deprecated" in caplog.text
     assert p.artifacts[0].source == "http://h/x.img"
     assert dict(p.artifacts[0].options)["checksum"] == "md5:abc"
-    assert p.spec.drives[0].path == "local/x.img"
-    assert p.spec.network is not None and p.spec.network.forwards[0].guest_port == 81
+    medium = p.spec.drives[0].medium
+    assert isinstance(medium, FileMedium) and medium.path == "local/x.img"
+    assert forwards(p)[0].guest_port == 81
 
 
 def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
@@ -124,8 +132,9 @@ def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
 
 def test_no_qemu_task_is_an_error(tmp_path: Path) -> None:
     body = 'job "j" { group "g" { task "t" { driver = "docker" } } }'
-    with pytest.raises(JobFileError, match='no task with driver = "qemu"'):
+    with pytest.raises(JobFileError, match="no task with a driver vmdriver runs") as exc:
         plan(tmp_path, body)
+    assert 'driver = "qemu"' in str(exc.value)
 
 
 def test_group_count_runs_instances(tmp_path: Path) -> None:
