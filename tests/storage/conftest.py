@@ -98,7 +98,7 @@ def pool_files(pool: DirectoryPool) -> list[str]:
     out = []
     for dirpath, _dirs, files in os.walk(pool.root):
         rel = os.path.relpath(dirpath, pool.root)
-        if rel.startswith(".vmdriver/locks") or rel.startswith(".vmdriver/hashes"):
+        if rel.startswith(".vmdriver/locks") or rel.startswith(".vmdriver/memo"):
             continue
         out += [os.path.normpath(os.path.join(rel, f)) for f in files]
     return sorted(out)

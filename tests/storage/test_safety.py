@@ -209,3 +209,14 @@ def test_disk_full_fails_clearly_and_leaves_nothing(tmpfs: Path, work: Path, wha
         assert _usage(tmpfs) - before < MIB
     finally:
         pool.close()
+
+
+def test_remembered_facts_never_hide_a_rewritten_volume(pool: DirectoryPool, work: Path) -> None:
+    golden = make_image(pool.root / "golden.qcow2", "qcow2", 4 * MIB)
+    pool.create_volume(request(pool, disk(source={"volume": "golden.qcow2"}), index=0))
+    ino = golden.stat().st_ino
+    # Rewritten in place (same inode) into an overlay naming a host file.
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(golden), "4M")
+    assert golden.stat().st_ino == ino
+    with pytest.raises(PolicyError, match="image has a backing file"):
+        pool.create_volume(request(pool, disk(source={"volume": "golden.qcow2"}), index=1))

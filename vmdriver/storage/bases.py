@@ -7,13 +7,14 @@ chaining to the same image shares it. Layout under the pool's ``.vmdriver``::
     bases/<fmt>-<sha256>.<fmt>     the bases (made read-only, 0400)
     refs/<base>/<volume>           one empty file per volume chained on it
     locks/<base>.lock              flock: one creator, no half-made base seen
-    hashes/<dev>-<ino>             content hash of an image file, by stat identity
+    memo/<kind>-<dev>-<ino>        content hash / qemu-img facts of a file, by stat identity
 
-Hashing a 10 GiB image on every start would cost seconds; :class:`ContentKeys`
+Hashing a 10 GiB image on every start would cost seconds; :class:`StatMemo`
 remembers each file's hash keyed by (device, inode, size, mtime, ctime), so a
 later start costs one ``fstat`` and a tiny read. ``ctime`` cannot be set from
 user space, so a file rewritten in place (even with its mtime put back) is
-hashed again.
+hashed again. The same memo keeps what ``qemu-img info`` said of a source
+volume, so cloning a golden volume does not start a process to inspect it again.
 
 Every change to a base or its refs happens under its lock, and a volume is
 published (renamed into place) before the lock is released, so a collector
@@ -27,7 +28,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vmdriver.storage import fsutil
 from vmdriver.storage.base import SourceImage
@@ -36,26 +37,40 @@ from vmdriver.storage.errors import StorageError
 _BASE_RE = re.compile(r"^(qcow2|raw)-[0-9a-f]{64}\.(qcow2|raw)$", re.ASCII)
 
 
-class ContentKeys:
-    """Content hashes of image files, remembered by stat identity in ``hashes/``."""
+class StatMemo:
+    """Facts about files (a content hash, what qemu-img says), remembered by stat identity.
+
+    An entry is keyed by device and inode and valid while size, mtime and ctime
+    are unchanged; ``ctime`` cannot be set from user space, so a file rewritten in
+    place (even with its mtime put back) is looked at again.
+    """
 
     def __init__(self, dir_fd: int) -> None:
         self.dir_fd = dir_fd
 
-    def sha256(self, fd: int) -> str:
-        """The sparse SHA-256 (:func:`fsutil.content_sha256`) of the open file ``fd``."""
+    def remember(self, fd: int, kind: str,
+                 compute: Callable[[], dict[str, object]]) -> dict[str, object]:
+        """``compute()`` for the open file ``fd``, or what it gave last time for this file."""
         st = os.fstat(fd)
-        ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
-        entry = f"{st.st_dev}-{st.st_ino}"
+        ident: dict[str, object] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                    "ctime_ns": st.st_ctime_ns}
+        entry = f"{kind}-{st.st_dev}-{st.st_ino}"
         cached = self._read(entry)
         if cached is not None and {k: cached.get(k) for k in ident} == ident:
-            return str(cached["sha256"])
-        digest = fsutil.content_sha256(fd)
-        if (os.fstat(fd).st_mtime_ns, os.fstat(fd).st_ctime_ns) != (st.st_mtime_ns,
-                                                                     st.st_ctime_ns):
-            return digest  # changed while hashing: use it once, remember nothing
-        self._write(entry, {**ident, "sha256": digest})
-        return digest
+            value = cached.get("value")
+            if isinstance(value, dict):
+                return value
+        value = compute()
+        after = os.fstat(fd)
+        if (after.st_mtime_ns, after.st_ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns):
+            self._write(entry, {**ident, "value": value})
+        # else: changed while computing: use the answer once, remember nothing
+        return value
+
+    def sha256(self, fd: int) -> str:
+        """The content hash (:func:`fsutil.content_sha256`) of the open file ``fd``."""
+        return str(self.remember(fd, "sha256",
+                                 lambda: {"sha256": fsutil.content_sha256(fd)})["sha256"])
 
     def _read(self, entry: str) -> dict[str, object] | None:
         try:
@@ -64,10 +79,10 @@ class ContentKeys:
             return None
         try:
             with os.fdopen(fd, "rb") as f:
-                data = json.loads(f.read(4096))
+                data = json.loads(f.read(65536))
         except (OSError, ValueError):
             return None
-        return data if isinstance(data, dict) and isinstance(data.get("sha256"), str) else None
+        return data if isinstance(data, dict) else None
 
     def _write(self, entry: str, data: dict[str, object]) -> None:
         tmp = f".{entry}.{os.getpid()}"

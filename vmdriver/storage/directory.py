@@ -12,6 +12,7 @@ place only when complete; any exception removes the temporary file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
@@ -80,8 +81,8 @@ class DirectoryPool(Pool):
         self.refs = basestore.BaseRefs(
             bases_fd, self._keep(fsutil.open_dir("refs", dir_fd=meta, create=True)),
             self._keep(fsutil.open_dir("locks", dir_fd=meta, create=True)))
-        self.keys = basestore.ContentKeys(
-            self._keep(fsutil.open_dir("hashes", dir_fd=meta, create=True)))
+        self.memo = basestore.StatMemo(
+            self._keep(fsutil.open_dir("memo", dir_fd=meta, create=True)))
         self._sweep_tmp()
 
     @classmethod
@@ -217,8 +218,10 @@ class DirectoryPool(Pool):
         fd = fsutil.open_file(name, self.fd, where=f"{where}.source.volume")
         try:
             fmt = {"qcow2": "qcow2", "raw": "raw"}.get(name.rsplit(".", 1)[-1])
-            got = qemuimg.facts(f"/dev/fd/{fd}", fmt=fmt, where=f"{where}.source.volume",
-                                display=name, pass_fds=(fd,))
+            got = qemuimg.ImageFacts.from_dict(self.memo.remember(
+                fd, f"facts-{fmt or 'probed'}", lambda: dataclasses.asdict(qemuimg.facts(
+                    f"/dev/fd/{fd}", fmt=fmt, where=f"{where}.source.volume", display=name,
+                    pass_fds=(fd,)))))
         except BaseException:
             os.close(fd)
             raise
@@ -243,7 +246,7 @@ class DirectoryPool(Pool):
         if req.image is None:
             return self._chained_on_volume(name, req, where)
         image = req.image
-        base = basestore.base_name(image, self.keys.sha256(image.fd))
+        base = basestore.base_name(image, self.memo.sha256(image.fd))
         size = target_size(req, image.virtual_size)
         bfmt = base.split("-", 1)[0]
         with self.refs.locked(base):

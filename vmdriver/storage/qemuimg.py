@@ -31,6 +31,16 @@ class ImageFacts:
     actual_size: int
     backing: str | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ImageFacts:
+        """Back from :func:`dataclasses.asdict` (as remembered in a pool's memo)."""
+        fmt, vsize, asize = data.get("format"), data.get("virtual_size"), data.get("actual_size")
+        backing = data.get("backing")
+        if not (isinstance(fmt, str) and isinstance(vsize, int) and isinstance(asize, int)
+                and (backing is None or isinstance(backing, str))):
+            raise StorageError("a remembered qemu-img answer is malformed")
+        return cls(format=fmt, virtual_size=vsize, actual_size=asize, backing=backing)
+
 
 def info(name: str, *, fmt: str | None, where: str, display: str,
          pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:
