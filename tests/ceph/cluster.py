@@ -59,6 +59,11 @@ _MGR_MODULES = (
 STEP_TIMEOUT = 60.0
 
 
+#: Daemons this process started: kept so they are reaped (and not garbage-collected
+#: while running, which warns).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class ClusterError(RuntimeError):
     """The cluster could not be brought up; the message says which step failed."""
 
@@ -208,6 +213,7 @@ def _spawn(d: Path, name: str, *, tied: bool) -> int:
             preexec_fn=_die_with_parent if tied else None,  # noqa: PLW1509 (prctl only)
         )
     (d / "run" / f"{name}.pid").write_text(str(proc.pid))
+    _CHILDREN[proc.pid] = proc
     return proc.pid
 
 
@@ -375,8 +381,11 @@ def _stop(pids: list[int], grace: float) -> None:
 
 def _alive(pid: int) -> bool:
     # Our own children are zombies until reaped: reap them, then look.
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    if pid in _CHILDREN:
+        if _CHILDREN[pid].poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):

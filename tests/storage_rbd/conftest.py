@@ -1,0 +1,89 @@
+"""Fixtures for RBD pool tests: the throwaway cluster, pools on it, small real images."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ceph.cluster import Cluster
+from tests.ceph.fixtures import ceph_cluster  # noqa: F401 (the session fixture)
+from vmdriver.storage.config import CephPoolConfig
+from vmdriver.storage.rbd import RbdPool
+
+MIB = 1 << 20
+
+
+def pool_config(cluster: Cluster, *, key: str | None = None, hosts: tuple[str, ...] = (),
+                pool: str | None = None, user: str | None = None) -> CephPoolConfig:
+    """The ``ceph "remote" {}`` block for the test cluster (parts overridable)."""
+    return CephPoolConfig(
+        name="remote", pool=pool or cluster.pool, hosts=hosts or (cluster.mon_host,),
+        authentication={"username": user or cluster.client, "secret": key or cluster.client_key})
+
+
+@pytest.fixture
+def rbd_pool(ceph_cluster: Cluster) -> Iterator[RbdPool]:  # noqa: F811
+    pool = RbdPool.from_config(pool_config(ceph_cluster))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def admin(ceph_cluster: Cluster) -> Iterator[Any]:  # noqa: F811
+    """A connected admin ``rados.Rados`` (from the cluster's own conf and keyring)."""
+    client = ceph_cluster.admin()
+    try:
+        yield client
+    finally:
+        client.shutdown()
+
+
+def pool_state(admin: Any, pool: str) -> dict[str, list[str]]:
+    """Every image in ``pool`` with its snapshots: what 'the pool as it was' means."""
+    import rbd
+
+    state = {}
+    with admin.open_ioctx(pool) as io:
+        for name in rbd.RBD().list(io):
+            with rbd.Image(io, name, read_only=True) as image:
+                state[name] = sorted(s["name"] for s in image.list_snaps())
+    return state
+
+
+def read_image(admin: Any, pool: str, name: str, offset: int, length: int) -> bytes:
+    """Bytes of an RBD image, read with the bindings."""
+    import rbd
+
+    with admin.open_ioctx(pool) as io, rbd.Image(io, name, read_only=True) as image:
+        return bytes(image.read(offset, length))
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vmd-rbdt-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_image(path: Path, fmt: str, size: int, data: bytes, at: int) -> Path:
+    """A real ``fmt`` image of ``size`` bytes holding ``data`` at ``at``."""
+    raw = path.with_suffix(".raw") if fmt != "raw" else path
+    with raw.open("wb") as f:
+        f.truncate(size)
+        f.seek(at)
+        f.write(data)
+    if fmt != "raw":
+        subprocess.run(("qemu-img", "convert", "-f", "raw", "-O", fmt, str(raw), str(path)),
+                       check=True, capture_output=True)
+        raw.unlink()
+    return path
