@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmdriver.errors import SpecError
+from vmdriver.errors import PolicyError, SpecError
 from vmdriver.storage import Pools, SourceImage, StorageError, parse_storage_pools
 from vmdriver.storage.directory import DirectoryPool
 from vmdriver.storage.disks import parse_disks
@@ -19,6 +19,7 @@ from .conftest import (
     info,
     make_image,
     pool_files,
+    qemu_img,
     read_guest_bytes,
     request,
     sha,
@@ -216,3 +217,44 @@ def test_killed_creator_leftovers_are_swept(pool: DirectoryPool) -> None:
     (tmp / f"y.qcow2.{os.getpid()}.0123abcd.part").write_bytes(b"mine, in progress")
     DirectoryPool("local", pool.root).close()
     assert sorted(os.listdir(tmp)) == [f"y.qcow2.{os.getpid()}.0123abcd.part"]
+
+
+def _artifact_overlay(work: Path, name: str) -> tuple[Path, Path]:
+    """What vmdriver.artifacts puts in a task dir for a qcow2 artifact: an overlay on the cache."""
+    cache = work / "cache"
+    cache.mkdir(exist_ok=True)
+    cached = cache / "img.qcow2"
+    if not cached.exists():
+        make_image(cached, "qcow2", 16 * MIB, data=MARK, at=2 * MIB)
+    task = work / name
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(cached), str(task))
+    return task, cached
+
+
+def test_source_image_with_a_checked_backing_chain(pool: DirectoryPool, work: Path) -> None:
+    task_img, cached = _artifact_overlay(work, "task1.qcow2")
+    other_img, _ = _artifact_overlay(work, "task2.qcow2")
+    flat = disk(source={"image": "x"})
+    chained = disk(chained=True, source={"image": "x"})
+    with SourceImage.open(task_img, where="x", allow_backing=True) as src:
+        assert len(src.chain) == 1
+        vol = pool.create_volume(request(pool, flat, index=0, image=src))
+        ch1 = pool.create_volume(request(pool, chained, index=1, image=src))
+    with SourceImage.open(other_img, where="x", allow_backing=True) as src:
+        ch2 = pool.create_volume(request(pool, chained, index=2, image=src))
+    assert vol.path is not None and "backing-filename" not in info(vol.path, "qcow2")
+    assert read_guest_bytes(vol.path, "qcow2", 2 * MIB, len(MARK)) == MARK
+    assert ch1.backing == ch2.backing  # same chain content: one base
+    assert ch1.backing is not None
+    base = pool.root / ".vmdriver" / "bases" / ch1.backing
+    assert "backing-filename" not in info(base, "qcow2")  # flattened: free of the cache
+    cached.unlink()
+    assert ch1.path is not None
+    assert read_guest_bytes(ch1.path, "qcow2", 2 * MIB, len(MARK)) == MARK
+
+
+def test_relative_backing_name_is_refused(work: Path) -> None:
+    make_image(work / "b.raw", "raw", MIB)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "b.raw", str(work / "o.qcow2"))
+    with pytest.raises(PolicyError, match="backing file must be named by an absolute path"):
+        SourceImage.open(work / "o.qcow2", where="x", allow_backing=True)

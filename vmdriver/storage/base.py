@@ -21,13 +21,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-from vmdriver.errors import SpecError
+from vmdriver.errors import PolicyError, SpecError
 from vmdriver.storage import qemuimg
 from vmdriver.storage.disks import DiskFormat, DiskRequest
 
 _ALLOC_RE = re.compile(r"^[A-Za-z0-9]{8}", re.ASCII)
 #: Longest task name part of a volume name: the whole name stays far below NAME_MAX.
 MAX_TASK_NAME = 128
+#: Longest backing chain a source image may have.
+MAX_CHAIN = 8
 #: Longest volume name (Linux NAME_MAX; RBD allows more, nothing here needs it).
 MAX_VOLUME_NAME = 255
 
@@ -79,21 +81,52 @@ class SourceImage:
     The caller resolves and policy-checks the path (e.g.
     :func:`vmdriver.policy.images.checked_image`); the pool reads only through the
     fd, so a path swapped afterwards cannot change what lands in the volume.
-    The image must be self-contained: no backing file, no external data file.
+    External data files are always refused. A backing chain (a task's artifact is
+    a qcow2 overlay on the artifact cache) only with ``allow_backing``, once the
+    caller's policy has checked every file of it; the chain's files are opened
+    here too, for hashing, and their formats must be recorded in the images.
     """
 
     def __init__(self, fd: int, *, fmt: str | None, where: str, display: str,
-                 owned: bool = False) -> None:
+                 owned: bool = False, allow_backing: bool = False) -> None:
         self.fd = fd
         self.display = display
         self.owned = owned
-        got = qemuimg.facts(self.name, fmt=fmt, where=where, display=display, pass_fds=(fd,))
+        #: ``(fd, format)`` of each backing file, nearest first (closed by :meth:`close`).
+        self.chain: list[tuple[int, str]] = []
+        got = qemuimg.facts(self.name, fmt=fmt, where=where, display=display, pass_fds=(fd,),
+                            allow_backing=allow_backing)
         self.format = got.format
         self.virtual_size = got.virtual_size
+        try:
+            self._open_chain(got, where)
+        except BaseException:
+            self._close_chain()  # self.fd is the caller's (or open()'s) to close
+            raise
+
+    def _open_chain(self, got: qemuimg.ImageFacts, where: str) -> None:
+        while got.backing is not None:
+            if len(self.chain) >= MAX_CHAIN:
+                raise PolicyError("backing chain is too long", where=where, value=self.display,
+                                  allowed=f"at most {MAX_CHAIN} images")
+            if not got.backing.startswith("/") or got.backing_format is None:
+                raise PolicyError("backing file must be named by an absolute path, with its "
+                                  "format", where=where, value=got.backing,
+                                  allowed="an overlay made with qemu-img create -b /abs -F fmt")
+            try:
+                bfd = os.open(got.backing, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                raise SpecError(f"backing file cannot be opened: {exc.strerror}", where=where,
+                                value=got.backing) from None
+            self.chain.append((bfd, got.backing_format))
+            _check_regular(bfd, where=where, display=got.backing)
+            os.set_blocking(bfd, True)
+            got = qemuimg.facts(f"/dev/fd/{bfd}", fmt=got.backing_format, where=where,
+                                display=got.backing, pass_fds=(bfd,), allow_backing=True)
 
     @classmethod
     def open(cls, path: Path, *, fmt: str | None = None, where: str,
-             display: str | None = None) -> SourceImage:
+             display: str | None = None, allow_backing: bool = False) -> SourceImage:
         """Open an already-checked path (never following a final symlink); closed by :meth:`close`."""
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
         try:
@@ -104,7 +137,8 @@ class SourceImage:
         try:
             _check_regular(fd, where=where, display=display or str(path))
             os.set_blocking(fd, True)
-            return cls(fd, fmt=fmt, where=where, display=display or str(path), owned=True)
+            return cls(fd, fmt=fmt, where=where, display=display or str(path), owned=True,
+                       allow_backing=allow_backing)
         except BaseException:
             os.close(fd)
             raise
@@ -115,11 +149,18 @@ class SourceImage:
         return f"/dev/fd/{self.fd}"
 
     def close(self) -> None:
-        """Close the fd if this object opened it."""
+        """Close the backing chain's fds, and the image's if this object opened it."""
+        self._close_chain()
         if self.owned and self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+    def _close_chain(self) -> None:
+        for bfd, _ in self.chain:
+            with contextlib.suppress(OSError):
+                os.close(bfd)
+        self.chain = []
 
     def __enter__(self) -> SourceImage:
         return self

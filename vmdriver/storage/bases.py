@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -97,10 +98,23 @@ class StatMemo:
             raise
 
 
+def base_format(image: SourceImage) -> str:
+    """raw and qcow2 images are copied as they are; others, and chains, become one qcow2."""
+    return image.format if image.format in ("qcow2", "raw") and not image.chain else "qcow2"
+
+
 def base_name(image: SourceImage, digest: str) -> str:
-    """The base's file name: its format and content hash (other formats become qcow2)."""
-    fmt = image.format if image.format in ("qcow2", "raw") else "qcow2"
+    """The base's file name: its format and content key."""
+    fmt = base_format(image)
     return f"{fmt}-{digest}.{fmt}"
+
+
+def content_key(image: SourceImage, memo: StatMemo) -> str:
+    """A key for the image's content: its hash, or for a chain, a hash of each file's."""
+    if not image.chain:
+        return memo.sha256(image.fd)
+    parts = [f"{fmt}:{memo.sha256(fd)}" for fd, fmt in [(image.fd, image.format), *image.chain]]
+    return hashlib.sha256(("chain\0" + "\0".join(parts)).encode()).hexdigest()
 
 
 def is_base_name(name: str) -> bool:

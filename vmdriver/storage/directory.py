@@ -24,6 +24,7 @@ from vmdriver.storage import bases as basestore
 from vmdriver.storage import fsutil, qemuimg
 from vmdriver.storage.base import (
     Pool,
+    SourceImage,
     Volume,
     VolumeRequest,
     check_volume_name,
@@ -190,7 +191,7 @@ class DirectoryPool(Pool):
         image = req.image
         assert image is not None
         size = target_size(req, image.virtual_size)
-        if image.format == req.format and req.sparse:
+        if image.format == req.format and req.sparse and not image.chain:
             self._clone_into(tmp, image.fd, where)
         else:
             qemuimg.convert(image.name, image.format, self._proc(self.tmp_fd, tmp), req.format,
@@ -246,12 +247,12 @@ class DirectoryPool(Pool):
         if req.image is None:
             return self._chained_on_volume(name, req, where)
         image = req.image
-        base = basestore.base_name(image, self.memo.sha256(image.fd))
+        base = basestore.base_name(image, basestore.content_key(image, self.memo))
         size = target_size(req, image.virtual_size)
-        bfmt = base.split("-", 1)[0]
+        bfmt = basestore.base_format(image)
         with self.refs.locked(base):
             if not fsutil.exists(base, self.refs.bases_fd):
-                self._make_base(base, bfmt, where, image.fd, image.format)
+                self._make_base(base, bfmt, where, image)
             self.refs.add(base, name)
             try:
                 self._overlay(name, self.root / META / "bases" / base, bfmt, size, where)
@@ -260,13 +261,13 @@ class DirectoryPool(Pool):
                 raise
         return self._volume(name, "qcow2", size, backing=base, read_only=req.read_only)
 
-    def _make_base(self, base: str, fmt: str, where: str, src_fd: int, src_fmt: str) -> None:
+    def _make_base(self, base: str, fmt: str, where: str, image: SourceImage) -> None:
         with self._building(base, where, dest_fd=self.refs.bases_fd) as tmp:
-            if src_fmt == fmt:
-                self._clone_into(tmp, src_fd, where)
-            else:
-                qemuimg.convert(f"/dev/fd/{src_fd}", src_fmt, self._proc(self.tmp_fd, tmp), fmt,
-                                sparse=True, where=where, pass_fds=(src_fd, self.tmp_fd))
+            if image.format == fmt and not image.chain:
+                self._clone_into(tmp, image.fd, where)
+            else:  # flattens a chain: the base never depends on the artifact cache
+                qemuimg.convert(image.name, image.format, self._proc(self.tmp_fd, tmp), fmt,
+                                sparse=True, where=where, pass_fds=(image.fd, self.tmp_fd))
         fsutil.fsync_dir(self.refs.bases_fd)
 
     def _overlay(self, name: str, backing: Path, bfmt: str, size: int, where: str) -> None:

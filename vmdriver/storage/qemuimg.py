@@ -30,16 +30,19 @@ class ImageFacts:
     #: Bytes the file occupies on disk.
     actual_size: int
     backing: str | None = None
+    backing_format: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ImageFacts:
         """Back from :func:`dataclasses.asdict` (as remembered in a pool's memo)."""
         fmt, vsize, asize = data.get("format"), data.get("virtual_size"), data.get("actual_size")
-        backing = data.get("backing")
+        backing, bfmt = data.get("backing"), data.get("backing_format")
         if not (isinstance(fmt, str) and isinstance(vsize, int) and isinstance(asize, int)
-                and (backing is None or isinstance(backing, str))):
+                and (backing is None or isinstance(backing, str))
+                and (bfmt is None or isinstance(bfmt, str))):
             raise StorageError("a remembered qemu-img answer is malformed")
-        return cls(format=fmt, virtual_size=vsize, actual_size=asize, backing=backing)
+        return cls(format=fmt, virtual_size=vsize, actual_size=asize, backing=backing,
+                   backing_format=bfmt)
 
 
 def info(name: str, *, fmt: str | None, where: str, display: str,
@@ -52,9 +55,9 @@ def facts(name: str, *, fmt: str | None, where: str, display: str,
           pass_fds: tuple[int, ...] = (), allow_backing: bool = False) -> ImageFacts:
     """The image's format and sizes; refuses what would make QEMU open other files.
 
-    A backing file, a qcow2 external data file or vmdk extents would have QEMU read
-    a file the pool does not control; only the pool's own overlays (``allow_backing``)
-    may name a backing file.
+    A qcow2 external data file or vmdk extents would have QEMU read a file the pool
+    does not control: always refused. A backing file only with ``allow_backing``
+    (the pool's own overlays, or a chain the caller's policy already checked).
     """
     data = info(name, fmt=fmt, where=where, display=display, pass_fds=pass_fds)
     found = str(data.get("format", ""))
@@ -67,13 +70,16 @@ def facts(name: str, *, fmt: str | None, where: str, display: str,
             for e in detail.get("extents") or ())):
         raise PolicyError("images that keep data in other files are not allowed here",
                           where=where, value=display, allowed="self-contained images")
-    backing = data.get("full-backing-filename") or data.get("backing-filename")
+    # As recorded in the image: a relative name must not be resolved against /dev/fd.
+    backing = data.get("backing-filename")
     if backing and not allow_backing:
         raise PolicyError("image has a backing file", where=where, value=display,
                           allowed="a self-contained image (flatten it with qemu-img convert)")
     return ImageFacts(format=found, virtual_size=int(data.get("virtual-size", 0)),
                       actual_size=int(data.get("actual-size", 0)),
-                      backing=str(backing) if backing else None)
+                      backing=str(backing) if backing else None,
+                      backing_format=str(data["backing-filename-format"])
+                      if data.get("backing-filename-format") else None)
 
 
 def run(args: Sequence[str], *, what: str, where: str, pass_fds: tuple[int, ...] = ()) -> None:
