@@ -258,3 +258,33 @@ def test_relative_backing_name_is_refused(work: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "b.raw", str(work / "o.qcow2"))
     with pytest.raises(PolicyError, match="backing file must be named by an absolute path"):
         SourceImage.open(work / "o.qcow2", where="x", allow_backing=True)
+
+
+def test_three_disks_of_a_virt_task_and_a_restart(work: Path, guest_dir: Path) -> None:
+    """Issue 11's job: a chained primary from an image, an empty data disk, a CD-ROM from an ISO."""
+    cfg = parse_storage_pools({"directory": {"local": {"path": str(work / "pool")}}}, "h")
+    disks = parse_disks([
+        {"size": "1GiB", "chained": True, "primary": True,
+         "source": {"image": "local/disk.qcow2"}},
+        {"size": "256MiB", "devname": "data"},
+        {"kind": "cdrom", "source": {"image": "local/guest.iso"}},
+    ])
+    assert [d.primary for d in disks] == [True, False, False]
+    with Pools(cfg) as pools, \
+            SourceImage.open(guest_dir / "disk.qcow2", where="disk[0].source.image") as img, \
+            SourceImage.open(guest_dir / "guest.iso", fmt="raw", where="disk[2].source.image") \
+            as iso:
+        pools.check(disks)
+        vols = pools.create_task_volumes("0123abcd99", "vm", disks, {0: img, 2: iso})
+        again = pools.create_task_volumes("0123abcd99", "vm", disks, {0: img, 2: iso},
+                                          exist_ok=True)  # the task restarted: same disks
+    assert [(v.name, v.format, v.read_only) for v in vols if v] == [
+        ("0123abcd-vm-0.qcow2", "qcow2", False), ("0123abcd-vm-1.qcow2", "qcow2", False),
+        ("0123abcd-vm-2.raw", "raw", True)]
+    assert all(v is not None and v.reused for v in again)
+    cd = vols[2]
+    assert cd is not None and cd.path is not None
+    assert sha(cd.path) == sha(guest_dir / "guest.iso")
+    with Pools(cfg) as pools:
+        assert len(pools.remove_task_volumes("0123abcd99", "vm")) == 3
+    assert os.listdir(work / "pool" / ".vmdriver" / "bases") == []
