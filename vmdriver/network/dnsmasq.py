@@ -56,10 +56,17 @@ def dnsmasq_argv(net: ManagedNetwork, state_dir: Path, binary: str = DNSMASQ) ->
             f"--dhcp-leasefile={leases_file(state_dir, net)}",
             f"--dhcp-lease-max={net.subnet.num_addresses - 3}",
             "--dhcp-no-override", "--dhcp-authoritative",
+            # dnsmasq pings an address before offering it and waits up to 3 s, one
+            # client at a time: guests booting together then miss their replies.
+            # The network is vmdriver's own; nothing else assigns its addresses.
+            "--no-ping",
         ]
     if net.ipv6_subnet is not None:
         # Router advertisements only: guests configure themselves (SLAAC, EUI-64).
-        argv += ["--enable-ra", f"--dhcp-range={net.ipv6_subnet.network_address},ra-only,64"]
+        # ra-param: advertise as default router (dnsmasq may send lifetime 0 without
+        # an IPv6 default route of its own), every 60 s.
+        argv += ["--enable-ra", f"--dhcp-range={net.ipv6_subnet.network_address},ra-only,64",
+                 f"--ra-param={net.bridge},60,1800"]
     if not net.dns:
         argv.append("--port=0")
     elif net.domain:
