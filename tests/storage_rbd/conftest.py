@@ -15,6 +15,7 @@ from tests.ceph.cluster import Cluster
 from tests.ceph.fixtures import ceph_cluster  # noqa: F401 (the session fixture)
 from vmdriver.storage.config import CephPoolConfig
 from vmdriver.storage.rbd import RbdPool
+from vmdriver.storage.rbd_ops import bindings
 
 MIB = 1 << 20
 
@@ -48,7 +49,7 @@ def admin(ceph_cluster: Cluster) -> Iterator[Any]:  # noqa: F811
 
 def pool_state(admin: Any, pool: str) -> dict[str, list[str]]:
     """Every image in ``pool`` with its snapshots: what 'the pool as it was' means."""
-    import rbd
+    _, rbd = bindings()
 
     state = {}
     with admin.open_ioctx(pool) as io:
@@ -60,7 +61,7 @@ def pool_state(admin: Any, pool: str) -> dict[str, list[str]]:
 
 def read_image(admin: Any, pool: str, name: str, offset: int, length: int) -> bytes:
     """Bytes of an RBD image, read with the bindings."""
-    import rbd
+    _, rbd = bindings()
 
     with admin.open_ioctx(pool) as io, rbd.Image(io, name, read_only=True) as image:
         return bytes(image.read(offset, length))

@@ -14,7 +14,7 @@ from vmdriver.errors import SpecError
 from vmdriver.storage.base import SourceImage, Volume
 from vmdriver.storage.disks import DiskRequest, DiskSource
 from vmdriver.storage.rbd import RbdPool
-from vmdriver.storage.rbd_ops import BASE_SNAP, is_base
+from vmdriver.storage.rbd_ops import BASE_SNAP, bindings, is_base
 
 PATTERN = b"vmdriver-rbd-" * 1000
 
@@ -30,11 +30,11 @@ def create(pool: RbdPool, alloc_id: str, index: int, disk: DiskRequest,
 
 
 def parent(admin: Any, pool: str, name: str) -> tuple[str, str, str] | None:
-    import rbd
+    _, rbd = bindings()
 
     with admin.open_ioctx(pool) as io, rbd.Image(io, name, read_only=True) as image:
         try:
-            return tuple(image.parent_info())  # type: ignore[return-value]
+            return tuple(image.parent_info())
         except rbd.ImageNotFound:
             return None
 
@@ -179,7 +179,7 @@ def test_ceph_pool_refuses_what_rbd_cannot_store(rbd_pool: RbdPool) -> None:
 
 def test_collect_bases_removes_what_a_crash_left(
         rbd_pool: RbdPool, admin: Any, ceph_cluster: Cluster, qcow2: Path) -> None:
-    import rbd
+    _, rbd = bindings()
 
     a = alloc()
     before = pool_state(admin, ceph_cluster.pool)

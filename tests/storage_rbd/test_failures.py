@@ -1,0 +1,155 @@
+"""Failure behaviour on a real cluster: unreachable monitors, a wrong key, a full pool, no leaks."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ceph.cluster import Cluster, free_port, gen_key, mon_command
+from tests.storage_rbd.conftest import MIB, make_image, pool_config, pool_state
+from vmdriver.storage.base import SourceImage
+from vmdriver.storage.disks import DiskRequest, DiskSource
+from vmdriver.storage.errors import StorageError, StorageFull
+from vmdriver.storage.rbd import RbdPool
+
+FULL_POOL = "vmdfull"
+
+
+def _create(pool: RbdPool, disk: DiskRequest, image: SourceImage | None = None) -> None:
+    req = pool.volume_request(disk, alloc_id=secrets.token_hex(4), task="t", index=0, image=image)
+    pool.create_volume(req)
+
+
+def test_unreachable_monitors_fail_fast_naming_them(ceph_cluster: Cluster) -> None:
+    port = free_port()  # nothing listens there
+    pool = RbdPool(pool_config(ceph_cluster, hosts=(f"127.0.0.1:{port}",)))
+    start = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        pool.has_volume("x")
+    assert time.monotonic() - start < 30
+    assert f"127.0.0.1:{port}" in str(err.value) and "no Ceph monitor reachable" in str(err.value)
+
+
+def test_silent_monitor_fails_within_the_timeout(ceph_cluster: Cluster) -> None:
+    # Accepts TCP but never speaks Ceph: librados alone would wait 300 s.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        pool = RbdPool(pool_config(ceph_cluster, hosts=(f"127.0.0.1:{port}",)), timeout=3)
+        start = time.monotonic()
+        with pytest.raises(StorageError, match=f"127.0.0.1:{port}"):
+            pool.has_volume("x")
+    assert time.monotonic() - start < 30
+
+
+def test_wrong_key_names_the_user_not_the_key(ceph_cluster: Cluster,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = gen_key()
+    pool = RbdPool(pool_config(ceph_cluster, key=wrong), timeout=4)
+    start = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        pool.has_volume("x")
+    assert time.monotonic() - start < 30
+    text = f"{err.value} {err.value!r} {pool!r}"
+    assert f"client.{ceph_cluster.client}" in text
+    assert wrong not in text and wrong not in caplog.text
+    assert ceph_cluster.client_key not in text
+
+
+@pytest.fixture
+def recorded_argv(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every argv this process starts (the real calls still happen)."""
+    seen: list[str] = []
+    real_init = subprocess.Popen.__init__
+
+    def spy(self: subprocess.Popen[Any], args: Any, *a: Any, **kw: Any) -> None:
+        seen.append(" ".join(map(str, args)) if not isinstance(args, str) else args)
+        real_init(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", spy)
+    return seen
+
+
+def test_secret_never_in_argv_logs_or_errors(rbd_pool: RbdPool, ceph_cluster: Cluster, work: Path,
+                                             recorded_argv: list[str],
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = ceph_cluster.client_key
+    src = make_image(work / "s.qcow2", "qcow2", 8 * MIB, b"data", 0)
+    a = secrets.token_hex(4)
+    with SourceImage.open(src, where="disk[0].source.image") as img:
+        for i, chained in enumerate((False, True)):
+            req = rbd_pool.volume_request(
+                DiskRequest(chained=chained, source=DiskSource(image="x")), alloc_id=a, task="t",
+                index=i, image=img)
+            rbd_pool.create_volume(req)
+        with pytest.raises(StorageError) as err:
+            rbd_pool.create_volume(req)  # exists
+    rbd_pool.remove_task_volumes(a, "t")
+    assert any("qemu-img" in argv and "--object" in argv for argv in recorded_argv)
+    assert not [argv for argv in recorded_argv if key in argv]
+    assert key not in caplog.text and key not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def full_pool(ceph_cluster: Cluster) -> Iterator[RbdPool]:
+    """A second pool with its own user, over its quota (max_bytes) and flagged full."""
+    admin = ceph_cluster.admin()
+    user = FULL_POOL
+    try:
+        mon_command(admin, "osd pool create", pool=FULL_POOL, pg_num=8, pgp_num=8)
+        mon_command(admin, "osd pool application enable", pool=FULL_POOL, app="rbd")
+        mon_command(admin, "auth get-or-create", entity=f"client.{user}",
+                    caps=["mon", "profile rbd", "osd", f"profile rbd pool={FULL_POOL}"])
+        key = mon_command(admin, "auth get-key", entity=f"client.{user}")["key"]
+        mon_command(admin, "osd pool set-quota", pool=FULL_POOL, field="max_bytes", val=str(MIB))
+        with admin.open_ioctx(FULL_POOL) as io:
+            io.write_full("filler", b"x" * (2 * MIB))
+        deadline = time.monotonic() + 60
+        while not _is_full(admin):
+            if time.monotonic() > deadline:
+                pytest.fail("the pool over its quota was not flagged full within 60 s")
+            time.sleep(0.5)
+        pool = RbdPool(pool_config(ceph_cluster, pool=FULL_POOL, user=user, key=key))
+        yield pool
+        pool.close()
+    finally:
+        mon_command(admin, "osd pool delete", pool=FULL_POOL, pool2=FULL_POOL,
+                    yes_i_really_really_mean_it=True)
+        mon_command(admin, "auth del", entity=f"client.{user}")
+        admin.shutdown()
+
+
+def _is_full(admin: Any) -> bool:
+    pools = mon_command(admin, "osd dump")["pools"]
+    return any(p["pool_name"] == FULL_POOL and "full" in p["flags_names"] for p in pools)
+
+
+@pytest.mark.parametrize("kind", ["empty", "image", "chained"])
+def test_full_pool_fails_the_create_and_leaves_it_as_it_was(
+        full_pool: RbdPool, ceph_cluster: Cluster, work: Path, kind: str) -> None:
+    admin = ceph_cluster.admin()
+    try:
+        before = pool_state(admin, FULL_POOL)
+        src = make_image(work / "s.raw", "raw", 4 * MIB, b"data", 0)
+        start = time.monotonic()
+        with SourceImage.open(src, fmt="raw", where="disk[0].source.image") as img:
+            disk = {"empty": DiskRequest(size=4 * MIB),
+                    "image": DiskRequest(source=DiskSource(image="x")),
+                    "chained": DiskRequest(chained=True, source=DiskSource(image="x"))}[kind]
+            with pytest.raises(StorageFull, match="full"):
+                _create(full_pool, disk, img if kind != "empty" else None)
+        assert time.monotonic() - start < 30
+        assert pool_state(admin, FULL_POOL) == before
+    finally:
+        admin.shutdown()
