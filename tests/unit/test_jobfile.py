@@ -103,6 +103,8 @@ def test_bad_values_are_spec_errors(tmp_path: Path, config: str, needle: str) ->
 def test_memory_bounds(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="memory out of bounds"):
         plan(tmp_path, job('image_path = "x.img"', "resources { memory = 64 }"))
+    with pytest.raises(SpecError, match="memory out of bounds"):  # not silently the default
+        plan(tmp_path, job('image_path = "x.img"', "resources { memory = 0 }"))
     with pytest.raises(SpecError, match="memory out of bounds"):
         plan(tmp_path, job('image_path = "x.img"', "resources { memory = 100000 }"))
 

@@ -181,7 +181,7 @@ def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, state_dir: Pat
     lang.parse(task.config, where)  # early, typed check before interpolation
     alloc = TaskDir(state_dir / "allocs" / alloc_id[:8], task.name)
     res = task.resources
-    memory = _int(res, "memory", defaults.MEMORY_MIB, where) or defaults.MEMORY_MIB
+    memory = defaults.MEMORY_MIB if (mem := _int(res, "memory", defaults.MEMORY_MIB, where)) is None else mem
     cpu = _int(res, "cpu", defaults.CPU_MHZ, where) or defaults.CPU_MHZ
     env = task_env(job, group, task, alloc, alloc_id, list(ports), memory, cpu)
     cfg = lang.parse(interpolate(task.config, env), where)
