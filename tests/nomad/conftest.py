@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.nomad.nomadsim import FifoReader, Plugin, cty_msgpack
+from vmdriver.jobfile.dialects import DIALECTS
 from vmdriver.nomad.hclspec import task_config_spec
 from vmdriver.nomad.proto import driver_pb2 as pb
 
@@ -53,7 +54,7 @@ class Alloc:
             env={"NOMAD_TASK_NAME": name, "NOMAD_ALLOC_ID": self.id},
             resources=res, alloc_dir=str(self.root),
             stdout_path=str(out.fifo), stderr_path=str(err.fifo),
-            msgpack_driver_config=cty_msgpack(config, task_config_spec()),
+            msgpack_driver_config=cty_msgpack(config, task_config_spec(DIALECTS["qemu"])),
         )
         return cfg, out
 

@@ -239,13 +239,13 @@ class Plugin:
 def status_details(err: grpc.RpcError) -> tuple[str, bool | None]:
     """(message, recoverable) of an error, as Nomad's client reads it."""
     recoverable = None
-    for key, value in err.trailing_metadata() or ():  # type: ignore[attr-defined]
+    for key, value in err.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             st = status_pb2.Status.FromString(value)
             detail = structs_pb2.RecoverableError()
             if st.details and st.details[0].Unpack(detail):
                 recoverable = detail.recoverable
-    return err.details(), recoverable  # type: ignore[attr-defined]
+    return err.details(), recoverable
 
 
 def stream_first(it: Iterator[Any], timeout: float) -> Any:

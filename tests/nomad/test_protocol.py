@@ -17,6 +17,7 @@ from tests.nomad.conftest import PLUGIN_ARGV, Alloc
 from tests.nomad.nomadsim import Plugin, install_launcher, status_details, stream_first
 from vmdriver.nomad.proto import base_pb2, health_pb2, plugin_pb2
 from vmdriver.nomad.proto import driver_pb2 as pb
+from vmdriver.runtime.taskdir import TaskDir, VMDirs
 
 
 def test_refuses_to_run_by_hand() -> None:
@@ -90,14 +91,17 @@ def test_bad_host_config_is_a_readable_error(start_plugin: Callable[..., Plugin]
         ({"accelerator": "tcg"}, "vm.config.image_path: image_path must be set"),
         ({"image_path": "local/d.img", "bogus": 1}, "vm.config.bogus: unknown config key"),
         ({"image_path": "local/d.img", "accelerator": "xen"}, "vm.config.accelerator"),
-        ({"image_path": "local/missing.qcow2"}, "vm: config.image_path"),
+        # The image is the task's first drive (image0); the error names the task and the path.
+        ({"image_path": "local/missing.qcow2"},
+         "vm: drive[0] (image0): image file does not exist (got 'local/missing.qcow2')"),
         ({"image_path": "/etc/passwd"}, "outside the allowed dirs"),
         ({"image_path": "local/d.img", "port_map": [{"web": 80}]}, "port_map label 'web'"),
         ({"image_path": "local/d.img", "args": ["-monitor", "stdio"], "emulator": "sparc99"}, "emulator"),
     ],
 )
 def test_bad_task_config_is_a_readable_error(start_plugin: Callable[..., Plugin], alloc: Alloc,
-                                             config: dict[str, object], expected: str) -> None:
+                                             state_dir: Path, config: dict[str, object],
+                                             expected: str) -> None:
     plugin = start_plugin()
     (alloc.root / "vm" / "local").mkdir(parents=True, exist_ok=True)
     (alloc.root / "vm" / "local" / "d.img").write_bytes(b"\0" * 65536)
@@ -114,7 +118,10 @@ def test_bad_task_config_is_a_readable_error(start_plugin: Callable[..., Plugin]
     with pytest.raises(grpc.RpcError) as err:
         plugin.driver.WaitTask(pb.WaitTaskRequest(task_id=task.id), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert not (alloc.root / "vm" / "qmp.sock").exists()
+    # The control plane (QMP socket, record) would be in the runtime dir: none is left.
+    assert not list(state_dir.rglob("*.sock")) and not list(alloc.root.rglob("*.sock"))
+    runtime = VMDirs.under(state_dir, task.id, TaskDir(alloc.root, "vm")).runtime
+    assert not runtime.exists(), f"runtime dir left behind by a failed start: {runtime}"
 
 
 def test_unknown_tasks(start_plugin: Callable[..., Plugin]) -> None:

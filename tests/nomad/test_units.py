@@ -13,6 +13,7 @@ import pytest
 from tests.nomad.nomadsim import cty_msgpack
 from vmdriver.errors import AcceleratorUnavailable, InputError, LaunchError, SpecError, TaskNotFound
 from vmdriver.host.config import HostConfig
+from vmdriver.jobfile.dialects import DIALECTS
 from vmdriver.jobfile.qemu import QemuTaskConfig
 from vmdriver.nomad.codec import decode_config
 from vmdriver.nomad.hclspec import hcl_type, host_config_spec, task_config_spec
@@ -114,7 +115,7 @@ def test_remove_and_oom_kills(tmp_path: Path) -> None:
 
 def test_decode_config_drops_nulls_and_reads_decimal_strings() -> None:
     data = cty_msgpack({"image_path": "a.img", "host_port": Decimal("8080"),
-                        "guest_port": Decimal("0.1")}, task_config_spec())
+                        "guest_port": Decimal("0.1")}, task_config_spec(DIALECTS["qemu"]))
     raw = msgpack.unpackb(data)
     assert set(raw) == set(QemuTaskConfig.model_fields)  # every spec attribute present
     assert list(raw) == sorted(raw)
@@ -141,7 +142,7 @@ def test_decode_config_rejects_garbage() -> None:
 
 def test_schemas_cover_every_field() -> None:
     assert set(host_config_spec().object.attributes) == set(HostConfig.model_fields)
-    task = task_config_spec().object.attributes
+    task = task_config_spec(DIALECTS["qemu"]).object.attributes
     assert set(task) == set(QemuTaskConfig.model_fields)
     assert task["port_map"].Attr.type == "list(map(number))"
     assert task["args"].Attr.type == "list(string)"
