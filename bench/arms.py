@@ -23,9 +23,9 @@ from vmdriver.host.config import HostConfig
 from vmdriver.qemu.argv import render_argv
 from vmdriver.runtime.console import wait_for_line
 from vmdriver.runtime.prepare import prepare
+from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.supervisor import Supervisor
-from vmdriver.runtime.taskdir import TaskDir
-from vmdriver.runtime.vm import VM
+from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import VMSpec
 
 BOOT_TIMEOUT_S = 180.0
@@ -41,10 +41,11 @@ class Arm:
         self.host = HostConfig(state_dir=root, image_paths=(str(root), str(GUEST.resolve())))
         self._count = 0
 
-    def _next(self) -> tuple[str, TaskDir]:
+    def _next(self) -> tuple[str, VMDirs]:
         self._count += 1
         # Short names: the socket paths must stay under 108 bytes.
-        return f"v{self._count}", TaskDir(self.root / f"a{self._count}", "t")
+        vm_id = f"v{self._count}"
+        return vm_id, VMDirs.under(self.root, vm_id, TaskDir(self.root / f"a{self._count}", "t"))
 
     def _spec(self, kind: str, name: str, task_dir: TaskDir) -> VMSpec:
         if kind == "boot":
@@ -105,32 +106,33 @@ class VmdriverArm(Arm):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.sup = Supervisor(self.host)
-        self.live: list[VM] = []
+        #: Ids of the VMs started and not yet stopped.
+        self.live: list[str] = []
 
     def _host_changed(self) -> None:
         self.sup.host = self.host
 
     async def start(self, n: int, kind: str) -> dict[str, Any]:
-        jobs = []
+        reqs = []
         for _ in range(n):
-            vm_id, td = self._next()
-            jobs.append((vm_id, td, self._spec(kind, "t", td)))
+            vm_id, dirs = self._next()
+            reqs.append(LaunchRequest(vm_id=vm_id, spec=self._spec(kind, "t", dirs.task), dirs=dirs))
         t0 = time.perf_counter()
 
-        async def one(vm_id: str, td: TaskDir, spec: VMSpec) -> tuple[VM, float, float]:
-            vm = await self.sup.start(vm_id, spec, td)
+        async def one(req: LaunchRequest) -> tuple[str, float, float]:
+            vm = await self.sup.start(req)
             running = time.perf_counter() - t0
             ready = float("nan")
             if kind == "boot":
                 await wait_for_line(vm.stdout, READY, BOOT_TIMEOUT_S)
                 ready = time.perf_counter() - t0
-            return vm, running, ready
+            return vm.id, running, ready
 
-        results = await asyncio.gather(*(one(*j) for j in jobs), return_exceptions=True)
+        results = await asyncio.gather(*(one(r) for r in reqs), return_exceptions=True)
         wall = time.perf_counter() - t0
         errors = [repr(r) for r in results if isinstance(r, BaseException)]
         good = [r for r in results if not isinstance(r, BaseException)]
-        self.live += [vm for vm, _, _ in good]
+        self.live += [vm_id for vm_id, _, _ in good]
         out: dict[str, Any] = {"wall": wall, "each": [r for _, r, _ in good],
                                "ready": [r for _, _, r in good]}
         if errors:
@@ -140,39 +142,39 @@ class VmdriverArm(Arm):
     async def poweroff(self) -> dict[str, Any]:
         calls, after = [], []
         kinds = []
-        for vm in list(self.live):
-            watch = await _ShutdownWatch.open(vm.task_dir.qmp_socket)
+        for vm_id in list(self.live):
+            watch = await _ShutdownWatch.open(self.sup.info(vm_id).qmp_socket)
             t0 = time.perf_counter()
-            res = await vm.stop()
+            res = await self.sup.stop(vm_id)
             returned = time.time()
             calls.append(time.perf_counter() - t0)
             shutdown = await watch.stamp()
             after.append(returned - shutdown if shutdown else float("nan"))
             kinds.append(res.kind.name)
-            self._forget(vm)
+            await self._forget(vm_id)
         return {"call": calls, "after_shutdown": after, "kinds": kinds}
 
     async def kill(self) -> dict[str, Any]:
-        async def one(vm: VM) -> float:
+        async def one(vm_id: str) -> float:
             t0 = time.perf_counter()
-            await vm.kill()
+            await self.sup.kill(vm_id)
             return time.perf_counter() - t0
 
-        vms = list(self.live)
-        times = await asyncio.gather(*(one(vm) for vm in vms))
-        for vm in vms:
-            self._forget(vm)
+        ids = list(self.live)
+        times = await asyncio.gather(*(one(i) for i in ids))
+        for vm_id in ids:
+            await self._forget(vm_id)
         return {"each": list(times)}
 
-    def _forget(self, vm: VM) -> None:
-        self.live.remove(vm)
-        self.sup.forget(vm.id)
+    async def _forget(self, vm_id: str) -> None:
+        self.live.remove(vm_id)
+        await self.sup.destroy(vm_id)
 
     def pids(self) -> list[int]:
-        return [vm.pid for vm in self.live if vm.pid]
+        return [pid for i in self.live if (pid := self.sup.info(i).pid)]
 
     def argv(self) -> list[str]:
-        return list(self.live[-1].argv) if self.live else []
+        return list(self.sup.record(self.live[-1]).argv) if self.live else []
 
 
 class BareArm(Arm):
@@ -187,15 +189,15 @@ class BareArm(Arm):
     async def start(self, n: int, kind: str) -> dict[str, Any]:
         vms, dirs = [], []
         for _ in range(n):
-            _, td = self._next()
-            td.create()
-            prep = prepare(self._spec(kind, "t", td), td, self.host)
+            vm_id, vdirs = self._next()
+            vdirs.create()
+            # vmdriver's checks and renderer, before the clock: both arms launch the same argv.
+            prep = prepare(self._spec(kind, "t", vdirs.task), vdirs, self.host, vm_id=vm_id)
             ours, theirs = BareVM.socketpair()
             ctx = dataclasses.replace(prep.ctx, qmp_fd=theirs.fileno())
             # Image fds the renderer names in -add-fd (where prepare opened the images).
-            fds: tuple[int, ...] = getattr(ctx, "pass_fds", ())
-            vms.append(BareVM(render_argv(prep.spec, ctx), ours, theirs, fds))
-            dirs.append(td.path)
+            vms.append(BareVM(render_argv(prep.spec, ctx), ours, theirs, ctx.pass_fds))
+            dirs.append(vdirs.task.path)
         boot = kind == "boot"
         t0 = time.perf_counter()
         for vm, cwd in zip(vms, dirs, strict=True):

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmdriver.spec import Accelerator, Drive, Resources, ShutdownPolicy, VMSpec
+from vmdriver.jobfile import qemu
+from vmdriver.jobfile.inputs import TaskInputs
+from vmdriver.runtime.cgroup import detect_mode
+from vmdriver.spec import Accelerator, Resources, VMSpec
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST = REPO / "guest" / "out"
@@ -30,12 +33,16 @@ def tiny_spec(name: str) -> VMSpec:
 
 
 def boot_spec(name: str, image: Path) -> VMSpec:
-    """The test guest under TCG, stopped with the ACPI button (Nomad's graceful_shutdown)."""
-    return VMSpec(
-        name=name, accelerator=Accelerator.TCG, machine_type="pc",
-        drives=(Drive(path=str(image)),), resources=Resources(memory_mib=BOOT_MIB),
-        shutdown=ShutdownPolicy(graceful=True, timeout_s=30.0),
-    )
+    """The test guest under TCG, stopped with the ACPI button (Nomad's graceful_shutdown).
+
+    Built by the qemu dialect from the same config as the `vmdriver run` arm's job
+    (bench.client.JOB_HCL), so every arm boots the same guest view (IDE disk plus
+    the empty CD-ROM Nomad's ``-drive if=ide`` leaves).
+    """
+    cfg = qemu.parse_config({"image_path": str(image), "accelerator": "tcg",
+                             "graceful_shutdown": True}, name)
+    return qemu.build_spec(cfg, TaskInputs(name=name, where=name, memory_mb=BOOT_MIB,
+                                           kill_timeout_s=30.0))
 
 
 def make_overlay(dest: Path) -> Path:
@@ -106,7 +113,7 @@ def host_facts() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
             if line.startswith("flags") and not flags:
                 flags = line
-    cgroup = "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1"
+    cgroup = str(detect_mode())
     qemu = _first_line(("qemu-system-x86_64", "--version"))
     m = re.search(r"version ([\w.+~-]+)", qemu)
     commit = subprocess.run(("git", "-C", str(REPO), "rev-parse", "--short", "HEAD"),
