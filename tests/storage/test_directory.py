@@ -9,6 +9,7 @@ import pytest
 
 from vmdriver.errors import PolicyError, SpecError
 from vmdriver.storage import Pools, SourceImage, StorageError, parse_storage_pools
+from vmdriver.storage.attach import drive_for
 from vmdriver.storage.directory import DirectoryPool
 from vmdriver.storage.disks import parse_disks
 
@@ -288,3 +289,21 @@ def test_three_disks_of_a_virt_task_and_a_restart(work: Path, guest_dir: Path) -
     with Pools(cfg) as pools:
         assert len(pools.remove_task_volumes("0123abcd99", "vm")) == 3
     assert os.listdir(work / "pool" / ".vmdriver" / "bases") == []
+
+
+def test_volumes_map_to_spec_drives(work: Path) -> None:
+    cfg = parse_storage_pools({"directory": {"local": {"path": str(work / "pool")}}}, "h")
+    disks = parse_disks([{"size": "8MiB", "primary": True, "devname": "root"},
+                         {"size": "8MiB", "format": "raw", "bus_type": "scsi", "read_only": True}])
+    with Pools(cfg) as pools:
+        vols = pools.create_task_volumes("0123abcd99", "vm", disks)
+        assert pools.local_roots() == ((work / "pool").resolve(),)
+    drives = [drive_for(d, v, i) for i, (d, v) in enumerate(zip(disks, vols, strict=True))
+              if v is not None]
+    assert [(d.id, d.bus.value, d.boot_index, d.serial, d.read_only) for d in drives] == [
+        ("disk0", "virtio", 1, "root", False), ("disk1", "scsi", None, "sda", True)]
+    assert [d.medium.model_dump() if d.medium else None for d in drives] == [
+        {"kind": "file", "path": str(vols[0].path if vols[0] else ""), "format": "qcow2",
+         "overlay_on": None},
+        {"kind": "file", "path": str(vols[1].path if vols[1] else ""), "format": "raw",
+         "overlay_on": None}]

@@ -25,7 +25,7 @@ disk {
   size = "10GiB"
   sparse = false
   format = "raw"
-  bus_type = "sata"
+  bus_type = "scsi"
   devname = "data-disk"
   kind = "disk"
   read_only = true
@@ -39,7 +39,7 @@ disk {
   }
 }""")
     assert d.model_dump() == {
-        "size": 10 << 30, "sparse": False, "format": "raw", "bus_type": "sata",
+        "size": 10 << 30, "sparse": False, "format": "raw", "bus_type": "scsi",
         "devname": "data-disk", "kind": "disk", "read_only": True, "pool": "local",
         "primary": True, "chained": False, "driver": "qemu",
         "source": {"image": "local/focal.img", "volume": None, "format": "qcow2"},
@@ -103,6 +103,8 @@ def test_devnames_beyond_z() -> None:
      "disk[0].size: size cannot be set when using a Nomad volume"),
     ('disk { volume = "/etc/passwd" }', "disk[0].volume: expected the destination of a block"),
     ('disk {\n size = 1\n driver = "xen"\n}', "disk[0].driver: value not allowed"),
+    ('disk {\n size = 1\n read_only = true\n bus_type = "sata"\n}',
+     "disk[0].bus_type: an IDE/SATA disk cannot be read-only in QEMU (got 'sata'"),
 ])
 def test_errors_name_disk_and_field(text: str, expected: str) -> None:
     assert error(text).startswith(expected)

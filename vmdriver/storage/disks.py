@@ -131,6 +131,10 @@ def _check_one(disk: DiskRequest, where: str) -> DiskRequest:
                         where=f"{where}.sparse", value=False, allowed="true, or chained = false")
     if disk.kind == "cdrom":
         _check_cdrom(disk, where)
+    elif disk.read_only and disk.bus_type in ("ide", "sata"):
+        # QEMU's ide-hd has no read-only mode; a guest could not be kept from writing.
+        raise SpecError("an IDE/SATA disk cannot be read-only in QEMU", where=f"{where}.bus_type",
+                        value=disk.bus_type, allowed="virtio, scsi or usb for a read_only disk")
     if src is None and disk.size is None and disk.volume is None:
         raise SpecError("an empty disk needs a size", where=f"{where}.size", allowed=SIZE_HELP)
     if disk.volume is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import cast
 
@@ -107,6 +108,20 @@ class Pools:
                     pool.remove_volume(vol.name)
             raise
         return out
+
+    def local_roots(self) -> tuple[Path, ...]:
+        """Directories of the pools that keep volumes as local files (opened here).
+
+        The runtime opens drives through the path policy: the face allows these as
+        image paths (the volumes) and backing dirs (chained volumes' bases).
+        """
+        roots = []
+        for cfg in self.config.pools:
+            if cfg.kind == "directory":
+                root = getattr(self.get(cfg.name), "root", None)
+                if isinstance(root, Path):
+                    roots.append(root)
+        return tuple(roots)
 
     def remove_task_volumes(self, alloc_id: str, task: str) -> list[str]:
         """Remove the task's volumes from every pool that can be opened."""
