@@ -49,7 +49,8 @@ def _ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 2)
 
 
-def chained_create(rounds: int = 15, workdir: Path | None = None) -> dict[str, Any]:
+def chained_create(rounds: int = 15, workdir: Path | None = None,
+                   data: int = 256 * MIB) -> dict[str, Any]:
     """Median ms to create a chained disk on a 1 GiB and a 10 GiB image, and their ratio."""
     root = Path(tempfile.mkdtemp(prefix="vmd-bench-st-", dir=workdir or "/tmp"))
     out: dict[str, Any] = {}
@@ -59,7 +60,7 @@ def chained_create(rounds: int = 15, workdir: Path | None = None) -> dict[str, A
         samples: dict[str, list[float]] = {}
         for label, size in (("1GiB", GIB), ("10GiB", 10 * GIB)):
             img = root / f"{label}.raw"
-            _sparse_image(img, size, 256 * MIB)
+            _sparse_image(img, size, data)
             with SourceImage.open(img, where="bench") as src:
                 t = time.perf_counter()
                 pool.create_volume(pool.volume_request(disk, alloc_id=f"first{label:>03}",
