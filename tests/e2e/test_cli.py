@@ -12,8 +12,10 @@ import httpx
 import pytest
 
 from tests.conftest import qemu_processes
+from tests.e2e.cgroups import memory_limit
 from tests.e2e.guest import READY, free_port, overlay, stderr_until
 from vmdriver.runtime import cgroup
+from vmdriver.runtime.record import records_under
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leaks")]
 VMDRIVER = str(Path(sys.executable).with_name("vmdriver"))
@@ -61,9 +63,9 @@ def host_file(tmp: Path, image_dir: Path) -> Path:
     return path
 
 
-def vmdriver(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+def vmdriver(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run((VMDRIVER, *args), capture_output=True, text=True, timeout=120,
-                          check=False, **kw)  # type: ignore[call-overload,no-any-return]
+                          check=False, env=env)
 
 
 def start_run(job: Path, host: Path, state: Path) -> subprocess.Popen[str]:
@@ -96,9 +98,13 @@ def test_run_serves_http_and_stops_gracefully_on_sigint(
     assert any(f"http host:{port}" in line for line in lines), lines
     resp = httpx.get(f"http://127.0.0.1:{port}/", timeout=20)
     assert "vmdriver-test-guest" in resp.text
-    # Confined like a Nomad task, with headroom over the guest's 256 MiB (Nomad #27392).
+    # Confined like a Nomad task, with headroom over the guest's 256 MiB (Nomad #27392),
+    # in the cgroup vmdriver made for it and recorded (under this host's hierarchy).
     (pid,) = qemu_processes(str(state_dir))
-    assert memory_limit_of(pid) == cgroup.memory_limit_mib(256, 1, "tcg") * 2**20 > 512 * 2**20
+    group, limit = memory_limit(pid)
+    assert limit == cgroup.memory_limit_mib(256, 1, "tcg") * 2**20 > 512 * 2**20
+    (rec,) = records_under(state_dir)
+    assert str(group) in rec.cgroup_paths and group.parent.name == "vmdriver", (group, rec)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -120,15 +126,6 @@ def test_stop_from_another_process(tmp_path: Path, state_dir: Path, image: Path)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped on request" in err
-
-
-def memory_limit_of(pid: int) -> int:
-    """The memory limit of the cgroup ``pid`` is in (v1 or v2)."""
-    groups = cgroup.cgroups_of(pid)
-    if "memory" in groups:
-        return int((cgroup.ROOT / "memory" / groups["memory"].lstrip("/")
-                    / "memory.limit_in_bytes").read_text())
-    return int((cgroup.ROOT / groups[""].lstrip("/") / "memory.max").read_text())
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -178,7 +175,9 @@ def test_argv_prints_nomad_order(tmp_path: Path, state_dir: Path) -> None:
     res = vmdriver("argv", str(job), "--state-dir", str(state_dir))
     assert res.returncode == 0, res.stderr
     argv = res.stdout.split()
-    order = [argv.index(flag) for flag in ("-machine", "-name", "-m", "-drive", "-nographic",
+    # Drives are -blockdev node graphs now, where Nomad's qemu driver had -drive.
+    order = [argv.index(flag) for flag in ("-machine", "-name", "-m", "-blockdev", "-nographic",
                                            "-netdev")]
     assert order == sorted(order)
-    assert "user,id=user.0,hostfwd=udp::18099-:8080,hostfwd=tcp::18099-:8080" in argv
+    assert "user,id=net0,hostfwd=udp::18099-:8080,hostfwd=tcp::18099-:8080" in argv
+    assert any(a.startswith("virtio-net-pci,netdev=net0,") for a in argv), argv
