@@ -220,3 +220,13 @@ def test_remembered_facts_never_hide_a_rewritten_volume(pool: DirectoryPool, wor
     assert golden.stat().st_ino == ino
     with pytest.raises(PolicyError, match="image has a backing file"):
         pool.create_volume(request(pool, disk(source={"volume": "golden.qcow2"}), index=1))
+
+
+def test_a_reused_volume_may_not_point_outside_the_pool(pool: DirectoryPool) -> None:
+    name = "a1b2c3d4-web-0.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd",
+             str(pool.root / name), "1M")
+    with pytest.raises(StorageError, match="has a backing file outside the pool"):
+        pool.create_volume(request(pool, disk(size="1MiB")), exist_ok=True)
+    with pytest.raises(StorageError, match="has a backing file outside the pool"):
+        pool.task_volumes("a1b2c3d4e5", "web")

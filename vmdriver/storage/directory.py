@@ -177,6 +177,11 @@ class DirectoryPool(Pool):
                                 pass_fds=(fd,), allow_backing=True)
         finally:
             os.close(fd)
+        if got.backing is not None and Path(got.backing).parent not in (
+                self.root, self.root / META / "bases"):
+            # Not an overlay this pool made: it would have QEMU open a file elsewhere.
+            raise StorageError(f"volume {name!r} has a backing file outside the pool",
+                               where=where)
         base = self.refs.base_of(name) if got.backing else None
         return self._volume(name, fmt, got.virtual_size, backing=base, read_only=read_only,
                             reused=True)
