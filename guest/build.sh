@@ -15,7 +15,9 @@ HTTP_PORT=8080
 KERNEL_CMDLINE="console=ttyS0,115200 quiet loglevel=3 cryptomgr.notests"
 # Modules the guest wants; their dependencies are added from modules.dep.
 WANT_MODULES="virtio_pci virtio_net e1000 e1000e virtio_console evdev button
-  pvpanic pvpanic_mmio pvpanic_pci pvpanic_isa qemu_fw_cfg"
+  pvpanic pvpanic_mmio pvpanic_pci pvpanic_isa qemu_fw_cfg
+  virtio_blk virtio_scsi sd_mod sr_mod ahci ata_piix xhci_pci usb_storage uas
+  9p 9pnet_virtio virtiofs tpm_tis tpm_crb virtio_balloon virtio_rng"
 # /usr/bin/perl (and the library it needs beyond libc) runs the UDP echo service.
 PERL_PKGS="perl-base libcrypt1"
 # Host tools whose versions shape the images (bootloaders, filesystems).

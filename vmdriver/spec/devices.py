@@ -115,6 +115,10 @@ class Drive(Frozen):
             raise ValueError(f"drive {self.id}: only a cdrom may have an empty tray")
         if self.bus.legacy and self.medium is None:
             raise ValueError(f"drive {self.id}: an empty tray needs a device bus, not {self.bus}")
+        if self.read_only and self.kind == "disk" and self.bus in (Bus.IDE, Bus.SATA):
+            # QEMU's ide-hd refuses a read-only node ("Block node is read-only").
+            raise ValueError(f"drive {self.id}: an IDE/SATA disk cannot be read-only in QEMU; "
+                             "use bus virtio or scsi")
         if self.bus.legacy and self.boot_index is not None:
             raise ValueError(f"drive {self.id}: a boot index needs a device bus, not {self.bus}")
 
