@@ -140,3 +140,20 @@ def test_image_entrypoint_is_the_runner(image: str) -> None:
     if "invalid choice: 'runner'" in helped.stderr:
         pytest.skip("`vmdriver runner` is not wired into the CLI yet (the lead's part)")
     assert helped.returncode == 0 and "-c" in helped.stdout, helped.stderr
+
+
+def test_readiness_probe_reads_the_status_file(tmp_path: Path) -> None:
+    """The probe command of the manifest, run against status files the runner writes."""
+    import sys
+
+    from vmdriver.runner.status import RunState, Status, write_status
+
+    config, _, container = runner_setup(KUSTOMIZATIONS[0])
+    argv = container["readinessProbe"]["exec"]["command"]
+    assert argv[0] == "/opt/vmdriver/bin/python"  # the image's venv
+    local = [sys.executable, *(a.replace(str(config.runtime_dir), str(tmp_path)) for a in argv[1:])]
+    status = tmp_path / "status.json"
+    assert subprocess.run(local, capture_output=True, check=False).returncode != 0  # no file yet
+    for state, ready in ((RunState.BOOTING, False), (RunState.BOOTED, True), (RunState.TERMINATING, False)):
+        write_status(status, Status(state=state))
+        assert (subprocess.run(local, capture_output=True, check=False).returncode == 0) is ready, state
