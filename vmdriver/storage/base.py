@@ -245,7 +245,10 @@ class Pool(ABC):
             raise SpecError("source.image was not opened by the caller", where=f"{where}.source")
         if src is not None and src.volume is not None:
             check_volume_name(src.volume, where=f"{where}.source.volume")
-        sparse = self.default_sparse(fmt) if disk.sparse is None else disk.sparse
+        sparse = disk.sparse
+        if sparse is None:
+            # Preallocating a read-only medium buys nothing: a cdrom is copied as it is.
+            sparse = disk.kind == "cdrom" or self.default_sparse(fmt)
         return VolumeRequest(
             alloc_id=alloc_id, task=task, index=index, format=fmt, size=disk.size,
             sparse=sparse, chained=disk.chained, read_only=disk.read_only,
