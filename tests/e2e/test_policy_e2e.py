@@ -67,13 +67,16 @@ job "strict" {{
         qemu = psutil.Process(pid)
         cmdline = qemu.cmdline()
         # The image reached QEMU as the open file policy checked, not as a path.
-        assert any(a.startswith("file=/dev/fdset/1,") for a in cmdline), cmdline
+        assert any('"filename":"/dev/fdset/1"' in a for a in cmdline), cmdline
         assert not any(str(image) in a for a in cmdline)
         assert str(image) in {f.path for f in qemu.open_files()}
         assert "-sandbox" in cmdline and "-no-user-config" in cmdline
-        (sock,) = state_dir.glob("allocs/*/vm/qmp.sock")
+        # The control socket is in the VM's runtime dir, private, never in the task dir.
+        (sock,) = state_dir.glob("run/*/qmp.sock")
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(sock.parent.parent.stat().st_mode) == 0o700
+        assert not list(state_dir.glob("allocs/**/*.sock"))
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
