@@ -25,6 +25,7 @@ import re
 from typing import Any
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -130,7 +131,9 @@ class NetworkSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    networks: dict[str, ManagedNetwork] = Field(default_factory=dict)
+    #: ``network "name" { }`` blocks in HCL (key ``network``), or a map ``networks``.
+    networks: dict[str, ManagedNetwork] = Field(
+        default_factory=dict, validation_alias=AliasChoices("network", "networks"))
     #: Host bridges (not managed by vmdriver) jobs may attach taps to.
     allowed_bridges: tuple[str, ...] = ()
     #: Host devices jobs may put macvtap NICs on.

@@ -31,7 +31,7 @@ from vmdriver.network import dnsmasq, names, nft
 from vmdriver.network.config import LIBVIRT_BRIDGE, ManagedNetwork, NetworkSettings, check_nic
 from vmdriver.network.discovery import AgentInterfaces, GuestAddresses, IPAddress, discover
 from vmdriver.network.macvtap import create_macvtap
-from vmdriver.network.tap import Tap, attach, open_tap, remove_link, vmdriver_links
+from vmdriver.network.tap import Tap, link_exists, open_tap, remove_link, vmdriver_links
 
 
 @dataclass(frozen=True)
@@ -145,14 +145,10 @@ class HostNetwork:
                                  mode=nic.mode, alias=alias)
             return VmNic(nic, tap, None)
         net = self.settings.network_for_bridge(nic.bridge)
-        if net is not None:
-            bridges.ensure_bridge(net)  # idempotent; normally done at start-up
-        tap = open_tap(names.tap_name(vm_id, nic.index), guest_mac=mac, queues=nic.queues, alias=alias)
-        try:
-            attach(tap, nic.bridge)
-        except BaseException:
-            tap.close()
-            raise
+        if net is not None and not link_exists(net.bridge):
+            bridges.ensure_bridge(net)  # normally done at start-up
+        tap = open_tap(names.tap_name(vm_id, nic.index), guest_mac=mac, queues=nic.queues,
+                       alias=alias, bridge=nic.bridge)
         if nic.bridge == LIBVIRT_BRIDGE or net is None:
             # A bridge vmdriver does not manage (virbr0 is used as is); the host's
             # own connections to 127.0.0.1:port still need this to reach the guest.

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,28 +122,47 @@ def tap_mac(guest_mac: str) -> str:
     return "fe" + guest_mac[2:]
 
 
+def _ifindex(name: str) -> int | None:
+    """An interface's index in the calling thread's namespace (an ioctl, no netlink dump)."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+def _require_index(name: str) -> int:
+    index = _ifindex(name)
+    if index is None:
+        raise HostError(f"link {name} vanished after creation")
+    return index
+
+
 def open_tap(name: str, *, guest_mac: str, queues: int = 1, vhost: bool | None = None,
-             alias: str = "") -> Tap:
+             alias: str = "", bridge: str | None = None) -> Tap:
     """Create tap ``name`` (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), one fd per queue.
 
     ``queues`` > 1 sets IFF_MULTI_QUEUE. ``vhost`` None uses vhost-net where the
     host has it; True requires it. A stale link of the same name (left by a
-    crash) is deleted first. The link is left down and unattached.
+    crash) is deleted first. With ``bridge`` the tap is enslaved to it and up,
+    in the same netlink request that sets its MAC and alias.
     """
     if queues < 1:
         raise ValueError("queues must be at least 1")
     flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
     with ipr() as sock:
-        stale = sock.link_lookup(ifname=name)
-        if stale:
+        stale = _ifindex(name)
+        if stale is not None:
             with contextlib.suppress(NetlinkError):
-                sock.link("del", index=stale[0])
+                sock.link("del", index=stale)
         fds: list[int] = []
         try:
             for _ in range(queues):
                 fds.append(_open_queue(name, flags))
-            ifindex = sock.link_lookup(ifname=name)[0]
-            sock.link("set", index=ifindex, address=tap_mac(guest_mac), ifalias=alias or name)
+            ifindex = _require_index(name)
+            settings: dict[str, object] = {"address": tap_mac(guest_mac), "ifalias": alias or name}
+            if bridge:
+                settings |= {"master": bridge_index(sock, bridge), "state": "up"}
+            sock.link("set", index=ifindex, **settings)
             vhost_fds = _open_vhost(queues, vhost)
         except BaseException:
             for fd in fds:
@@ -162,22 +182,34 @@ def _open_vhost(queues: int, want: bool | None) -> tuple[int, ...]:
     return tuple(os.open(VHOST_NET_DEVICE, os.O_RDWR | os.O_CLOEXEC) for _ in range(queues))
 
 
+#: (network namespace inode, ifindex) of links known to be bridges: checking the
+#: kind is a netlink request, and a VM start should not pay it every time.
+_bridges: set[tuple[int, int]] = set()
+
+
 def bridge_index(sock: IPRoute, bridge: str) -> int:
     """The ifindex of an existing bridge, or HostError."""
-    found = sock.link_lookup(ifname=bridge)
-    if not found:
+    index = _ifindex(bridge)
+    if index is None:
         raise HostError(f"bridge {bridge} does not exist on this host")
-    link = sock.get_links(found[0])[0]
-    info = link.get_attr("IFLA_LINKINFO")
+    key = (os.stat("/proc/thread-self/ns/net").st_ino, index)
+    if key in _bridges:
+        return index
+    info = sock.get_links(index)[0].get_attr("IFLA_LINKINFO")
     if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
         raise HostError(f"{bridge} is not a bridge")
-    return int(found[0])
+    _bridges.add(key)
+    return index
 
 
 def attach(tap: Tap, bridge: str) -> None:
     """Enslave the tap to ``bridge`` and bring it up."""
     with ipr() as sock:
         sock.link("set", index=tap.ifindex, master=bridge_index(sock, bridge), state="up")
+
+
+def link_exists(name: str) -> bool:
+    return _ifindex(name) is not None
 
 
 def remove_link(name: str) -> bool:
