@@ -142,6 +142,7 @@ def test_vm_operators_template_name_maps_to_ours(caplog: pytest.LogCaptureFixtur
     ({"maximum_ram": "1G"}, "did you mean 'maximumRam'?"),
     ({"drives": [{"type": "raw", "flie": "/x"}]}, "vm.drives[0].flie: unknown key 'flie'; did you mean 'file'?"),
     ({"display": {"spice": {"prot": 1}}}, "vm.display.spice.prot: unknown key 'prot'; did you mean 'port'?"),
+    ({"spice": {"port": 5900}}, "vm.spice: 'spice' moved: write it as vm.display.spice"),
     ({"xyzzy": 1}, "vm.xyzzy: unknown key 'xyzzy' (allowed: accelerator, bootMenu,"),
     ({"cpuSockets": 1, "sockets": 2}, "vm.cpuSockets: both 'cpuSockets' and 'sockets' are given"),
     ({"maximumRam": "1X"}, "vm.maximumRam: not a size: '1X' (a byte count or a size like 1G"),

@@ -29,6 +29,11 @@ LEGACY_KEYS: dict[str, dict[str, str]] = {
     "Spice": {"streaming-video": "streamingVideo"},
 }
 
+#: Keys older VM-Operator configs had elsewhere: an error that says where they went.
+MOVED_KEYS: dict[str, dict[str, str]] = {
+    "Vm": {"spice": "vm.display.spice"},
+}
+
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The model class inside ``M``, ``M | None`` or ``tuple[M, ...]``, if any."""
@@ -78,6 +83,9 @@ def check_keys(data: Any, model: type[BaseModel], path: str, file: str) -> Any:
                 raise SpecError(f"both {key!r} and {name!r} are given; keep {name!r}", where=where)
             log.warning("%s: %r is the spelling of VM-Operator's sample config; read as %r",
                         where, key, name)
+        elif key in MOVED_KEYS.get(model.__name__, {}):
+            raise SpecError(f"{key!r} moved: write it as {MOVED_KEYS[model.__name__][key]}",
+                            where=where)
         elif key not in fields:
             raise unknown_key(key, list(fields), where)
         out[name] = _check_value(value, fields[name], f"{path}.{name}" if path else name, file)
