@@ -17,6 +17,7 @@ from vmdriver.storage import (
     default_storage_pools,
     parse_storage_pools,
 )
+from vmdriver.storage.config import validate_storage_pools
 from vmdriver.storage.pools import BACKENDS
 
 SECRET = "AQCzNMxpb6aWIxAA7YrNMSg8z5TxEvB0jsuibQ=="
@@ -130,3 +131,23 @@ def test_pool_kind_without_backend_is_a_clear_error(monkeypatch: pytest.MonkeyPa
 def test_default_pools_live_under_the_state_dir(tmp_path: Path) -> None:
     pools = default_storage_pools(tmp_path)
     assert pools.get(None) == DirectoryPoolConfig(name="default", path=tmp_path / "storage")
+
+
+def test_embedding_in_a_pydantic_model_keeps_field_names() -> None:
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    class Host(BaseModel):
+        storage_pools: StoragePools | None = None
+
+        @field_validator("storage_pools", mode="before")
+        @classmethod
+        def _pools(cls, value: object) -> StoragePools | None:
+            return None if value is None else validate_storage_pools(value)
+
+    raw = loads('storage_pools { directory "a" { path = "/a" } }', "h")
+    assert Host.model_validate(raw).storage_pools == parse(
+        'storage_pools { directory "a" { path = "/a" } }')
+    with pytest.raises(ValidationError) as exc:
+        Host.model_validate(loads('storage_pools { directory "a" { path = "rel" } }', "h"))
+    assert exc.value.errors()[0]["msg"] == ("Value error, directory.a.path: not an absolute "
+                                            "path: 'rel'")

@@ -19,6 +19,7 @@ from vmdriver.storage.config import (
     StoragePools,
     default_storage_pools,
     parse_storage_pools,
+    validate_storage_pools,
 )
 from vmdriver.storage.disks import DiskRequest, DiskSource, parse_disks
 from vmdriver.storage.errors import StorageError, StorageFull, StorageUnavailable
@@ -42,5 +43,6 @@ __all__ = [
     "open_pool",
     "parse_disks",
     "parse_storage_pools",
+    "validate_storage_pools",
     "volume_name",
 ]

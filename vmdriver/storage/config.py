@@ -242,6 +242,32 @@ def default_storage_pools(state_dir: Path) -> StoragePools:
 def parse_storage_pools(raw: object, where: str) -> StoragePools:
     """Validate a ``storage_pools`` block; errors name the field, never the Ceph secret."""
     try:
+        return _validate(raw)
+    except _Invalid as exc:
+        where_field = f"{where}: storage_pools" + (f".{exc.field}" if exc.field else "")
+        raise HostConfigError(exc.msg, where=where_field) from None
+
+
+def validate_storage_pools(raw: object) -> StoragePools:
+    """For a pydantic ``field_validator(mode="before")`` of a model embedding the pools.
+
+    Raises ``ValueError("directory.local.path: not an absolute path: 'x'")``, which
+    the embedding model's error rendering shows after ``storage_pools``.
+    """
+    try:
+        return _validate(raw)
+    except _Invalid as exc:
+        raise ValueError(f"{exc.field}: {exc.msg}" if exc.field else exc.msg) from None
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str, msg: str) -> None:
+        super().__init__(msg)
+        self.field, self.msg = field, msg
+
+
+def _validate(raw: object) -> StoragePools:
+    try:
         return StoragePools.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors(include_input=False)[0]
@@ -254,10 +280,9 @@ def parse_storage_pools(raw: object, where: str) -> StoragePools:
         head, sep, rest = msg.partition(": ")
         if sep and re.fullmatch(r"\S+", head) and not field:
             field, msg = head, rest
-        where_field = f"{where}: storage_pools" + (f".{field}" if field else "")
-        raise HostConfigError(msg[:1].lower() + msg[1:], where=where_field) from None
+        raise _Invalid(field, msg[:1].lower() + msg[1:]) from None
     except ValueError as exc:
-        raise HostConfigError(str(exc), where=f"{where}: storage_pools") from None
+        raise _Invalid("", str(exc)) from None
 
 
 def _field_path(loc: tuple[int | str, ...], raw: object) -> str:
