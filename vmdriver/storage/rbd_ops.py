@@ -13,6 +13,7 @@ import importlib
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -30,6 +31,10 @@ BASE_SNAP = "base"
 _BASE_RE = re.compile(r"^base-[0-9a-f]{64}$", re.ASCII)
 #: A snapshot taken of a source volume for one clone carries the clone's (task volume) name.
 _CLONE_SNAP_RE = re.compile(r"^[A-Za-z0-9]{8}-.+-\d{1,6}$", re.ASCII)
+
+#: Seconds a removal waits for the watch of a dead client to expire (the OSDs drop it
+#: after osd_client_watch_timeout, 30 s by default).
+BUSY_WAIT_S = 40
 
 #: ``image name → (qemu-img args, --target-image-opts string)``, from the pool.
 TargetFn = Callable[[str], AbstractContextManager[tuple[list[str], str]]]
@@ -234,21 +239,31 @@ class Ops:
                                            f"@{snap}; not removed", where=self.where)
         except self.rbd.ImageNotFound:
             return False
-        try:
-            self.rbd.RBD().remove(self.io, name)
-        except self.rbd.ImageNotFound:
+        if not self._remove_image(name):
             return False
-        except self.rbd.ImageBusy:
-            raise StorageError(f"volume {name} is in use (open in a running VM?)",
-                               where=self.where) from None
-        except self.rbd.Error as exc:
-            raise self._error(f"remove {name}", exc) from None
         if parent is not None and parent[0] == self.io.get_pool_name():
             if is_base(parent[1]) and parent[2] == BASE_SNAP:
                 self._drop_base(parent[1])
             elif parent[2] == name:
                 self._drop_snap(parent[1], name)
         return True
+
+    def _remove_image(self, name: str) -> bool:
+        """``RBD.remove``, waiting out the watch of a client that died (a killed QEMU)."""
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                self.rbd.RBD().remove(self.io, name)
+                return True
+            except self.rbd.ImageNotFound:
+                return False
+            except self.rbd.ImageBusy:
+                if time.monotonic() > deadline:
+                    raise StorageError(f"volume {name} is in use (open in a running VM?)",
+                                       where=self.where) from None
+                time.sleep(1)
+            except self.rbd.Error as exc:
+                raise self._error(f"remove {name}", exc) from None
 
     def _children(self, image: str, snap: str) -> list[Any]:
         with self._image(image, snapshot=snap, read_only=True) as at_snap:
