@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,11 +20,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 REPO = Path(__file__).resolve().parents[2]
 CLOUD_GUEST_LINK = REPO / "guest" / "cloud" / "out"
-#: Printed on the serial console when cloud-init's final stage is done.
-CLOUD_INIT_FINISHED = "Cloud-init v. "
+#: Printed on the serial console when cloud-init's final stage (runcmd included) is done.
+CLOUD_INIT_FINISHED = re.compile(r"Cloud-init v\. \S+ finished at ")
 DEFAULT_USER = "debian"
 SSH_OPTS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "IdentitiesOnly=yes")
@@ -56,10 +58,13 @@ def ssh_keypair(directory: Path) -> tuple[Path, str]:
 
 
 def ssh_run(port: int, key: Path, command: str, *, user: str = DEFAULT_USER, timeout: float = 60.0,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in the guest with the real ssh client; returns the completed process."""
+            check: bool = True, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in the guest with the real ssh client; returns the completed process.
+
+    :param stdin: fed to the command (keeps secrets out of argv and so out of the guest's logs).
+    """
     argv = ("ssh", *SSH_OPTS, "-i", str(key), "-p", str(port), f"{user}@127.0.0.1", command)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check)
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=check)
 
 
 def wait_ssh(port: int, key: Path, *, user: str = DEFAULT_USER, timeout: float = 240.0,
@@ -103,6 +108,7 @@ class CloudVM:
     virtiofs: Sequence[tuple[str, Path]] = ()
     ssh_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    _stderr: BinaryIO | None = None
 
     @property
     def serial_log(self) -> Path:
@@ -133,9 +139,9 @@ class CloudVM:
         return argv
 
     def start(self) -> None:
+        self._stderr = (self.workdir / "qemu.stderr").open("wb")
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=(self.workdir / "qemu.stderr").open("wb"),
-                                     start_new_session=True)
+                                     stderr=self._stderr, start_new_session=True)
 
     def alive(self) -> Iterator[bool]:
         while True:
@@ -147,22 +153,25 @@ class CloudVM:
         except FileNotFoundError:
             return ""
 
-    def wait_console(self, text: str, timeout: float) -> float:
-        """Seconds until ``text`` appears on the serial console."""
+    def wait_console(self, pattern: re.Pattern[str], timeout: float) -> float:
+        """Seconds until ``pattern`` matches the serial console."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
-            if text in self.console():
+            if pattern.search(self.console()):
                 return time.monotonic() - start
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"QEMU exited; console tail:\n{self.console()[-2000:]}")
             time.sleep(0.5)
-        raise TimeoutError(f"{text!r} not on the console in {timeout:.0f}s; tail:\n{self.console()[-2000:]}")
+        raise TimeoutError(f"{pattern.pattern!r} not on the console in {timeout:.0f}s; "
+                           f"tail:\n{self.console()[-2000:]}")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        if self._stderr is not None:
+            self._stderr.close()
 
 
 @contextlib.contextmanager
