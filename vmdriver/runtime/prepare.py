@@ -9,11 +9,13 @@ every failure path, and by :meth:`Prepared.close` when the VM is not launched.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmdriver.cloudinit.seed import fat_image, iso_image, write_atomically
 from vmdriver.errors import AcceleratorUnavailable, HostError, SpecError
 from vmdriver.host.config import HostConfig
 from vmdriver.host.emulators import find_emulator
@@ -31,10 +33,20 @@ from vmdriver.policy import (
 from vmdriver.policy.args import static_arity
 from vmdriver.policy.images import checked_image
 from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RenderContext
+from vmdriver.qemu.blockdev import is_q35
 from vmdriver.qemu.sidecars import HelperSpec, helpers_for
 from vmdriver.runtime.process import close_fds
 from vmdriver.runtime.taskdir import VMDirs, vm_key
-from vmdriver.spec import Accelerator, Drive, FileMedium, NoNic, RbdMedium, UserNic, VMSpec
+from vmdriver.spec import (
+    Accelerator,
+    Bus,
+    Drive,
+    FileMedium,
+    NoNic,
+    RbdMedium,
+    UserNic,
+    VMSpec,
+)
 from vmdriver.spec.devices import derive_mac
 
 
@@ -83,11 +95,13 @@ class _Opener:
         self.dirs, self.host, self.policy = dirs, host, policy
         self.prefix, self.preview = prefix, preview
         self.opened: list[OpenedImage] = []
+        self.fds: list[int] = []
         self.created: list[Path] = []
 
     def close(self) -> None:
         for image in self.opened:
             image.close()
+        close_fds(tuple(self.fds))
         for path in self.created:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -139,6 +153,29 @@ class _Opener:
         self.created.append(target)
 
 
+def _with_seed(spec: VMSpec, dirs: VMDirs, opener: _Opener) -> tuple[VMSpec, DriveSource | None]:
+    """Build the spec's seed in the runtime dir and attach it as a read-only CD-ROM.
+
+    The seed is vmdriver's own file, made from the spec: it is opened here, not
+    through the job's path policy, and reaches QEMU as an fd like every image.
+    """
+    seed = spec.seed
+    if seed is None:
+        return spec, None
+    path = dirs.runtime / f"{seed.label}.{'iso' if seed.format == 'iso' else 'img'}"
+    drive = Drive(id="seed", medium=FileMedium(path=str(path), format="raw"), kind="cdrom",
+                  bus=Bus.SATA if is_q35(spec) else Bus.IDE)
+    spec = spec.model_copy(update={"drives": (*spec.drives, drive)})
+    if opener.preview:
+        return spec, DriveSource(path=str(path), format="raw")
+    files = {name: text.encode() for name, text in seed.files}
+    write_atomically(path, iso_image(files) if seed.format == "iso" else fat_image(files))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    opener.fds.append(fd)
+    index = len(spec.drives)
+    return spec, DriveSource(path=f"/dev/fdset/{index}", format="raw", fds=(fd,), fdset=index)
+
+
 def _share_paths(spec: VMSpec, policy: PathPolicy, prefix: str) -> dict[str, str]:
     out = {}
     for share in spec.shares:
@@ -184,6 +221,9 @@ def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: 
     try:
         drives = {d.id: src for i, d in enumerate(spec.drives)
                   if (src := opener.source(i, d)) is not None}
+        spec, seed = _with_seed(spec, dirs, opener)
+        if seed is not None:
+            drives["seed"] = seed
         shares = _share_paths(spec, policy, prefix)
         if not preview:
             _firmware_vars(spec)

@@ -134,6 +134,30 @@ class Display(Frozen):
     spice_address: str = "127.0.0.1"
 
 
+class Seed(Frozen):
+    """A small config disk the runtime builds and attaches as a CD-ROM (cloud-init's NoCloud).
+
+    Files are text, written as given; the face renders them (YAML, MIME) and
+    never puts a secret in them that may not land in the VM record (a password
+    only as its crypt hash).
+    """
+
+    #: Volume label the guest looks for (``cidata`` for NoCloud).
+    label: str = Field(default="cidata", pattern=r"^[A-Za-z0-9_-]{1,11}$")
+    #: ``(name, content)`` pairs: ``meta-data``, ``user-data``, ``network-config``.
+    files: tuple[tuple[str, str], ...]
+    format: Literal["iso", "fat"] = "iso"
+
+    @field_validator("files")
+    @classmethod
+    def _names(cls, value: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        for name, _ in value:
+            if not name or "/" in name or name.startswith(".") or len(name) > 64:
+                raise ValueError(f"not a plain file name: {name!r}")
+        _no_duplicates("seed file", [name for name, _ in value])
+        return value
+
+
 class ShutdownPolicy(Frozen):
     """How a stop request is carried out."""
 
@@ -180,6 +204,8 @@ class VMSpec(Frozen):
     display: Display = Display()
     channels: tuple[Channel, ...] = ()
     shares: tuple[Share, ...] = ()
+    #: A config disk (cloud-init) built at start in the runtime dir, attached as a CD-ROM.
+    seed: Seed | None = None
     guest_agent: bool = False
     shutdown: ShutdownPolicy = ShutdownPolicy()
     #: Extra QEMU arguments, verbatim, appended after vmdriver's own (checked by policy).
