@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -14,10 +15,12 @@ import pytest
 from google.protobuf import duration_pb2
 
 from tests.conftest import READY
+from tests.e2e.cgroups import cpu_weight, memory_limit
 from tests.nomad.conftest import Alloc
 from tests.nomad.nomadsim import Plugin, stream_first
 from vmdriver.nomad.proto import driver_pb2 as pb
 from vmdriver.runtime import cgroup
+from vmdriver.runtime.record import VMRecord
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +65,7 @@ class Waiter(threading.Thread):
 
 
 def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest_dir: Path,
-                        no_leaks: None) -> None:
+                        state_dir: Path, no_leaks: None) -> None:
     plugin = start_plugin()
     events = plugin.driver.TaskEvents(pb.TaskEventsRequest())
     schema = plugin.driver.TaskConfigSchema(pb.TaskConfigSchemaRequest(), timeout=5)
@@ -82,14 +85,22 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
     pid = int(inspect.driver.attributes["pid"])
     assert psutil.Process(pid).name().startswith("qemu-system")
 
-    # The task's resources confine QEMU: memory limit with headroom, CPU weight.
-    groups = cgroup.cgroups_of(pid)
+    # driver_state is the VM record: what a new plugin process needs to re-attach, with
+    # the control plane in the runtime dir under the plugin's state dir, not the task dir.
+    record = VMRecord.model_validate(json.loads(handle.driver_state)["record"])
+    assert record.id == task.id and record.pid == pid
+    assert Path(record.qmp_socket).parent == Path(record.runtime_dir)
+    assert Path(record.runtime_dir).parent == state_dir / "run"
+    assert Path(record.qmp_socket).is_socket()
+
+    # The task's resources confine QEMU (memory limit with headroom, CPU weight), read
+    # from the files of its cgroup under whatever hierarchy this host has.
     scope = f"{alloc.id}.vm"
-    if cgroup.detect_mode() is cgroup.CgroupMode.V1:
-        assert groups["memory"] == f"/nomad/{scope}", groups
-        limit = Path(f"/sys/fs/cgroup/memory/nomad/{scope}/memory.limit_in_bytes").read_text()
-        assert int(limit) == cgroup.memory_limit_mib(256, 1, "tcg", 256) << 20
-        assert Path(f"/sys/fs/cgroup/cpu/nomad/{scope}/cpu.shares").read_text().strip() == "700"
+    mem_group, limit = memory_limit(pid)
+    assert (mem_group.parent.name, mem_group.name) == ("nomad", scope), mem_group
+    assert limit == cgroup.memory_limit_mib(256, 1, "tcg", 256) << 20
+    cpu_group, weight, expected = cpu_weight(pid, 700)
+    assert cpu_group.name == scope and weight == expected, (cpu_group, weight)
 
     stats = plugin.driver.TaskStats(
         pb.TaskStatsRequest(task_id=task.id, collection_interval=duration_pb2.Duration(nanos=200_000_000))
@@ -117,7 +128,8 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
     assert not result.err  # the guest powered off on the ACPI button: a clean stop
     assert time.monotonic() - t0 < 30
     assert gone(pid)
-    assert not Path(f"/sys/fs/cgroup/memory/nomad/{scope}").exists()  # cleaned up
+    assert not mem_group.exists() and not cpu_group.exists()  # cleaned up
+    assert not Path(record.runtime_dir).exists()
 
     # WaitTask after the end answers at once with the same result.
     again = plugin.driver.WaitTask(pb.WaitTaskRequest(task_id=task.id), timeout=5)
