@@ -107,8 +107,20 @@ build_top() {
     buildah rm "$ctr" >/dev/null
 }
 
+prune() {
+    # Keep the 3 newest images of a name (each commit makes a new top layer).
+    buildah images --noheading --format '{{.CreatedAtRaw}}|{{.Name}}:{{.Tag}}' |
+        grep -F "|$1:" | sort -r | tail -n +4 | cut -d'|' -f2 | while read -r old; do
+            if [ "$old" != "$ref" ] && [ "$old" != "$base_ref" ]; then
+                buildah rmi "$old" >/dev/null 2>&1 || true
+            fi
+        done
+}
+
 mkdir -p "$CACHE"
 if exists "$base_ref"; then log "base $base_ref cached"; else build_base; fi
 if exists "$ref"; then log "image $ref cached"; else build_top; fi
+prune "$NAME"
+prune "$NAME-base"
 [ -n "$TAG_ALIAS" ] && buildah tag "$ref" "$TAG_ALIAS"
 echo "$ref"
