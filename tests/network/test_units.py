@@ -13,6 +13,9 @@ from vmdriver.network import NetworkSettings, check_nic, names, network_settings
 from vmdriver.network.discovery import from_agent, from_leases, slaac_address
 from vmdriver.network.dnsmasq import dnsmasq_argv
 from vmdriver.network.macvtap import kernel_mode
+from vmdriver.network.spec import nic_requests, port_maps
+from vmdriver.spec import MacvtapNic, TapNic, UserNic
+from vmdriver.spec.devices import PortForward
 
 HCL = """
 network "default" {
@@ -141,3 +144,16 @@ def test_macvtap_modes() -> None:
     assert kernel_mode("vepa") == "vepa"
     with pytest.raises(SpecError, match="allowed: bridge, private, vepa, passthrough"):
         kernel_mode("promisc")
+
+
+def test_spec_nics_and_forwards_map_to_requests() -> None:
+    fwd = PortForward(label="http", host_port=20080, guest_port=8080, host_ip="10.0.0.1")
+    nics = (UserNic(id="u0"), TapNic(id="lan", bridge="vmdbr0", mac="52:54:00:00:00:01", forwards=(fwd,)),
+            MacvtapNic(id="wan", device="eth1", mode="vepa"))
+    reqs = nic_requests(nics)
+    assert [(r.index, r.kind, r.id, r.bridge, r.device, r.mode, r.mac) for r in reqs] == [
+        (1, "tap", "lan", "vmdbr0", "", "bridge", "52:54:00:00:00:01"),
+        (2, "macvtap", "wan", "", "eth1", "vepa", "")]
+    (pm,) = port_maps((fwd,))
+    assert (pm.host_port, pm.guest_port, pm.protocols) == (20080, 8080, ("tcp", "udp"))
+    assert str(pm.host_ip) == "10.0.0.1"

@@ -179,6 +179,17 @@ def test_spoofed_source_ip_from_a_guest_is_dropped(topo: Topo, vms: list[Vm],
     assert after[2] + after[3] > before[2] + before[3]
 
 
+def test_port_bound_to_one_host_address(topo: Topo, hostnet: HostNetwork, vms: list[Vm],
+                                        published: GuestAddresses) -> None:
+    bound = PortMap(HOST_PORT + 10, GUEST_PORT, ("tcp",), ipaddress.ip_address(A_ADDR))
+    with netns.inside(topo.a):
+        hostnet.publish(vms[0].vm_id, [PortMap(HOST_PORT, GUEST_PORT), bound], published.addresses)
+    assert _curl(topo.b, f"http://{A_ADDR}:{bound.host_port}/hostname").strip() == "vmdriver-guest"
+    res = netns.in_ns(topo.a, "curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{bound.host_port}/")
+    assert res.returncode != 0, "a port bound to one address answered on another"
+    _udp_echo(topo.b, A_ADDR)  # republishing kept the first port
+
+
 def test_stop_removes_tap_and_chains(topo: Topo, hostnet: HostNetwork, vms: list[Vm],
                                      published: GuestAddresses) -> None:
     vm = vms[1]

@@ -38,8 +38,11 @@ from vmdriver.network.tap import Tap, link_exists, open_tap, remove_link, vmdriv
 class NicRequest:
     """One tap or macvtap NIC of a VM, as the spec gives it."""
 
+    #: Position among the VM's NICs (0-15): names the tap, so it is stable across restarts.
     index: int
     kind: Literal["tap", "macvtap"]
+    #: The spec's NIC id, to map fds back (``netdev`` ids default to ``net<index>``).
+    id: str = ""
     bridge: str = ""
     device: str = ""
     mode: str = "bridge"
@@ -69,8 +72,13 @@ class VmNetwork:
         return tuple(fd for n in self.nics for fd in n.tap.pass_fds())
 
     def netdev_args(self) -> list[str]:
-        """``-netdev`` values, ids ``net<index>``, for the fds under their current numbers."""
-        return [n.tap.netdev(f"net{n.request.index}") for n in self.nics]
+        """``-netdev`` values (id: the NIC's id or ``net<index>``) for the fds as numbered now."""
+        return [n.tap.netdev(n.request.id or f"net{n.request.index}") for n in self.nics]
+
+    def fds_by_id(self) -> dict[str, tuple[int, int | None]]:
+        """NIC id → (tap fd, vhost fd or None): what the core's ``NicFds`` holds (one queue)."""
+        return {n.request.id: (n.tap.fds[0], n.tap.vhost_fds[0] if n.tap.vhost_fds else None)
+                for n in self.nics}
 
     def close_fds(self) -> None:
         """Close vmdriver's copies once QEMU has its own (so taps die with QEMU)."""

@@ -43,6 +43,8 @@ class PortMap:
     host_port: int
     guest_port: int
     protocols: tuple[str, ...] = ("tcp", "udp")
+    #: Only traffic to this host address (Nomad's port's host IP); None: any local address.
+    host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
 
 _local = threading.local()
@@ -133,12 +135,13 @@ def _dnat_rules(chain: str, ports: Sequence[PortMap],
     rules = []
     for addr in addrs:
         fam = "ip" if addr.version == 4 else "ip6"
-        mine = [a for a in host_ips if a.version == addr.version]
-        if host_ips and not mine:
-            continue  # the host address Nomad gave is of the other family
-        dest = (_match(_payload(fam, "daddr"), _set(map(str, mine))) if mine
-                else _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"))
         for p in ports:
+            bound = [p.host_ip] if p.host_ip is not None else list(host_ips)
+            mine = [a for a in bound if a.version == addr.version]
+            if bound and not mine:
+                continue  # the host address Nomad gave is of the other family
+            dest = (_match(_payload(fam, "daddr"), _set(map(str, mine))) if mine
+                    else _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"))
             for proto in p.protocols:
                 rules.append(_rule(
                     INET, chain, _match(_meta("nfproto"), "ipv4" if fam == "ip" else "ipv6"), dest,
@@ -154,7 +157,8 @@ def publish(vm_id: str, ports: Sequence[PortMap],
 
     Traffic from other hosts is DNATed at prerouting, traffic the host itself
     sends at output; by default on every local address (``fib daddr type
-    local``, as Nomad's CNI portmap does), or only on ``host_ips``. Call again
+    local``, as Nomad's CNI portmap does), or only on the port's ``host_ip``
+    (else ``host_ips``). Call again
     when the guest's addresses change: the batch flushes and refills the chains.
     """
     for p in ports:
