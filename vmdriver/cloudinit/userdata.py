@@ -29,8 +29,13 @@ _MOUNT_OPTS: Final = {
 YAML_HEADER: Final = "#cloud-config\n"
 
 
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that writes multi-line strings as literal blocks (readable files)."""
+# libyaml's emitter is ~20x faster than PyYAML's pure-Python one (the bulk of a
+# seed's build time); the representers, and so the output's safety, are the same.
+_SafeDumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _Dumper(_SafeDumper):  # type: ignore[valid-type,misc]
+    """Safe dumper that writes multi-line strings as literal blocks (readable files)."""
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
