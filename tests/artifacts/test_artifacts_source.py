@@ -38,7 +38,7 @@ def test_bad_checksums(text: str, why: str) -> None:
 
 
 def _src(tmp_path: Path, **kw: object) -> object:
-    return parse_source(ArtifactSpec(**kw), tmp_path, tmp_path)  # type: ignore[arg-type]
+    return parse_source(ArtifactSpec(**kw), tmp_path, tmp_path)
 
 
 def test_url_options_are_stripped_and_kept_apart(tmp_path: Path) -> None:
