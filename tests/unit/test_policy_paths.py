@@ -49,6 +49,11 @@ def link(at: Path, target: str | Path) -> str:
     return str(at)
 
 
+def fifo(at: Path, name: str) -> str:
+    os.mkfifo(at)
+    return name
+
+
 # Each builder makes whatever the attempt needs on disk and returns the image_path to try.
 ESCAPES: dict[str, Callable[[dict[str, Path]], str]] = {
     "absolute outside": lambda t: str(t["secret"]),
@@ -74,7 +79,7 @@ ESCAPES: dict[str, Callable[[dict[str, Path]], str]] = {
     "allowed dir itself": lambda t: str(t["allowed"]),
     "device file": lambda t: "/dev/null",
     "symlink to device": lambda t: link(t["task"] / "local" / "n.img", "/dev/zero"),
-    "fifo": lambda t: (os.mkfifo(t["task"] / "local" / "f.img"), "local/f.img")[1],
+    "fifo": lambda t: fifo(t["task"] / "local" / "f.img", "local/f.img"),
     "missing": lambda t: "local/nope.img",
     "symlink loop": lambda t: (link(t["task"] / "local" / "x1", "x2"),
                                link(t["task"] / "local" / "x2", "x1"))[0],
