@@ -13,7 +13,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.mark.parametrize("cmd", [
-    (str(BIN / "mypy"), "vmdriver"),
+    (str(BIN / "mypy"), "vmdriver", "tests", "bench"),
     (str(BIN / "ruff"), "check", "vmdriver", "tests", "bench"),
     (str(BIN / "lint-imports"),),
 ], ids=["mypy", "ruff", "import-linter"])
