@@ -23,7 +23,7 @@ import pytest
 
 from tests.network import netns
 from tests.network.crash_owner import CRASH_VM, crash_settings
-from vmdriver.errors import PolicyError
+from vmdriver.errors import HostError, PolicyError
 from vmdriver.network import HostNetwork, NetworkSettings, NicRequest, PortMap, nft, vhost_net_status
 from vmdriver.network import names as nm
 from vmdriver.network.dnsmasq import Dnsmasq, running_pid
@@ -122,6 +122,33 @@ def test_policy_refuses_before_creating_anything(ns: tuple[str, str, Path]) -> N
     with netns.inside(c), pytest.raises(PolicyError, match="allowed_devices is empty"):
         hn.attach("pol/vm", [NicRequest(0, "macvtap", device="vC")])
     assert _links(c) == before
+
+
+def test_an_allowed_host_bridge_is_used_as_is(ns: tuple[str, str, Path]) -> None:
+    """``virbr0`` (here a bridge the test makes, as libvirt would) is joined, never managed."""
+    c, _, state = ns
+    hn = HostNetwork(NetworkSettings(allowed_bridges=("virbr0",)), state)
+    netns.ip("link", "add", "virbr0", "type", "bridge", ns=c)
+    netns.ip("addr", "add", "192.168.122.1/24", "dev", "virbr0", ns=c)
+    try:
+        before = netns.ip("-o", "addr", "show", "virbr0", ns=c)
+        with netns.inside(c):
+            vmnet = hn.attach("libvirt/vm", [NicRequest(0, "tap", bridge="virbr0")])
+            assert "master virbr0" in netns.ip("-o", "link", "show", vmnet.nics[0].tap.name, ns=c)
+            vmnet.close_fds()
+            done = hn.reconcile([], keep_networks=[])
+        assert done.bridges == [] and "virbr0" in _links(c)
+        assert netns.ip("-o", "addr", "show", "virbr0", ns=c) == before
+    finally:
+        netns.ip("link", "del", "virbr0", ns=c)
+
+
+def test_a_missing_bridge_is_one_clear_error(ns: tuple[str, str, Path]) -> None:
+    c, _, state = ns
+    hn = HostNetwork(NetworkSettings(allowed_bridges=("virbr0",)), state)
+    with netns.inside(c), pytest.raises(HostError, match="bridge virbr0 does not exist"):
+        hn.attach("nolibvirt/vm", [NicRequest(0, "tap", bridge="virbr0")])
+    assert not _vmd_links(c)
 
 
 def test_spoofed_source_mac_is_dropped_at_the_bridge(ns: tuple[str, str, Path]) -> None:
