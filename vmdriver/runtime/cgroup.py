@@ -191,21 +191,25 @@ def _apply_v1(w: _Writer, pid: int, limits: CgroupLimits, scope: str, parent: st
         if w.write(Path(cpuset_cgroup) / "cgroup.procs", str(pid)):
             paths.append(cpuset_cgroup)
     elif limits.cpuset_cpus:
-        base = root / "cpuset"
-        d = base / parent / scope
-        if w.mkdir(d):
-            # A new v1 cpuset is empty and takes no tasks until cpus and mems are set,
-            # each level from the root down.
-            mems = _read(base / "cpuset.mems")
-            cpus = _read(base / "cpuset.cpus")
-            for level in (base / parent, d):
-                if not _read(level / "cpuset.mems"):
-                    w.write(level / "cpuset.mems", mems)
-                if level != d and not _read(level / "cpuset.cpus"):
-                    w.write(level / "cpuset.cpus", cpus)
-            if w.write(d / "cpuset.cpus", limits.cpuset_cpus) and w.write(d / "cgroup.procs", str(pid)):
-                paths.append(str(d))
+        paths += _cpuset_v1(w, pid, limits.cpuset_cpus, root / "cpuset", root / "cpuset" / parent / scope)
     return paths
+
+
+def _cpuset_v1(w: _Writer, pid: int, cpus_wanted: str, base: Path, d: Path) -> list[str]:
+    if not w.mkdir(d):
+        return []
+    # A new v1 cpuset is empty and takes no tasks until cpus and mems are set,
+    # each level from the root down.
+    mems = _read(base / "cpuset.mems")
+    cpus = _read(base / "cpuset.cpus")
+    for level in (d.parent, d):
+        if not _read(level / "cpuset.mems"):
+            w.write(level / "cpuset.mems", mems)
+        if level != d and not _read(level / "cpuset.cpus"):
+            w.write(level / "cpuset.cpus", cpus)
+    if w.write(d / "cpuset.cpus", cpus_wanted) and w.write(d / "cgroup.procs", str(pid)):
+        return [str(d)]
+    return []
 
 
 def _apply_v2(w: _Writer, pid: int, limits: CgroupLimits, scope: str, parent: str,

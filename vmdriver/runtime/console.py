@@ -16,7 +16,9 @@ POLL_S = 0.02
 
 async def follow(path: Path, *, from_start: bool = True, poll: float = POLL_S) -> AsyncIterator[str]:
     """Yield complete lines appended to ``path``, forever (cancel to stop)."""
-    while not path.exists():
+    # QEMU (another process) creates and grows the file: there is no event to await short
+    # of inotify, so poll as `tail -f` does; a stat of a local file does not block.
+    while not path.exists():  # noqa: ASYNC110, ASYNC240
         await asyncio.sleep(poll)
     with path.open("rb") as f:
         if not from_start:
