@@ -6,7 +6,8 @@ publish three ports over TCP+UDP (``publish``). Teardown is ``detach`` with the
 tap's fd closed first, as when QEMU exits (timed apart: the kernel waits for an
 RCU grace period there). The burst's teardown detaches with the taps still open.
 User-mode networking adds nothing on the host side (slirp runs inside QEMU), so
-these numbers are the difference a tap NIC makes to a start. Everything runs in a network namespace this creates.
+these numbers are the difference a tap NIC makes to a start. Everything runs in
+a network namespace this creates.
 
 Prints medians in ms; ``--json`` prints the raw samples too.
 """
