@@ -53,7 +53,7 @@ from vmdriver.storage.base import (
 from vmdriver.storage.config import CephPoolConfig
 from vmdriver.storage.disks import DiskFormat, DiskRequest
 from vmdriver.storage.errors import StorageError
-from vmdriver.storage.rbd_ops import Ops, bindings, parent_of
+from vmdriver.storage.rbd_ops import ContentHashes, Ops, bindings, parent_of
 
 _log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class RbdPool(Pool):
         self._lock = threading.Lock()
         self._cluster: Any = None
         self._ioctx: Any = None
+        self._hashes = ContentHashes()
 
     @classmethod
     def from_config(cls, config: CephPoolConfig) -> RbdPool:
@@ -249,17 +250,20 @@ class RbdPool(Pool):
             return self._volume(name, read_only=req.read_only, reused=True)
         ops = self._ops(req.where)
         if req.volume is not None:
-            ops.clone_volume(req.volume, name, req, flatten=self.flatten_clones and not req.chained)
+            flatten = self.flatten_clones and not req.chained
+            size, backing = ops.clone_volume(req.volume, name, req, flatten=flatten)
         elif req.image is not None and req.chained:
-            ops.clone_base(req.image, name, req)
+            size, backing = ops.clone_base(req.image, name, req)
         elif req.image is not None:
-            ops.import_image(req.image, name, req)
+            size, backing = ops.import_image(req.image, name, req)
         elif req.size is not None:
             ops.create(name, req.size)
+            size, backing = req.size, None
         else:
             raise SpecError("an empty disk needs a size", where=f"{req.where}.size")
         _log.info("pool %s: created volume %s", self.name, name)
-        return self._volume(name, read_only=req.read_only)
+        return Volume(pool=self.name, name=name, format="raw", size=size, path=None,
+                      protocol=self.protocol(name), backing=backing, read_only=req.read_only)
 
     def _volume(self, name: str, *, read_only: bool = False, reused: bool = False) -> Volume:
         _, rbd = bindings()
@@ -325,7 +329,7 @@ class RbdPool(Pool):
         return self._ops(self._where()).collect()
 
     def _ops(self, where: str) -> Ops:
-        return Ops(self.ioctx(), where, self.qemu_img_target)
+        return Ops(self.ioctx(), where, self.qemu_img_target, self._hashes)
 
     @contextlib.contextmanager
     def qemu_img_target(self, image: str) -> Iterator[tuple[list[str], str]]:

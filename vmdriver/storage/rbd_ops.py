@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import logging
+import os
 import re
 import secrets
 import time
@@ -35,6 +36,9 @@ _CLONE_SNAP_RE = re.compile(r"^[A-Za-z0-9]{8}-.+-\d{1,6}$", re.ASCII)
 #: Seconds a removal waits for the watch of a dead client to expire (the OSDs drop it
 #: after osd_client_watch_timeout, 30 s by default).
 BUSY_WAIT_S = 40
+
+#: What an operation made: the volume's size and the image it is a clone of.
+Made = tuple[int, str | None]
 
 #: ``image name → (qemu-img args, --target-image-opts string)``, from the pool.
 TargetFn = Callable[[str], AbstractContextManager[tuple[list[str], str]]]
@@ -64,10 +68,27 @@ def is_base(name: str) -> bool:
     return bool(_BASE_RE.match(name))
 
 
-def base_name(image: SourceImage) -> str:
+class ContentHashes:
+    """Content hashes of image files, remembered in memory by stat identity.
+
+    ``ctime`` cannot be set from user space, so a file rewritten in place is hashed again.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, ...], str] = {}
+
+    def sha256(self, fd: int) -> str:
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if ident not in self._known:
+            self._known[ident] = content_sha256(fd)
+        return self._known[ident]
+
+
+def base_name(image: SourceImage, hashes: ContentHashes | None = None) -> str:
     """``base-<sha256>`` of the image's format and content: one base per content."""
-    digest = hashlib.sha256(f"{image.format}\0{content_sha256(image.fd)}".encode()).hexdigest()
-    return BASE_PREFIX + digest
+    content = (hashes or ContentHashes()).sha256(image.fd)
+    return BASE_PREFIX + hashlib.sha256(f"{image.format}\0{content}".encode()).hexdigest()
 
 
 def _human(size: int) -> str:
@@ -91,10 +112,12 @@ def target_size(req: VolumeRequest, source: int) -> int:
 class Ops:
     """Operations on the images of one pool, for one request (``where`` names it in errors)."""
 
-    def __init__(self, ioctx: Any, where: str, target: TargetFn) -> None:
+    def __init__(self, ioctx: Any, where: str, target: TargetFn,
+                 hashes: ContentHashes | None = None) -> None:
         self.io = ioctx
         self.where = where
         self.target = target
+        self.hashes = hashes
         self.rados, self.rbd = bindings()
 
     def _error(self, what: str, exc: Exception) -> StorageError:
@@ -148,14 +171,15 @@ class Ops:
                         what=f"write {image.display} into {name}", where=self.where,
                         pass_fds=(image.fd,))
 
-    def import_image(self, image: SourceImage, name: str, req: VolumeRequest) -> None:
+    def import_image(self, image: SourceImage, name: str, req: VolumeRequest) -> Made:
         """A new image of the final size holding ``image``'s data."""
         size = target_size(req, image.virtual_size)
         self.create(name, size)
         with self._undo(name):
             self._write(image, name)
+        return size, None
 
-    def clone_volume(self, source: str, name: str, req: VolumeRequest, *, flatten: bool) -> None:
+    def clone_volume(self, source: str, name: str, req: VolumeRequest, *, flatten: bool) -> Made:
         """A copy-on-write clone of ``source`` via its snapshot ``@name``; flattened if asked."""
         try:
             with self._image(source, read_only=True) as image:
@@ -180,11 +204,13 @@ class Ops:
                 except self.rbd.Error as exc:
                     raise self._error(f"flatten {name}", exc) from None
                 self._drop_snap(source, name)
+                return size, None
+        return size, source
 
-    def clone_base(self, image: SourceImage, name: str, req: VolumeRequest) -> None:
+    def clone_base(self, image: SourceImage, name: str, req: VolumeRequest) -> Made:
         """A clone of the shared base for ``image``'s content, made first if missing."""
         size = target_size(req, image.virtual_size)
-        base = base_name(image)
+        base = base_name(image, self.hashes)
         for attempt in (1, 2):
             self._ensure_base(base, image)
             try:
@@ -198,15 +224,12 @@ class Ops:
                 raise self._error(f"clone {base} into {name}", exc) from None
         with self._undo(name):
             self._grow(name, image.virtual_size, size)
+        return size, base
 
     def _ensure_base(self, base: str, image: SourceImage) -> None:
         """Make ``base@base`` (protected) unless it exists; concurrent makers agree on one."""
-        try:
-            with self._image(base, read_only=True) as existing:
-                if existing.is_protected_snap(BASE_SNAP):
-                    return
-        except (self.rbd.ImageNotFound, self.rbd.ObjectNotFound):
-            pass
+        if base in self.rbd.RBD().list(self.io):
+            return  # only ever renamed into place complete and protected
         # Built under a private name and renamed into place once protected: a clone can
         # only ever find a complete base.
         tmp = f"{base}.tmp-{secrets.token_hex(4)}"
