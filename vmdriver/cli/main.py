@@ -19,6 +19,7 @@ from rich.console import Console
 from vmdriver import __version__
 from vmdriver.errors import VmdriverError
 from vmdriver.host.config import DEFAULT_HOST_CONFIG, HostConfig, load_host_config
+from vmdriver.jobfile.hostcheck import check_host
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -31,6 +32,7 @@ def load_host(args: argparse.Namespace) -> HostConfig:
     host = load_host_config(path) if path else HostConfig()
     if getattr(args, "state_dir", None):
         host = host.model_copy(update={"state_dir": args.state_dir})
+    check_host(host, str(path) if path else "host config")
     return host
 
 

@@ -10,6 +10,7 @@ import grpc
 from vmdriver import __version__
 from vmdriver.host.config import HostConfig, host_config_from_mapping
 from vmdriver.jobfile.dialects import dialect_for_plugin
+from vmdriver.jobfile.hostcheck import check_host
 from vmdriver.nomad import hclspec
 from vmdriver.nomad.codec import decode_config
 from vmdriver.nomad.loop import LoopThread
@@ -75,6 +76,8 @@ class BasePluginService(base_pb2_grpc.BasePluginServicer):
         where = f'plugin "{self.state.name}" config'
         data = decode_config(request.msgpack_config, where=where)
         host = host_config_from_mapping(data, where)
+        check_host(host, where)
         self.state.set_host(host)
-        log.info("configured: %s", host.model_dump(mode="json"))
+        # Field names only: storage_pools may hold a Ceph key, provider a password.
+        log.info("configured: %s", sorted(host.model_dump(exclude_defaults=True)))
         return base_pb2.SetConfigResponse()

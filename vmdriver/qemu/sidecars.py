@@ -8,6 +8,7 @@ dir, where :mod:`vmdriver.qemu.devices` points QEMU's chardevs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,10 @@ class HelperSpec:
     name: str
     argv: tuple[str, ...]
     #: The unix socket that exists (and accepts) once the helper is ready.
-    ready_socket: Path
+    ready_socket: Path | None
     start_timeout_s: float = START_TIMEOUT_S
+    #: Another readiness test, for helpers without a socket (dnsmasq: its pid file).
+    ready_check: Callable[[], bool] | None = None
     #: Directories the helper writes (its state), made before it starts.
     state_dirs: tuple[Path, ...] = ()
 

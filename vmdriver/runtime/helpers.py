@@ -59,43 +59,50 @@ async def start_helpers(specs: tuple[HelperSpec, ...], runtime_dir: Path,
     started: list[Helper] = []
     try:
         for spec in specs:
-            started.append(await _start(spec, runtime_dir, env))
+            started.append(await start_helper(spec, runtime_dir, env))
     except BaseException:
         await stop_helpers(started)
         raise
     return started
 
 
-async def _start(spec: HelperSpec, runtime_dir: Path, env: Mapping[str, str]) -> Helper:
+async def start_helper(spec: HelperSpec, log_dir: Path, env: Mapping[str, str]) -> Helper:
+    """Start one helper (its log in ``log_dir``) and wait until it is ready."""
     for d in spec.state_dirs:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_path = runtime_dir / f"{spec.name}.log"
+    log_path = log_dir / f"{spec.name}.log"
     proc = await asyncio.to_thread(
-        ManagedProcess.spawn, spec.argv, cwd=runtime_dir, env=env, stdout=log_path,
+        ManagedProcess.spawn, spec.argv, cwd=log_dir, env=env, stdout=log_path,
         stderr=log_path, pass_fds=())
     helper = Helper(spec.name, proc, log_path)
     try:
-        await _wait_ready(spec, proc)
+        await _wait_ready(spec, proc, log_path)
     except BaseException:
         await stop_helpers([helper])
         raise
     return helper
 
 
-async def _wait_ready(spec: HelperSpec, proc: ManagedProcess) -> None:
+async def _wait_ready(spec: HelperSpec, proc: ManagedProcess, log_path: Path) -> None:
     deadline = time.monotonic() + spec.start_timeout_s
     exited = proc.wait()
     while time.monotonic() < deadline:
         if exited.done():
             code, _ = exited.result()
-            tail = last_line(_read(spec.ready_socket.parent / f"{spec.name}.log"))
             raise LaunchError(f"helper {spec.name} exited before it was ready", exit_code=code,
-                              stderr_tail=tail)
-        if await asyncio.to_thread(_accepts, spec.ready_socket):
+                              stderr_tail=last_line(_read(log_path)))
+        if await asyncio.to_thread(_ready, spec):
             return
+        # Readiness is a file or socket another process makes: there is no event to wait on.
         await asyncio.sleep(_POLL_S)
-    raise LaunchError(f"helper {spec.name} did not create {spec.ready_socket} within "
-                      f"{spec.start_timeout_s:g}s")
+    raise LaunchError(f"helper {spec.name} was not ready within {spec.start_timeout_s:g}s",
+                      stderr_tail=last_line(_read(log_path)))
+
+
+def _ready(spec: HelperSpec) -> bool:
+    if spec.ready_check is not None and not spec.ready_check():
+        return False
+    return spec.ready_socket is None or _accepts(spec.ready_socket)
 
 
 def _accepts(path: Path) -> bool:

@@ -215,7 +215,6 @@ def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: 
     policy = PathPolicy.for_task(task.path, task.alloc_dir, host)
     accel, reason = resolve_accelerator(spec.accelerator, binary, host.state_dir)
     _check_args(spec, dirs, host, policy, binary, prefix, preview)
-    _check_nics(spec, prefix)
     spec = _with_macs(spec.model_copy(update={"emulator": emulator}), vm_id)
     opener = _Opener(dirs, host, policy, prefix, preview)
     try:
@@ -232,7 +231,7 @@ def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: 
         raise
     ctx = RenderContext(
         binary=binary, accelerator=accel, runtime_dir=dirs.runtime, qmp_socket=dirs.qmp_socket,
-        qga_socket=dirs.qga_socket, drives=drives, nic_fds=dict[str, NicFds](),
+        qga_socket=dirs.qga_socket, drives=drives, nic_fds=_preview_taps(spec) if preview else {},
         share_paths=shares, qmp_fd=None,
         sandbox=host.sandbox and supports_sandbox(binary, SANDBOX_ARG),
     )
@@ -256,8 +255,6 @@ def _check_args(spec: VMSpec, dirs: VMDirs, host: HostConfig, policy: PathPolicy
                alloc_dir=dirs.task.alloc_dir, arity=arity, image_check=image_check)
 
 
-def _check_nics(spec: VMSpec, prefix: str) -> None:
-    for nic in spec.nics:
-        if not isinstance(nic, UserNic | NoNic):
-            raise HostError(f"{prefix}nic {nic.id}: {nic.kind} networking is not available "
-                            "in this build")
+def _preview_taps(spec: VMSpec) -> dict[str, NicFds]:
+    # Tap fds exist only at launch (the supervisor creates the taps): shown as -1.
+    return {n.id: NicFds(-1) for n in spec.nics if not isinstance(n, UserNic | NoNic)}

@@ -13,29 +13,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmdriver.errors import InputError, StateError, TaskNotFound
 from vmdriver.host.config import HostConfig
+from vmdriver.qemu.context import NicFds
 from vmdriver.runtime import cgroup
 from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
 from vmdriver.runtime.prepare import Prepared, prepare
+from vmdriver.runtime.process import close_fds
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.state import ExitResult, VMState
 from vmdriver.runtime.vm import VM
-from vmdriver.spec import StopSignal
+from vmdriver.spec import MacvtapNic, StopSignal, TapNic, VMSpec
+
+if TYPE_CHECKING:
+    # Netlink and nftables load only for VMs with tap NICs.
+    from vmdriver.network.discovery import GuestAddresses
+    from vmdriver.runtime.networking import Networks, VmLinks
 
 log = logging.getLogger(__name__)
 
 #: The only environment variables of vmdriver's own that reach QEMU and helpers.
 _HOST_ENV = ("PATH", "LANG", "LC_ALL")
+
+
+def _has_taps(spec: VMSpec) -> bool:
+    return any(isinstance(n, TapNic | MacvtapNic) for n in spec.nics)
 
 
 @dataclass(frozen=True)
@@ -54,14 +66,19 @@ class VMInfo:
     qmp_socket: Path
     cgroup_paths: tuple[str, ...]
     warnings: tuple[str, ...]
+    #: The guest's addresses on tap NICs, once found.
+    addresses: tuple[str, ...] = ()
 
 
 class _Owned:
     """One VM and what the supervisor holds for it."""
 
     def __init__(self, vm: VM, helpers: list[Helper], accelerator: str,
-                 warnings: tuple[str, ...] = ()) -> None:
+                 warnings: tuple[str, ...] = (), links: VmLinks | None = None) -> None:
         self.vm, self.helpers, self.accelerator, self.warnings = vm, helpers, accelerator, warnings
+        self.links = links
+        #: The guest's addresses once found (tap NICs), for Nomad's DriverNetwork and `ps`.
+        self.addresses: tuple[str, ...] = ()
         self.finished: asyncio.Task[None] | None = None
 
 
@@ -71,6 +88,16 @@ class Supervisor:
     def __init__(self, host: HostConfig | None = None) -> None:
         self.host = host or HostConfig()
         self._vms: dict[str, _Owned] = {}
+        self._networks: Networks | None = None
+
+    @property
+    def networks(self) -> Networks:
+        """Tap networking, set up on first use (user-mode VMs never load netlink)."""
+        if self._networks is None:
+            from vmdriver.runtime.networking import Networks
+
+            self._networks = Networks(self.host)
+        return self._networks
 
     # Section: looking
 
@@ -86,7 +113,8 @@ class Supervisor:
         owned = self._get(vm_id)
         vm = owned.vm
         return VMInfo(vm.id, vm.state, vm.pid, owned.accelerator, vm.stdout, vm.stderr, vm.result,
-                      vm.started_at, vm.dirs.qmp_socket, vm.cgroup_paths, owned.warnings)
+                      vm.started_at, vm.dirs.qmp_socket, vm.cgroup_paths, owned.warnings,
+                      owned.addresses)
 
     def oom_killed(self, vm_id: str) -> bool:
         """True if the kernel OOM-killed a process in the VM's cgroups."""
@@ -138,7 +166,18 @@ class Supervisor:
         env = self._env(req.env)
         vm = VM(req.vm_id, prep.spec, req.dirs)
         vm.remove_task_dir = req.remove_task_dir
-        helpers = await start_helpers(prep.helpers, req.dirs.runtime, env)
+        links: VmLinks | None = None
+        nic_fds: dict[str, NicFds] = {}
+        if _has_taps(prep.spec):
+            links, nic_fds = await self.networks.attach(req.vm_id, prep.spec)
+        ctx = dataclasses.replace(prep.ctx, nic_fds=nic_fds)
+        try:
+            helpers = await start_helpers(prep.helpers, req.dirs.runtime, env)
+        except BaseException:
+            close_fds(ctx.pass_fds)
+            if links is not None:
+                await self.networks.detach(req.vm_id, links)
+            raise
         vm.helpers = [h.record() for h in helpers]
         warnings: list[str] = []
 
@@ -154,17 +193,24 @@ class Supervisor:
                 cgroup.join(helper.proc.pid, placement.paths)
 
         try:
-            await vm.launch(prep.ctx, env=env, stdout=req.stdout, stderr=req.stderr,
-                            on_spawn=confine)
+            await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr, on_spawn=confine)
         except BaseException:
             await stop_helpers(helpers)
+            if links is not None:
+                await self.networks.detach(req.vm_id, links)
             cgroup.remove(vm.cgroups_created)
             for path in prep.created:
                 with contextlib.suppress(OSError):
                     path.unlink()
             req.dirs.remove_runtime()
             raise
-        return self._own(_Owned(vm, helpers, prep.ctx.accelerator, tuple(warnings)))
+        owned = _Owned(vm, helpers, prep.ctx.accelerator, tuple(warnings), links)
+        if links is not None:
+            def found(addrs: GuestAddresses) -> None:
+                owned.addresses = tuple(str(a) for a in addrs.addresses)
+
+            self.networks.publish_later(links, prep.spec, None, found)
+        return self._own(owned)
 
     def _own(self, owned: _Owned) -> VMInfo:
         self._vms[owned.vm.id] = owned
@@ -177,6 +223,8 @@ class Supervisor:
         with contextlib.suppress(Exception):
             await vm.wait()
         await stop_helpers(owned.helpers)
+        if owned.links is not None or _has_taps(vm.spec):
+            await self.networks.detach(vm.id, owned.links)
         cgroup.remove(vm.cgroups_created)
         vm.dirs.remove_runtime()
         if vm.remove_task_dir:
@@ -250,6 +298,11 @@ class Supervisor:
         """SIGKILL every VM that still runs."""
         await asyncio.gather(*(self.kill(i) for i, o in self._vms.items() if o.vm.result is None),
                              return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop what the supervisor itself runs (managed networks' dnsmasq)."""
+        if self._networks is not None:
+            await self._networks.close()
 
     async def detach_all(self) -> None:
         """Stop supervising every VM but leave them and their helpers running."""
