@@ -30,7 +30,7 @@ class Worker:
     @classmethod
     async def open(cls, arm: str, root: Path) -> Worker:
         """Start the worker for ``arm`` with its VMs under ``root``."""
-        root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.worker", arm, str(root), cwd=REPO, env=env,
@@ -90,12 +90,8 @@ job "bench" {{
 _READY_STATUS = re.compile(rb"task .* ready")
 
 
-async def cli_boot(root: Path, image: Path, timeout: float = 180.0) -> tuple[float, float]:
-    """`vmdriver run JOB --ready ...` as a user runs it: seconds to the ready status, then to exit.
-
-    The second figure is the CLI's graceful stop on SIGINT (ACPI button, guest
-    powers off, QEMU exits, `run` returns).
-    """
+def _cli_files(root: Path, image: Path) -> tuple[Path, Path, list[str]]:
+    """The job file, the host config and the `vmdriver` command line of :func:`cli_boot`."""
     root.mkdir(parents=True, exist_ok=True)
     job = root / "job.hcl"
     job.write_text(JOB_HCL.format(image=image, mib=BOOT_MIB))
@@ -104,6 +100,16 @@ async def cli_boot(root: Path, image: Path, timeout: float = 180.0) -> tuple[flo
     host.write_text(f'image_paths = ["{image.parent}", "{GUEST.resolve()}"]\n')
     vmdriver = Path(sys.executable).parent / "vmdriver"
     argv = [str(vmdriver)] if vmdriver.exists() else [sys.executable, "-m", "vmdriver.cli.main"]
+    return job, host, argv
+
+
+async def cli_boot(root: Path, image: Path, timeout: float = 180.0) -> tuple[float, float]:
+    """`vmdriver run JOB --ready ...` as a user runs it: seconds to the ready status, then to exit.
+
+    The second figure is the CLI's graceful stop on SIGINT (ACPI button, guest
+    powers off, QEMU exits, `run` returns).
+    """
+    job, host, argv = await asyncio.to_thread(_cli_files, root, image)
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         *argv, "run", str(job), "--ready", READY, "--quiet", "--state-dir", str(root / "state"),

@@ -90,25 +90,30 @@ def parse_duration(value: object, *, where: str = "") -> float:
             raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
         seconds = Fraction(value)
     elif isinstance(value, str):
-        text = value.strip()
-        if len(text) > 64:
-            raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
-        if _NUMBER_RE.match(text):
-            seconds = Fraction(text)
-        else:
-            pos, seconds = 0, Fraction(0)
-            for m in _DUR_RE.finditer(text):
-                if m.start() != pos:
-                    break
-                seconds += Fraction(m.group(1)) * _DUR_SCALE[m.group(2)]
-                pos = m.end()
-            if pos != len(text) or not text:
-                raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
+        seconds = _duration_text(value, where)
     else:
         raise SpecError("expected a duration", where=where, value=value, allowed=DURATION_HELP)
     if not 0 <= seconds <= MAX_DURATION_S:
         raise SpecError("duration out of range", where=where, value=value, allowed="0s to 8760h")
     return float(seconds)
+
+
+def _duration_text(value: str, where: str) -> Fraction:
+    """Seconds of a plain number or a Go duration (``1h30m``) given as text."""
+    text = value.strip()
+    if len(text) > 64:
+        raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
+    if _NUMBER_RE.match(text):
+        return Fraction(text)
+    pos, seconds = 0, Fraction(0)
+    for m in _DUR_RE.finditer(text):
+        if m.start() != pos:
+            break
+        seconds += Fraction(m.group(1)) * _DUR_SCALE[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise SpecError("not a duration", where=where, value=value, allowed=DURATION_HELP)
+    return seconds
 
 
 def parse_port(value: object, *, where: str = "", allow_zero: bool = False) -> int:

@@ -122,6 +122,20 @@ def config_defect(draw: st.DrawFn, env: dict[str, Path]) -> tuple[dict[str, Any]
     config: dict[str, Any] = {"image_path": "local/disk.img"}
     resources, extra = "", ""
     kind = draw(st.integers(0, 14))
+    if kind <= 5:
+        _field_or_path_defect(draw, kind, config)
+    elif kind in (9, 10, 11):
+        resources, extra = _task_defect(draw, kind)
+    else:
+        _value_defect(draw, kind, config)
+    if draw(st.booleans()):
+        config.setdefault("guest_agent", draw(st.booleans()))
+    del env
+    return config, resources, extra
+
+
+def _field_or_path_defect(draw: st.DrawFn, kind: int, config: dict[str, Any]) -> None:
+    """Kinds 0-5: a mistyped or unknown field, no image, a path or flag policy refuses."""
     if kind == 0:
         field = draw(st.sampled_from([f for f in FIELDS if f not in ("port_map", "ports", "args")]))
         config[field] = draw(not_bool if field in ("graceful_shutdown", "guest_agent")
@@ -139,9 +153,13 @@ def config_defect(draw: st.DrawFn, env: dict[str, Path]) -> tuple[dict[str, Any]
         pre = draw(st.lists(st.sampled_from([("-smp", "2"), ("-vga", "none"), ("-nodefaults",)]),
                             max_size=3))
         config["args"] = [*(a for p in pre for a in p), *(a.format(p=path) for a in tmpl)]
-    elif kind == 5:
+    else:
         config["args"] = [draw(st.sampled_from(REFUSED)), draw(st.text(max_size=10))]
-    elif kind == 6:
+
+
+def _value_defect(draw: st.DrawFn, kind: int, config: dict[str, Any]) -> None:
+    """Kinds 6-8 and 12-14: a config value outside what the field takes."""
+    if kind == 6:
         emu = draw(st.text(max_size=20).filter(
             lambda e: e.strip().removeprefix("qemu-system-") not in ("x86_64", "")))
         config["emulator"] = emu
@@ -151,13 +169,6 @@ def config_defect(draw: st.DrawFn, env: dict[str, Path]) -> tuple[dict[str, Any]
     elif kind == 8:
         config["args"] = draw(st.one_of(not_str.filter(lambda v: not isinstance(v, list)),
                                         st.lists(not_str, min_size=1, max_size=3)))
-    elif kind == 9:
-        resources = f"memory = {hcl(draw(st.one_of(st.integers(-10**6, 127), st.integers(2**40, 2**62), st.text(max_size=8), st.booleans())))}"  # noqa: E501
-    elif kind == 10:
-        resources = f"cores = {hcl(draw(st.one_of(st.integers(-100, 0), st.integers(1025, 2**40), st.text(max_size=5))))}"  # noqa: E501
-    elif kind == 11:
-        extra = f"kill_timeout = {hcl(draw(st.text(max_size=12).filter(lambda t: not t.strip().isdigit())))}"
-        extra += "\nkill_signal = \"SIGNOPE\""
     elif kind == 12:
         config["port_map"] = draw(st.dictionaries(ident, values, min_size=1, max_size=3))
     elif kind == 13:
@@ -166,10 +177,16 @@ def config_defect(draw: st.DrawFn, env: dict[str, Path]) -> tuple[dict[str, Any]
     else:
         config["machine_type"] = draw(st.text(min_size=1, max_size=20).filter(
             lambda m: not all(c.isascii() and (c.isalnum() or c in "_.,=-") for c in m)))
-    if draw(st.booleans()):
-        config.setdefault("guest_agent", draw(st.booleans()))
-    del env
-    return config, resources, extra
+
+
+def _task_defect(draw: st.DrawFn, kind: int) -> tuple[str, str]:
+    """Kinds 9-11: (resources lines, task lines) with a value out of bounds."""
+    if kind == 9:
+        return f"memory = {hcl(draw(st.one_of(st.integers(-10**6, 127), st.integers(2**40, 2**62), st.text(max_size=8), st.booleans())))}", ""  # noqa: E501
+    if kind == 10:
+        return f"cores = {hcl(draw(st.one_of(st.integers(-100, 0), st.integers(1025, 2**40), st.text(max_size=5))))}", ""  # noqa: E501
+    extra = f"kill_timeout = {hcl(draw(st.text(max_size=12).filter(lambda t: not t.strip().isdigit())))}"
+    return "", extra + "\nkill_signal = \"SIGNOPE\""
 
 
 @st.composite

@@ -64,6 +64,44 @@ class Waiter(threading.Thread):
         return self.response
 
 
+def check_record(handle: pb.TaskHandle, task_id: str, pid: int, state_dir: Path) -> VMRecord:
+    """driver_state is the VM record: what a new plugin process needs to re-attach, with
+    the control plane in the runtime dir under the plugin's state dir, not the task dir."""
+    record = VMRecord.model_validate(json.loads(handle.driver_state)["record"])
+    assert record.id == task_id and record.pid == pid
+    assert Path(record.qmp_socket).parent == Path(record.runtime_dir)
+    assert Path(record.runtime_dir).parent == state_dir / "run"
+    assert Path(record.qmp_socket).is_socket()
+    return record
+
+
+def check_confinement(pid: int, scope: str) -> tuple[Path, Path]:
+    """The task's resources confine QEMU (memory limit with headroom, CPU weight), read
+    from the files of its cgroup under whatever hierarchy this host has."""
+    mem_group, limit = memory_limit(pid)
+    assert (mem_group.parent.name, mem_group.name) == ("nomad", scope), mem_group
+    assert limit == cgroup.memory_limit_mib(256, 1, "tcg", 256) << 20
+    cpu_group, weight, expected = cpu_weight(pid, 700)
+    assert cpu_group.name == scope and weight == expected, (cpu_group, weight)
+    return mem_group, cpu_group
+
+
+def check_stats(plugin: Plugin, task_id: str) -> None:
+    """TaskStats streams timestamped samples with memory and CPU usage."""
+    stats = plugin.driver.TaskStats(
+        pb.TaskStatsRequest(task_id=task_id, collection_interval=duration_pb2.Duration(nanos=200_000_000))
+    )
+    samples = [next(stats) for _ in range(3)]
+    stats.cancel()
+    last = samples[-1].stats
+    assert last.HasField("timestamp") and last.HasField("agg_resource_usage")
+    assert last.agg_resource_usage.memory.rss > 10 << 20
+    assert last.timestamp.ToNanoseconds() > samples[0].stats.timestamp.ToNanoseconds()
+    cpu = last.agg_resource_usage.cpu
+    assert cpu.percent == pytest.approx(cpu.user_mode + cpu.system_mode)
+    assert pb.CPUUsage.PERCENT in cpu.measured_fields
+
+
 def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest_dir: Path,
                         state_dir: Path, no_leaks: None) -> None:
     plugin = start_plugin()
@@ -85,35 +123,9 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
     pid = int(inspect.driver.attributes["pid"])
     assert psutil.Process(pid).name().startswith("qemu-system")
 
-    # driver_state is the VM record: what a new plugin process needs to re-attach, with
-    # the control plane in the runtime dir under the plugin's state dir, not the task dir.
-    record = VMRecord.model_validate(json.loads(handle.driver_state)["record"])
-    assert record.id == task.id and record.pid == pid
-    assert Path(record.qmp_socket).parent == Path(record.runtime_dir)
-    assert Path(record.runtime_dir).parent == state_dir / "run"
-    assert Path(record.qmp_socket).is_socket()
-
-    # The task's resources confine QEMU (memory limit with headroom, CPU weight), read
-    # from the files of its cgroup under whatever hierarchy this host has.
-    scope = f"{alloc.id}.vm"
-    mem_group, limit = memory_limit(pid)
-    assert (mem_group.parent.name, mem_group.name) == ("nomad", scope), mem_group
-    assert limit == cgroup.memory_limit_mib(256, 1, "tcg", 256) << 20
-    cpu_group, weight, expected = cpu_weight(pid, 700)
-    assert cpu_group.name == scope and weight == expected, (cpu_group, weight)
-
-    stats = plugin.driver.TaskStats(
-        pb.TaskStatsRequest(task_id=task.id, collection_interval=duration_pb2.Duration(nanos=200_000_000))
-    )
-    samples = [next(stats) for _ in range(3)]
-    stats.cancel()
-    last = samples[-1].stats
-    assert last.HasField("timestamp") and last.HasField("agg_resource_usage")
-    assert last.agg_resource_usage.memory.rss > 10 << 20
-    assert last.timestamp.ToNanoseconds() > samples[0].stats.timestamp.ToNanoseconds()
-    cpu = last.agg_resource_usage.cpu
-    assert cpu.percent == pytest.approx(cpu.user_mode + cpu.system_mode)
-    assert pb.CPUUsage.PERCENT in cpu.measured_fields
+    record = check_record(handle, task.id, pid, state_dir)
+    mem_group, cpu_group = check_confinement(pid, f"{alloc.id}.vm")
+    check_stats(plugin, task.id)
 
     waiter = Waiter(plugin, task.id)
     time.sleep(0.5)

@@ -138,31 +138,8 @@ def _attempt(client: httpx.Client, url: str, sink: Sink, state: _State, display:
             req["If-Range"] = state.validator
     with client.stream("GET", url, headers=req) as resp:
         state.last_url = str(resp.url)
-        status = resp.status_code
-        if status == 416 and sink.size and state.total == sink.size:
-            return  # everything had arrived; only the end of the last try was lost
-        if status in _RETRY_STATUS:
-            raise _Retry(f"HTTP {status} {resp.reason_phrase} from {_short(resp.url)}")
-        if status >= 400:
-            raise ArtifactError(display, f"HTTP {status} {resp.reason_phrase} from "
-                                         f"{_short(resp.url)}")
-        if status == 206 and sink.size:
-            m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
-            if not m or int(m.group(1)) != sink.size:
-                sink.reset()  # a range we did not ask for: start over without it
-                raise _Retry("server answered a resume with the wrong range")
-            if m.group(3) != "*":
-                state.total = int(m.group(3))
-        elif status == 200:
-            if sink.size:
-                sink.reset()  # Range ignored (or the file changed): the body is all of it
-            length = resp.headers.get("content-length")
-            state.total = int(length) if length and length.isdigit() else None
-            etag = resp.headers.get("etag", "")
-            state.validator = (etag if etag and not etag.startswith("W/")
-                               else resp.headers.get("last-modified"))
-        else:
-            raise ArtifactError(display, f"unexpected HTTP {status} from {_short(resp.url)}")
+        if not _accept(resp, sink, state, display):
+            return
         try:
             for chunk in resp.iter_raw():  # as it arrives: a drop loses no buffered bytes
                 check_cancel(cancel)
@@ -175,6 +152,36 @@ def _attempt(client: httpx.Client, url: str, sink: Sink, state: _State, display:
             raise _Retry(_truncated(sink.size, state.total, exc)) from None
         if state.total is not None and sink.size < state.total:
             raise _Retry(_truncated(sink.size, state.total, None))
+
+
+def _accept(resp: httpx.Response, sink: Sink, state: _State, display: str) -> bool:
+    """Check the response status and headers; False when there is nothing left to read."""
+    status = resp.status_code
+    if status == 416 and sink.size and state.total == sink.size:
+        return False  # everything had arrived; only the end of the last try was lost
+    if status in _RETRY_STATUS:
+        raise _Retry(f"HTTP {status} {resp.reason_phrase} from {_short(resp.url)}")
+    if status >= 400:
+        raise ArtifactError(display, f"HTTP {status} {resp.reason_phrase} from "
+                                     f"{_short(resp.url)}")
+    if status == 206 and sink.size:
+        m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+        if not m or int(m.group(1)) != sink.size:
+            sink.reset()  # a range we did not ask for: start over without it
+            raise _Retry("server answered a resume with the wrong range")
+        if m.group(3) != "*":
+            state.total = int(m.group(3))
+    elif status == 200:
+        if sink.size:
+            sink.reset()  # Range ignored (or the file changed): the body is all of it
+        length = resp.headers.get("content-length")
+        state.total = int(length) if length and length.isdigit() else None
+        etag = resp.headers.get("etag", "")
+        state.validator = (etag if etag and not etag.startswith("W/")
+                           else resp.headers.get("last-modified"))
+    else:
+        raise ArtifactError(display, f"unexpected HTTP {status} from {_short(resp.url)}")
+    return True
 
 
 def _truncated(size: int, total: int | None, exc: Exception | None) -> str:
