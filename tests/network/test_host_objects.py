@@ -143,6 +143,21 @@ def test_an_allowed_host_bridge_is_used_as_is(ns: tuple[str, str, Path]) -> None
         netns.ip("link", "del", "virbr0", ns=c)
 
 
+def test_a_managed_network_never_takes_over_a_foreign_bridge(ns: tuple[str, str, Path]) -> None:
+    c, _, state = ns
+    hn = HostNetwork(SETTINGS, state)
+    net = SETTINGS.networks["lab"]
+    netns.ip("link", "add", net.bridge, "type", "bridge", ns=c)
+    try:
+        with netns.inside(c), pytest.raises(HostError, match="already exists and is not vmdriver's"):
+            hn.ensure_network(net)
+        assert "inet " not in netns.ip("-o", "addr", "show", net.bridge, ns=c)
+        with netns.inside(c):
+            assert hn.reconcile([], keep_networks=[]).bridges == []
+    finally:
+        netns.ip("link", "del", net.bridge, ns=c)
+
+
 def test_a_missing_bridge_is_one_clear_error(ns: tuple[str, str, Path]) -> None:
     c, _, state = ns
     hn = HostNetwork(NetworkSettings(allowed_bridges=("virbr0",)), state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 from pathlib import Path
+from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
@@ -20,6 +21,8 @@ from vmdriver.network.config import ManagedNetwork
 from vmdriver.network.tap import ipr
 
 IFA_F_NODAD = 0x02
+#: The alias marking a bridge as a managed network's (and naming the network).
+ALIAS_PREFIX = "vmdriver network "
 
 
 def sysctl(key: str, value: str) -> None:
@@ -44,8 +47,10 @@ def ensure_bridge(net: ManagedNetwork) -> int:
                 if exc.code != errno.EEXIST:
                     raise HostError(f"cannot create bridge {net.bridge}: {exc}") from None
             found = sock.link_lookup(ifname=net.bridge)
+        else:
+            _check_ours(sock, found[0], net)
         index = int(found[0])
-        sock.link("set", index=index, ifalias=f"vmdriver network {net.name}")
+        sock.link("set", index=index, ifalias=f"{ALIAS_PREFIX}{net.name}")
         _ensure_addr(sock, index, str(net.gateway.ip), net.gateway.network.prefixlen, 0)
         if net.gateway6 is not None:
             _ensure_addr(sock, index, str(net.gateway6.ip), 64, IFA_F_NODAD)
@@ -57,6 +62,15 @@ def ensure_bridge(net: ManagedNetwork) -> int:
     if net.ipv6_subnet is not None:
         sysctl("net.ipv6.conf.all.forwarding", "1")
     return index
+
+
+def _check_ours(sock: Any, index: int, net: ManagedNetwork) -> None:
+    """Refuse to take over a bridge someone else made (a LAN bridge of the same name)."""
+    alias = sock.get_links(index)[0].get_attr("IFLA_IFALIAS") or ""
+    if alias != f"{ALIAS_PREFIX}{net.name}":
+        raise HostError(f"network {net.name}: {net.bridge} already exists and is not vmdriver's "
+                        f"(alias {alias!r}); name another bridge, or list it in allowed_bridges "
+                        "to attach VMs to it as is")
 
 
 def _ensure_addr(sock: object, index: int, address: str, prefixlen: int, flags: int) -> None:
@@ -82,7 +96,7 @@ def remove_bridge(bridge: str) -> bool:
 def managed_bridges() -> dict[str, str]:
     """Bridges vmdriver created in this namespace (by their alias): bridge → network name."""
     out = {}
-    prefix = "vmdriver network "
+    prefix = ALIAS_PREFIX
     with ipr() as sock:
         for link in sock.get_links():
             alias = link.get_attr("IFLA_IFALIAS") or ""
