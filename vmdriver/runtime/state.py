@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vmdriver.errors import last_line
 
@@ -62,3 +64,34 @@ class ExitResult:
             if last_line(self.stderr_tail):
                 text += f": {last_line(self.stderr_tail)}"
         return text
+
+
+def classify(events: Sequence[Mapping[str, Any]], code: int, sig: int, *, stop_requested: bool,
+             forced: bool, child: bool, stderr_tail: str = "") -> ExitResult:
+    """How a VM ended, from the QMP events seen, QEMU's exit status and who asked for the end.
+
+    ``forced``: the stop ladder had to signal or SIGKILL QEMU. ``child``: QEMU is this
+    process's child, so ``code`` and ``sig`` are real; a re-attached VM's status is
+    unknowable, and QEMU exits 0 after a SHUTDOWN event, so that is assumed then.
+    ``stderr_tail``: QEMU's last words, kept for crashes and failed panics.
+    """
+    names = [e.get("event") for e in events]
+    shutdown = next((e.get("data", {}) for e in events if e.get("event") == "SHUTDOWN"), None)
+    reason = str(shutdown.get("reason", "")) if shutdown else ""
+    clean = reason == "guest-shutdown"
+    if not child:
+        code = 0 if shutdown is not None else -1
+    if "GUEST_PANICKED" in names or reason == "guest-panic":
+        return ExitResult(ExitKind.PANICKED, code, sig, stderr_tail if code != 0 else "")
+    if stop_requested:
+        kind = ExitKind.KILLED if forced else ExitKind.STOPPED
+        return ExitResult(kind, code, sig, "", clean)
+    if "POWERDOWN" in names and clean:
+        return ExitResult(ExitKind.STOPPED, code, sig, "", clean)
+    if reason in ("guest-shutdown", "guest-reset") and code == 0:
+        return ExitResult(ExitKind.GUEST_POWEROFF, code, sig, "", clean)
+    if reason.startswith("host-") and code == 0:
+        return ExitResult(ExitKind.STOPPED, code, sig, "", clean)
+    if code == -1:
+        return ExitResult(ExitKind.LOST, code, sig)
+    return ExitResult(ExitKind.CRASHED, code, sig, stderr_tail)

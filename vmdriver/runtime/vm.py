@@ -21,12 +21,13 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from vmdriver.errors import LaunchError, MonitorError, StateError
+from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
 from vmdriver.runtime.helpers import HelperRecord
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord
-from vmdriver.runtime.state import ExitKind, ExitResult, VMState
+from vmdriver.runtime.state import ExitResult, VMState, classify
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import StopSignal, VMSpec
 
@@ -303,7 +304,9 @@ class VM:
                 code, sig = await self._watch_events(self._monitor)
             self._cleanup_files()
             self.state = VMState.EXITED
-            self._result.set_result(self._classify(code, sig))
+            self._result.set_result(classify(
+                self._events, code, sig, stop_requested=self._stop_requested, forced=self._forced,
+                child=bool(self._proc and self._proc.child), stderr_tail=tail(self.stderr)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -340,30 +343,6 @@ class VM:
         if name == "POWERDOWN":
             self._powerdown.set()
 
-    def _classify(self, code: int, sig: int) -> ExitResult:
-        names = [e.get("event") for e in self._events]
-        shutdown = next((e.get("data", {}) for e in self._events if e.get("event") == "SHUTDOWN"), None)
-        reason = str(shutdown.get("reason", "")) if shutdown else ""
-        clean = reason == "guest-shutdown"
-        if not self._proc or not self._proc.child:
-            # A re-attached VM's exit status is unknowable; QEMU exits 0 after SHUTDOWN.
-            code = 0 if shutdown is not None else -1
-        stderr = tail(self.stderr) if code not in (0,) else ""
-        if "GUEST_PANICKED" in names or reason == "guest-panic":
-            return ExitResult(ExitKind.PANICKED, code, sig, stderr)
-        if self._stop_requested:
-            kind = ExitKind.KILLED if self._forced else ExitKind.STOPPED
-            return ExitResult(kind, code, sig, "", clean)
-        if "POWERDOWN" in names and clean:
-            return ExitResult(ExitKind.STOPPED, code, sig, "", clean)
-        if reason in ("guest-shutdown", "guest-reset") and code == 0:
-            return ExitResult(ExitKind.GUEST_POWEROFF, code, sig, "", clean)
-        if reason.startswith("host-") and code == 0:
-            return ExitResult(ExitKind.STOPPED, code, sig, "", clean)
-        if code == -1:
-            return ExitResult(ExitKind.LOST, code, sig)
-        return ExitResult(ExitKind.CRASHED, code, sig, tail(self.stderr))
-
     async def _stop(self, timeout: float | None, signal: StopSignal | None) -> ExitResult:
         assert self._proc is not None
         policy = self.spec.shutdown
@@ -372,7 +351,7 @@ class VM:
         self._stop_requested = True
         self.state = VMState.STOPPING
         if policy.graceful and self._monitor and self._monitor.connected:
-            if await self._press_power_button():
+            if await self._ask_guest():
                 with contextlib.suppress(TimeoutError):
                     return await asyncio.wait_for(self.wait(), timeout)
                 log.info("VM %s: guest did not power off within %.1fs", self.id, timeout)
@@ -386,6 +365,19 @@ class VM:
         self._forced = True
         self._proc.kill_group()
         return await self.wait()
+
+    async def _ask_guest(self) -> bool:
+        """The guest agent's ``guest-shutdown`` when asked for and answering, else ACPI."""
+        if self.spec.shutdown.via_agent and self.spec.guest_agent:
+            agent = GuestAgent(self.dirs.qga_socket)
+            try:
+                await agent.shutdown()
+            except MonitorError as exc:
+                log.info("VM %s: guest agent shutdown failed (%s); pressing the power button",
+                         self.id, exc)
+            else:
+                return True
+        return await self._press_power_button()
 
     async def _press_power_button(self) -> bool:
         """ACPI power button over QMP, confirmed by the POWERDOWN event."""
