@@ -8,7 +8,6 @@ file system: not from vmdriver's own bookkeeping.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 
 from tests.e2e.guest import READY, task_dirs
 from vmdriver.host.config import HostConfig
+from vmdriver.qemu.agent import GuestAgent
 from vmdriver.runtime.console import wait_for_line
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitKind
@@ -33,35 +33,9 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
-def _agent_call(sock: Path, cmd: dict[str, object]) -> object:
-    import socket
-
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(30)
-        s.connect(str(sock))
-        s.sendall(json.dumps(cmd).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            data += s.recv(65536)
-    reply = json.loads(data)
-    assert "return" in reply, reply
-    return reply["return"]
-
-
 async def guest_read(sock: Path, path: str) -> str:
     """A file as the guest sees it, read through qemu-ga's file calls."""
-    def read() -> str:
-        handle = _agent_call(sock, {"execute": "guest-file-open",
-                                    "arguments": {"path": path, "mode": "r"}})
-        try:
-            got = _agent_call(sock, {"execute": "guest-file-read",
-                                     "arguments": {"handle": handle, "count": 65536}})
-            assert isinstance(got, dict)
-            return base64.b64decode(str(got["buf-b64"])).decode()
-        finally:
-            _agent_call(sock, {"execute": "guest-file-close", "arguments": {"handle": handle}})
-
-    return await asyncio.to_thread(read)
+    return (await GuestAgent(sock).read_file(path)).decode()
 
 
 def data_image(path: Path, size: str) -> None:
@@ -85,7 +59,7 @@ def test_many_drives_empty_tray_and_medium_change(host: HostConfig, guest_dir: P
                       read_only=True),
                 Drive(id="cd0", kind="cdrom", bus=Bus.SATA),
             ),
-            shutdown=ShutdownPolicy(graceful=True, timeout_s=20),
+            shutdown=ShutdownPolicy(graceful=True, via_agent=True, timeout_s=20),
         )
         from vmdriver.runtime.request import LaunchRequest
 
@@ -117,6 +91,9 @@ def test_many_drives_empty_tray_and_medium_change(host: HostConfig, guest_dir: P
         assert blocks["cd0"]["inserted"]["file"].endswith("guest.iso")
         result = await sup.stop("a/disks")
         assert result.kind is ExitKind.STOPPED, result
+        # The stop went through the agent's guest-shutdown, not the ACPI button.
+        console = vm.stdout.read_text()
+        assert "shutdown requested (poweroff)" in console and "power button" not in console
 
     asyncio.run(main())
 
@@ -126,6 +103,7 @@ _SUPERVISOR = """
 import asyncio, json, sys
 from pathlib import Path
 from vmdriver.host.config import HostConfig
+from vmdriver.qemu.agent import GuestAgent
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.supervisor import Supervisor
 from vmdriver.runtime.taskdir import TaskDir, VMDirs

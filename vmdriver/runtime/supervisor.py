@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmdriver.errors import InputError, StateError, TaskNotFound
 from vmdriver.host.config import HostConfig
+from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.context import NicFds
 from vmdriver.runtime import cgroup
 from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
@@ -123,6 +124,13 @@ class Supervisor:
     def record(self, vm_id: str) -> VMRecord:
         """What a later supervisor needs to re-attach (Nomad's driver_state)."""
         return self._get(vm_id).vm.record()
+
+    def agent(self, vm_id: str) -> GuestAgent:
+        """The VM's guest agent (its calls fail clearly when the task has none)."""
+        vm = self._get(vm_id).vm
+        if not vm.spec.guest_agent:
+            raise StateError(vm_id, "without a guest agent", "started with guest_agent = true")
+        return GuestAgent(vm.dirs.qga_socket)
 
     async def qmp(self, vm_id: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Run a QMP command on a running VM."""
