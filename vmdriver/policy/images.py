@@ -10,12 +10,9 @@ and backing files are inspected in turn.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
-from typing import Any
 
-from vmdriver.errors import PolicyError, SpecError
+from vmdriver.errors import PolicyError
 from vmdriver.policy.paths import (
     OpenedImage,
     PathPolicy,
@@ -24,79 +21,58 @@ from vmdriver.policy.paths import (
     open_image,
     resolve_allowed,
 )
+from vmdriver.qemu.image import IMAGE_FORMATS, ImageInfo, backing_chain, image_info, qemu_img_info
 
 #: Formats QEMU may be told an image has; anything else is refused.
-KNOWN_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "dmg", "parallels")
-#: Longest backing chain followed.
+KNOWN_FORMATS = IMAGE_FORMATS
+#: Longest backing chain allowed.
 MAX_CHAIN = 8
 
-
-def qemu_img_info(name: str, *, fmt: str | None, where: str, value: str,
-                  pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:
-    """``qemu-img info --output=json`` of ``name`` (a path, or ``/dev/fd/N`` with ``pass_fds``)."""
-    cmd = ["qemu-img", "info", "--output=json"]
-    if fmt:
-        cmd += ["-f", fmt]
-    try:
-        out = subprocess.run(
-            (*cmd, "--", name), capture_output=True, text=True, timeout=30, check=False,
-            stdin=subprocess.DEVNULL, pass_fds=pass_fds,
-        )
-    except FileNotFoundError:
-        raise SpecError("qemu-img is not installed; it is needed to inspect images",
-                        where=where) from None
-    except subprocess.TimeoutExpired:
-        raise SpecError("qemu-img info timed out", where=where, value=value) from None
-    if out.returncode != 0:
-        msg = (out.stderr.strip().splitlines() or ["unreadable image"])[-1]
-        raise SpecError(f"not a usable disk image: {msg[:200]}", where=where, value=value)
-    try:
-        info = json.loads(out.stdout)
-    except ValueError:
-        raise SpecError("qemu-img info gave no JSON", where=where, value=value) from None
-    if not isinstance(info, dict):
-        raise SpecError("qemu-img info gave no JSON object", where=where, value=value)
-    return info
+__all__ = ["KNOWN_FORMATS", "MAX_CHAIN", "checked_image", "inspect_image", "qemu_img_info"]
 
 
 def inspect_image(name: str, policy: PathPolicy, *, fmt: str | None, where: str, value: str,
-                  pass_fds: tuple[int, ...] = (), base_dir: Path | None = None,
-                  depth: int = 0) -> str:
-    """Return the image's format after checking every file it names.
+                  pass_fds: tuple[int, ...] = (), base_dir: Path | None = None) -> str:
+    """Return the image's format after checking every file it names, down its backing chain.
 
     ``name`` is what qemu-img opens; ``base_dir`` is the directory relative
     backing names are taken from (``None`` when QEMU gets the image as an fd,
-    where a relative backing name could not be found, so it is refused).
+    where a relative backing name could not be found, so it is refused). Each
+    backing file passes the path policy before it is opened.
     """
-    if fmt is not None and fmt not in KNOWN_FORMATS:
-        raise SpecError("unsupported image format", where=where, value=fmt, allowed=KNOWN_FORMATS)
-    info = qemu_img_info(name, fmt=fmt, where=where, value=value, pass_fds=pass_fds)
-    found = str(info.get("format", ""))
-    if found not in KNOWN_FORMATS:
-        raise SpecError("unsupported image format", where=where, value=found,
-                        allowed=KNOWN_FORMATS)
-    data = (info.get("format-specific") or {}).get("data") or {}
-    if isinstance(data, dict) and data.get("data-file"):
+    top = image_info(name, fmt=fmt, where=where, value=value, pass_fds=pass_fds)
+    _self_contained(top, where=where, value=value)
+    backing_policy = policy.for_backing()
+
+    def approve(image: ImageInfo, depth: int) -> str:
+        shown = value if depth == 1 else image.filename
+        if depth >= MAX_CHAIN:
+            raise PolicyError("backing chain is too long", where=where, value=value,
+                              allowed=f"at most {MAX_CHAIN} images")
+        parent = base_dir if depth == 1 else Path(image.filename).parent
+        return str(_backing_path(image, backing_policy, parent, where=where, value=shown))
+
+    for below in backing_chain(top, approve, where=where)[1:]:
+        _self_contained(below, where=where, value=below.filename)
+    return top.format
+
+
+def _self_contained(image: ImageInfo, *, where: str, value: str) -> None:
+    """Refuse a data file or extent files: QEMU would open them by a name nobody checked."""
+    if image.data_file:
         raise PolicyError("images with an external data file are not allowed", where=where,
                           value=value, allowed="self-contained images")
-    for extent in (data.get("extents") or []) if isinstance(data, dict) else []:
-        if isinstance(extent, dict) and extent.get("filename") not in (None, name):
-            raise PolicyError("vmdk images made of separate extent files are not allowed",
-                              where=where, value=value,
-                              allowed="single-file images (convert with qemu-img convert)")
-    backing = info.get("backing-filename")
-    if backing:
-        _check_backing(str(backing), info, policy, where=where, value=value,
-                       base_dir=base_dir, depth=depth)
-    return found
+    if image.extents:
+        raise PolicyError("vmdk images made of separate extent files are not allowed",
+                          where=where, value=value,
+                          allowed="single-file images (convert with qemu-img convert)")
 
 
-def _check_backing(backing: str, info: dict[str, Any], policy: PathPolicy, *, where: str,
-                   value: str, base_dir: Path | None, depth: int) -> None:
+def _backing_path(image: ImageInfo, policy: PathPolicy, base_dir: Path | None, *, where: str,
+                  value: str) -> Path:
+    """The resolved backing file of ``image``, if policy allows it."""
+    backing = image.backing_filename or ""
     bwhere = f"{where} (backing file of {value})"
-    if depth + 1 >= MAX_CHAIN:
-        raise PolicyError("backing chain is too long", where=where, value=value,
-                          allowed=f"at most {MAX_CHAIN} images")
     path = local_path(backing, where=bwhere)
     if not Path(path).is_absolute():
         if base_dir is None:
@@ -104,11 +80,7 @@ def _check_backing(backing: str, info: dict[str, Any], policy: PathPolicy, *, wh
                               value=backing, allowed="an absolute backing path, or a "
                               "flattened image (qemu-img convert)")
         path = str(base_dir / path)
-    policy = policy.for_backing()
-    resolved = resolve_allowed(path, policy, where=bwhere, what="backing file")
-    bfmt = info.get("backing-filename-format")
-    inspect_image(str(resolved), policy, fmt=str(bfmt) if bfmt else None, where=where,
-                  value=str(resolved), base_dir=resolved.parent, depth=depth + 1)
+    return resolve_allowed(path, policy, where=bwhere, what="backing file")
 
 
 def checked_image(image: str, policy: PathPolicy, *, fmt: str | None, writable: bool,
