@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.common import TINY_MIB
+from vmdriver.errors import last_line
 
 LIBVIRTD_CONF = """\
 unix_sock_dir = "{run}"
@@ -114,8 +115,7 @@ class Libvirt:
 
     def _tail(self) -> str:
         with contextlib.suppress(OSError):
-            lines = (self.root / "libvirtd.out").read_text().strip().splitlines()
-            return lines[-1] if lines else "no output"
+            return last_line((self.root / "libvirtd.out").read_text()) or "no output"
         return "no output"
 
     async def _virsh(self, *args: str) -> int:

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vmdriver.errors import last_line
+
 #: Serial output that proves the kernel ran to the point of mounting root.
 _SUCCESS_MARKERS = (b"VFS: Unable to mount root", b"Kernel panic", b"No working init found")
 PROBE_TIMEOUT_S = 3.0
@@ -101,11 +103,11 @@ def probe_kvm(qemu: Path, kernel: Path | None = None, timeout: float = PROBE_TIM
         if proc.stdout:
             proc.stdout.close()
     elapsed = time.monotonic() - start
-    tail = seen.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    tail = last_line(seen.decode(errors="replace")) or "no output"
     return KvmVerdict(
         False,
         f"a Linux kernel did not get to mounting root under KVM within {timeout:.0f}s "
-        f"(last serial line: {tail[0][:120]!r})",
+        f"(last serial line: {tail[:120]!r})",
         str(kernel),
         elapsed,
     )
