@@ -225,7 +225,12 @@ def test_macvtap_between_two_namespaces(ns: tuple[str, str, Path], mode: str) ->
     mac = "52:54:00:77:00:01"
     d_mac = netns.ip("-o", "link", "show", "vD", ns=d).split("link/ether ")[1].split()[0]
     with netns.inside(c):
-        vmnet = hn.attach("mv/vm", [NicRequest(0, "macvtap", device="vC", mac=mac, mode=mode)])
+        try:
+            vmnet = hn.attach("mv/vm", [NicRequest(0, "macvtap", device="vC", mac=mac, mode=mode)])
+        except HostError as exc:
+            if "no macvtap support" in str(exc):  # the only case that may skip
+                pytest.skip(str(exc))
+            raise
     fd = vmnet.nics[0].tap.fds[0]
     try:
         details = netns.ip("-d", "-o", "link", "show", vmnet.nics[0].tap.name, ns=c)
