@@ -22,11 +22,8 @@ from vmdriver.host.config import HostConfig
 from vmdriver.host.fingerprint import fingerprint
 from vmdriver.jobfile.model import load_job
 from vmdriver.jobfile.plan import TaskPlan, plan_job
-from vmdriver.qemu.argv import display, render_argv
+from vmdriver.qemu.argv import display
 from vmdriver.runtime.console import follow
-from vmdriver.runtime.prepare import prepare
-from vmdriver.runtime.process import ManagedProcess
-from vmdriver.runtime.record import records_under
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.runloop import RunHooks, run_vms
 from vmdriver.runtime.supervisor import Supervisor, VMInfo
@@ -123,11 +120,8 @@ def cmd_argv(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver argv JOB.hcl`: the argv each task would run with."""
     job = load_job(args.job)
     plans = plan_job(job, host.state_dir, check_ports=False)
-    out = []
-    for plan in plans:
-        req = plan.request(host.state_dir)
-        prep = prepare(req.spec, req.dirs, host, vm_id=req.vm_id, where=req.where, preview=True)
-        out.append((plan.task.name, render_argv(prep.spec, prep.ctx)))
+    sup = Supervisor(host)
+    out = [(plan.task.name, sup.argv(plan.request(host.state_dir))) for plan in plans]
     if args.json:
         print_json({name: list(argv) for name, argv in out})
     else:
@@ -168,13 +162,8 @@ def cmd_fingerprint(args: argparse.Namespace, host: HostConfig) -> int:
 
 def cmd_ps(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver ps`."""
-    rows = []
-    for rec in records_under(host.state_dir):
-        proc = ManagedProcess.attach(rec.pid, rec.pid_start_time)
-        if proc:
-            proc.close()
-        rows.append({"id": rec.id, "task": rec.task, "pid": rec.pid,
-                     "running": proc is not None, "started_at": rec.started_at})
+    rows = [{"id": rec.id, "task": rec.task, "pid": rec.pid, "running": running,
+             "started_at": rec.started_at} for rec, running in Supervisor.known(host.state_dir)]
     if args.json:
         print_json(rows)
     else:
@@ -189,7 +178,7 @@ async def cmd_stop(args: argparse.Namespace, host: HostConfig) -> int:
     if not args.target and not args.all:
         raise InputError("name a VM (alloc id prefix or task name) or pass --all",
                          where="vmdriver stop")
-    recs = [r for r in records_under(host.state_dir)
+    recs = [r for r, _ in Supervisor.known(host.state_dir)
             if args.all or r.id.startswith(args.target) or r.task == args.target]
     if not recs:
         raise InputError("no running VM matches", where="vmdriver stop", value=args.target)

@@ -93,6 +93,7 @@ async def run_vms(sup: Supervisor, reqs: list[LaunchRequest],
         # An error or a cancel on the way: leave nothing running.
         with contextlib.suppress(Exception):
             await sup.kill_all()
+        await sup.close()
 
 
 async def _wait_or_stop(sup: Supervisor, ids: list[str], stop: asyncio.Event) -> None:

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 from vmdriver.errors import InputError, StateError, TaskNotFound
 from vmdriver.host.config import HostConfig
 from vmdriver.qemu.agent import GuestAgent
+from vmdriver.qemu.argv import render_argv
 from vmdriver.qemu.context import NicFds
 from vmdriver.runtime import cgroup
 from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
 from vmdriver.runtime.prepare import Prepared, prepare
-from vmdriver.runtime.process import close_fds
-from vmdriver.runtime.record import VMRecord
+from vmdriver.runtime.process import ManagedProcess, close_fds
+from vmdriver.runtime.record import VMRecord, records_under
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.state import ExitResult, VMState
 from vmdriver.runtime.vm import VM
@@ -135,6 +136,23 @@ class Supervisor:
     async def qmp(self, vm_id: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Run a QMP command on a running VM."""
         return await self._get(vm_id).vm.qmp(cmd, args)
+
+    @staticmethod
+    def known(state_dir: Path) -> list[tuple[VMRecord, bool]]:
+        """Every VM recorded under a state dir, and whether its QEMU still runs."""
+        out = []
+        for rec in records_under(state_dir):
+            proc = ManagedProcess.attach(rec.pid, rec.pid_start_time)
+            if proc is not None:
+                proc.close()
+            out.append((rec, proc is not None))
+        return out
+
+    def argv(self, req: LaunchRequest) -> tuple[str, ...]:
+        """The argv ``req`` would run with, launching nothing (fds shown as numbers to come)."""
+        prep = prepare(req.spec, req.dirs, self.host, vm_id=req.vm_id, where=req.where,
+                       preview=True)
+        return render_argv(prep.spec, prep.ctx)
 
     # Section: starting
 
