@@ -35,7 +35,7 @@ DATA_DEV = "/machine/peripheral/datadev/virtio-backend"
 
 
 def _blockdev(pool: RbdPool, vol: Volume, node: str, secret_id: str) -> str:
-    proto = {**vol.protocol, "key-secret": secret_id}
+    proto = pool.protocol(vol.name, secret_id)
     return json.dumps({"driver": "raw", "node-name": node, "file": proto})
 
 

@@ -220,16 +220,20 @@ class RbdPool(Pool):
 
     # ------------------------------------------------------------------ QEMU
 
-    def protocol(self, image: str) -> dict[str, object]:
-        """The ``-blockdev driver=rbd`` node for ``image``, without ``key-secret``.
+    def protocol(self, image: str, secret_id: str | None = None) -> dict[str, object]:
+        """The ``-blockdev driver=rbd`` node for ``image``.
 
-        The face adds ``key-secret`` naming a ``-object secret`` whose file
-        :meth:`write_secret_file` wrote. ``conf=/dev/null``: QEMU reads no
-        ``/etc/ceph/ceph.conf`` either.
+        ``key-secret`` names the ``-object secret`` (``format=base64``) whose file
+        :meth:`write_secret_file` wrote; without ``secret_id`` the face adds it.
+        ``conf=/dev/null``: QEMU reads no ``/etc/ceph/ceph.conf`` either.
         """
-        return {"driver": "rbd", "pool": self.config.pool, "image": image,
-                "server": [{"host": m.host, "port": str(m.port)} for m in self.monitors],
-                "user": self.user, "auth-client-required": ["cephx"], "conf": "/dev/null"}
+        node: dict[str, object] = {
+            "driver": "rbd", "pool": self.config.pool, "image": image,
+            "server": [{"host": m.host, "port": str(m.port)} for m in self.monitors],
+            "user": self.user, "auth-client-required": ["cephx"], "conf": "/dev/null"}
+        if secret_id is not None:
+            node["key-secret"] = secret_id
+        return node
 
     def write_secret_file(self, path: Path) -> Path:
         """Write the key (``format=base64`` for ``-object secret``) to a new 0600 file."""
