@@ -107,11 +107,12 @@ def hostnet(topo: Topo) -> Iterator[HostNetwork]:
             hn.remove_network(net)
 
 
-def _boot(topo: Topo, hn: HostNetwork, guest: Path, vm_id: str) -> Vm:
+def boot(topo: Topo, hn: HostNetwork, guest: Path, vm_id: str, nic: NicRequest | None = None) -> Vm:
+    """Start a guest in namespace A on one NIC (default: a tap on the managed bridge)."""
     work = topo.state_dir / vm_id.replace("/", "-")
     work.mkdir()
     with netns.inside(topo.a):
-        vmnet = hn.attach(vm_id, [NicRequest(0, "tap", bridge=BRIDGE)])
+        vmnet = hn.attach(vm_id, [nic or NicRequest(0, "tap", bridge=BRIDGE)])
         argv = [
             "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "192", "-nodefaults",
             "-no-user-config", "-display", "none", "-serial", f"file:{work / 'console.log'}",
@@ -131,7 +132,7 @@ def _boot(topo: Topo, hn: HostNetwork, guest: Path, vm_id: str) -> Vm:
     return Vm(vm_id, vmnet, proc, work / "console.log", Agent(work / "qga.sock"))
 
 
-def _wait_ready(vm: Vm, deadline: float) -> None:
+def wait_ready(vm: Vm, deadline: float) -> None:
     while time.monotonic() < deadline:
         text = vm.console.read_text(errors="replace") if vm.console.exists() else ""
         m = _READY.search(text)
@@ -151,10 +152,10 @@ def vms(topo: Topo, hostnet: HostNetwork, guest_dir: Path) -> Iterator[list[Vm]]
     booted: list[Vm] = []
     try:
         for vm_id in ("alloc-a/web", "alloc-b/web"):
-            booted.append(_boot(topo, hostnet, guest_dir, vm_id))
+            booted.append(boot(topo, hostnet, guest_dir, vm_id))
         deadline = time.monotonic() + BOOT_TIMEOUT
         for vm in booted:
-            _wait_ready(vm, deadline)
+            wait_ready(vm, deadline)
         yield booted
     finally:
         for vm in booted:

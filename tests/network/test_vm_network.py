@@ -11,14 +11,26 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.network import netns
-from tests.network.conftest import A_ADDR, A_ADDR6, B_ADDR, SUBNET, SUBNET6, Topo, Vm, in_subnet
-from vmdriver.network import GuestAddresses, HostNetwork, PortMap, names, nft
+from tests.network.conftest import (
+    A_ADDR,
+    A_ADDR6,
+    B_ADDR,
+    SUBNET,
+    SUBNET6,
+    Topo,
+    Vm,
+    boot,
+    in_subnet,
+    wait_ready,
+)
+from vmdriver.network import GuestAddresses, HostNetwork, ManagedNetwork, NicRequest, PortMap, names, nft
 from vmdriver.network.discovery import from_leases, slaac_address
-from vmdriver.network.dnsmasq import leases_file
+from vmdriver.network.dnsmasq import Dnsmasq, leases_file
 
 pytestmark = pytest.mark.e2e
 HOST_PORT = 20080
@@ -188,6 +200,42 @@ def test_port_bound_to_one_host_address(topo: Topo, hostnet: HostNetwork, vms: l
     res = netns.in_ns(topo.a, "curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{bound.host_port}/")
     assert res.returncode != 0, "a port bound to one address answered on another"
     _udp_echo(topo.b, A_ADDR)  # republishing kept the first port
+
+
+@pytest.fixture(scope="module")
+def macvtap_vm(topo: Topo, hostnet: HostNetwork, guest_dir: Path, vms: list[Vm]) -> Iterator[Vm]:
+    """A third guest on a macvtap on A's veth: it sits on B's network, leased by a dnsmasq in B."""
+    lan_b = ManagedNetwork(name="lan-b", bridge=topo.uplink_b, subnet="10.214.0.0/24", dns=False)
+    with netns.inside(topo.b):
+        dns = Dnsmasq(lan_b, topo.state_dir)
+        dns.start()
+    vm = None
+    try:
+        vm = boot(topo, hostnet, guest_dir, "alloc-m/web",
+                  NicRequest(0, "macvtap", device=topo.uplink_a, mode="bridge"))
+        wait_ready(vm, time.monotonic() + 150)
+        yield vm
+    finally:
+        if vm is not None and vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.proc.wait(10)
+        with netns.inside(topo.b):
+            dns.stop()
+
+
+def test_guest_on_macvtap_joins_the_device_network(topo: Topo, hostnet: HostNetwork,
+                                                   macvtap_vm: Vm) -> None:
+    vm = macvtap_vm
+    assert in_subnet(vm.ip, "10.214.0.0/24"), f"no lease from B's dnsmasq: {vm.ip}"
+    assert _curl(topo.b, f"http://{vm.ip}:{GUEST_PORT}/hostname").strip() == "vmdriver-guest"
+    _udp_echo(topo.b, vm.ip, GUEST_PORT)
+    link = vm.vmnet.nics[0].tap.name
+    vm.proc.kill()
+    vm.proc.wait(10)
+    assert link in netns.ip("-o", "link", ns=topo.a), "macvtap links outlive QEMU: detach must remove them"
+    with netns.inside(topo.a):
+        hostnet.detach(vm.vm_id, vm.vmnet)
+    assert link not in netns.ip("-o", "link", ns=topo.a)
 
 
 def test_stop_removes_tap_and_chains(topo: Topo, hostnet: HostNetwork, vms: list[Vm],
