@@ -7,6 +7,7 @@ Everything is checked over SSH with the real client, as the default user.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -35,6 +36,7 @@ from vmdriver.cloudinit import (
     default_instance_id,
     guest_env,
     hash_password,
+    seed_files,
     task_shares,
 )
 
@@ -156,5 +158,26 @@ def test_task_dirs_are_mounted_read_only(booted: Booted) -> None:
 
 def test_cloud_init_finished_without_errors(booted: Booted) -> None:
     assert "status: done" in booted.run("cloud-init status --long")
-    problems = booted.run("sudo -n grep -E ' - [A-Za-z0-9_.]+\\[(WARNING|ERROR)\\]' /var/log/cloud-init.log; true")
+    pattern = "' - [A-Za-z0-9_.]+\\[(WARNING|ERROR)\\]'"
+    problems = booted.run(f"sudo -n grep -E {pattern} /var/log/cloud-init.log; true")
     assert problems == ""
+
+
+def test_the_guests_cloud_init_finds_and_reads_a_fat_seed(booted: Booted, tmp_path: Path) -> None:
+    # No second boot: the FAT seed goes onto a loop device in the running guest,
+    # where cloud-init's own NoCloud device search (blkid LABEL=...) must find it.
+    req = SeedRequest(instance_id="fat-check", hostname="fat-check")
+    fat = build_seed(req, tmp_path / "seed.img", "fat")
+    upload = ssh_run(booted.vm.ssh_port, booted.key, "base64 -d > /tmp/seed.img",
+                     stdin=base64.b64encode(fat.read_bytes()).decode())
+    assert upload.returncode == 0
+    find = ("import sys; from cloudinit import util; "
+            "print(' '.join(util.find_devs_with('LABEL=CIDATA') + util.find_devs_with('LABEL=cidata')))")
+    script = (f"dev=$(sudo -n losetup -f --show -r /tmp/seed.img) && "
+              f"sudo -n python3 -c \"{find}\" && echo $dev && "
+              f"sudo -n mount -o ro $dev /mnt && cat /mnt/meta-data; "
+              f"sudo -n umount /mnt; sudo -n losetup -d $dev")
+    out = booted.run(script).splitlines()
+    found, dev = out[0].split(), out[1]
+    assert dev in found, out
+    assert "\n".join(out[2:]) + "\n" == seed_files(req)["meta-data"].decode()
