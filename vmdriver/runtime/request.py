@@ -63,3 +63,6 @@ class LaunchRequest:
     remove_task_dir: bool = False
     #: Where errors point (``job.hcl: task "web"``).
     where: str = ""
+    #: Host dirs this VM's drives may come from besides the host config's ``image_paths``
+    #: (a face's own storage, e.g. the pool volumes it made for the task).
+    image_paths: tuple[Path, ...] = ()

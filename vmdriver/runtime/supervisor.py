@@ -158,7 +158,11 @@ class Supervisor:
 
     async def prepare(self, req: LaunchRequest, *, preview: bool = False) -> Prepared:
         """Policy and host checks, off the event loop (they run qemu-img and may probe KVM)."""
-        return await asyncio.to_thread(prepare, req.spec, req.dirs, self.host, vm_id=req.vm_id,
+        host = self.host
+        if req.image_paths:
+            host = host.model_copy(update={
+                "image_paths": (*host.image_paths, *map(str, req.image_paths))})
+        return await asyncio.to_thread(prepare, req.spec, req.dirs, host, vm_id=req.vm_id,
                                        where=req.where, preview=preview)
 
     async def start(self, req: LaunchRequest) -> VMInfo:
