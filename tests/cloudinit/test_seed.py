@@ -26,11 +26,13 @@ from vmdriver.cloudinit import (
     guest_env,
     hash_password,
     seed_files,
+    seed_texts,
     split_keys,
     task_shares,
     verify_password,
 )
 from vmdriver.cloudinit.request import HOSTNAME_LABEL
+from vmdriver.cloudinit.seed import fat_image, iso_image
 from vmdriver.cloudinit.userdata import cloud_config, cloud_config_text
 from vmdriver.errors import SpecError
 
@@ -283,3 +285,39 @@ def test_ssh_keys(password_hash: str) -> None:
         with pytest.raises(SpecError, match="ssh_authorized_keys"):
             base_request(ssh_authorized_keys=(bad,))
     json.dumps(cloud_config(full_request(password_hash)))  # plain data only
+
+
+def test_images_take_any_plain_names_and_a_label(tmp_path: Path) -> None:
+    # The core's spec.Seed carries arbitrary file names and a label; both builders serve it.
+    files = {"meta-data": b"a", "vendor-data": b"b", "networkconfig-1": b"c", "networkconfig-2": b"d",
+             "x" * 64: b"e"}
+    iso_path = tmp_path / "s.iso"
+    iso_path.write_bytes(iso_image(files, label="config-2"))
+    iso = pycdlib.PyCdlib()
+    iso.open(str(iso_path))
+    try:
+        assert iso.pvd.volume_identifier.rstrip(b" ") == b"config-2"
+        for name, data in files.items():
+            out = io.BytesIO()
+            iso.get_file_from_iso_fp(out, rr_path="/" + name)
+            assert out.getvalue() == data
+    finally:
+        iso.close()
+    if have("mtype") and have("blkid"):
+        fat_path = tmp_path / "s.img"
+        fat_path.write_bytes(fat_image(files, label="config-2"))
+        env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+        for name, data in files.items():
+            out_fat = subprocess.run(("mtype", "-i", str(fat_path), f"::{name}"), capture_output=True,
+                                     timeout=30, env=env, check=True)
+            assert out_fat.stdout == data
+        probe = subprocess.run(("blkid", "-p", "-o", "value", "-s", "LABEL", str(fat_path)),
+                               capture_output=True, text=True, timeout=30, check=True)
+        assert probe.stdout.strip() == "CONFIG-2"
+    with pytest.raises(SpecError, match="FAT label"):
+        fat_image(files, label="much-too-long-label")
+
+
+def test_seed_texts_are_the_files_as_text(password_hash: str) -> None:
+    req = full_request(password_hash, user_data="#!/bin/sh\necho hi\n")
+    assert dict(seed_texts(req)) == {k: v.decode() for k, v in seed_files(req).items()}

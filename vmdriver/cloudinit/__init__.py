@@ -22,7 +22,7 @@ from vmdriver.cloudinit.request import (
     split_keys,
     task_shares,
 )
-from vmdriver.cloudinit.seed import SeedFormat, build_seed, seed_files
+from vmdriver.cloudinit.seed import SeedFormat, build_seed, seed_files, seed_texts
 from vmdriver.cloudinit.userdata import ENV_FILE, PROFILE_SCRIPT
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "guest_env",
     "hash_password",
     "seed_files",
+    "seed_texts",
     "split_keys",
     "task_shares",
     "verify_password",

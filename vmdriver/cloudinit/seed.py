@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import tempfile
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Final
@@ -32,7 +34,7 @@ ISO_LABEL: Final = "cidata"
 FAT_LABEL: Final = "CIDATA"  # FAT labels are upper case by DOS convention
 #: Seed file name → ISO 9660 level-1 name (Rock Ridge and Joliet carry the real one).
 _ISO_NAMES: Final = {"meta-data": "METADATA.;1", "user-data": "USERDATA.;1",
-                     "network-config": "NETWORK.;1"}
+                     "network-config": "NETWORK.;1", "vendor-data": "VENDORDA.;1"}
 _FAT_MIN_BYTES: Final = 256 * 1024
 _MAX_SEED_BYTES: Final = 16 * 1024 * 1024
 
@@ -55,6 +57,11 @@ def seed_files(req: SeedRequest) -> dict[str, bytes]:
     if sum(len(b) for b in files.values()) > _MAX_SEED_BYTES:
         raise SpecError("the seed would exceed 16 MiB", where="user_data")
     return files
+
+
+def seed_texts(req: SeedRequest) -> tuple[tuple[str, str], ...]:
+    """The seed's files as ``(name, text)`` pairs, the shape of the core's ``spec.Seed.files``."""
+    return tuple((name, data.decode()) for name, data in seed_files(req).items())
 
 
 def build_seed(req: SeedRequest, dest: Path, fmt: SeedFormat | str = SeedFormat.ISO) -> Path:
@@ -90,23 +97,36 @@ def write_atomically(dest: Path, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
-def iso_image(files: dict[str, bytes]) -> bytes:
-    """An ISO 9660 image labelled ``cidata`` holding ``files``."""
+def iso_image(files: Mapping[str, bytes], label: str = ISO_LABEL) -> bytes:
+    """An ISO 9660 image labelled ``label`` holding ``files`` (plain names, at most 64 characters)."""
     import pycdlib  # only ISO seeds pay for the import
 
     iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=ISO_LABEL)
-    for name, data in files.items():
-        iso.add_fp(io.BytesIO(data), len(data), "/" + _ISO_NAMES[name], rr_name=name,
-                   joliet_path="/" + name)
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=label)
+    for (name, data), iso_name in zip(files.items(), _iso_names(files), strict=True):
+        iso.add_fp(io.BytesIO(data), len(data), "/" + iso_name, rr_name=name, joliet_path="/" + name)
     out = io.BytesIO()
     iso.write_fp(out)
     iso.close()
     return out.getvalue()
 
 
-def fat_image(files: dict[str, bytes]) -> bytes:
-    """A FAT12/16 image labelled ``CIDATA`` holding ``files`` under their long names."""
+def _iso_names(files: Mapping[str, bytes]) -> list[str]:
+    """Unique 8.3 d-character names; readers use the Rock Ridge or Joliet ones."""
+    out: list[str] = []
+    for name in files:
+        stem = re.sub(r"[^A-Z0-9_]", "", name.upper())[:8] or "FILE"
+        iso_name = _ISO_NAMES.get(name, f"{stem}.;1")
+        n = 0
+        while iso_name in out:
+            n += 1
+            iso_name = f"{stem[:8 - len(str(n))]}{n}.;1"
+        out.append(iso_name)
+    return out
+
+
+def fat_image(files: Mapping[str, bytes], label: str = FAT_LABEL) -> bytes:
+    """A FAT12/16 image labelled ``label`` (upper-cased) holding ``files`` under their long names."""
     from fatfs import Partition, RamDisk  # type: ignore[import-untyped]  # only FAT seeds need it
 
     payload = sum(len(b) for b in files.values())
@@ -114,7 +134,7 @@ def fat_image(files: dict[str, bytes]) -> bytes:
     storage = bytearray(size)
     part = Partition(RamDisk(storage, sector_size=512))
     part.mkfs()
-    _stamp_fat_label(storage, FAT_LABEL)
+    _stamp_fat_label(storage, label)
     part.mount()
     try:
         for name, data in files.items():
@@ -131,6 +151,8 @@ def _stamp_fat_label(storage: bytearray, label: str) -> None:
     Called on a fresh FAT12/16 volume (FatFs picks those for seed sizes), whose
     root directory is a fixed region after the FATs and still empty.
     """
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,11}", label):
+        raise SpecError("a FAT label is 1-11 of A-Z, 0-9, '_', '-'", where="seed label", value=label)
     name = label.upper().ljust(11).encode("ascii")
     bytes_per_sector, _, reserved, n_fats, root_entries = struct.unpack_from("<HBHBH", storage, 11)
     fat_sectors = struct.unpack_from("<H", storage, 22)[0]
