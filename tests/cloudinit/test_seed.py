@@ -25,6 +25,7 @@ from vmdriver.cloudinit import (
     default_instance_id,
     guest_env,
     hash_password,
+    mapping_seed_files,
     seed_files,
     seed_texts,
     split_keys,
@@ -321,3 +322,20 @@ def test_images_take_any_plain_names_and_a_label(tmp_path: Path) -> None:
 def test_seed_texts_are_the_files_as_text(password_hash: str) -> None:
     req = full_request(password_hash, user_data="#!/bin/sh\necho hi\n")
     assert dict(seed_texts(req)) == {k: v.decode() for k, v in seed_files(req).items()}
+
+
+def test_runner_mappings_become_seed_files(schema_check: Callable[[str], None]) -> None:
+    files = mapping_seed_files(instance_id="v7", hostname="vm-1",
+                               meta_data={"public-keys": [KEY]},
+                               user_data={"runcmd": ["echo 'a: b' # c"], "ssh_pwauth": False},
+                               network_config={"version": 2, "ethernets": {}})
+    assert yaml.safe_load(files["meta-data"]) == {"public-keys": [KEY], "instance-id": "v7",
+                                                  "local-hostname": "vm-1"}
+    schema_check(files["user-data"].decode())
+    assert yaml.safe_load(files["user-data"])["runcmd"] == ["echo 'a: b' # c"]
+    assert yaml.safe_load(files["network-config"]) == {"version": 2, "ethernets": {}}
+    assert mapping_seed_files(instance_id="v1", meta_data={"instance-id": "mine"})["meta-data"].startswith(
+        b"instance-id: mine")
+    assert mapping_seed_files(instance_id="v1")["user-data"] == b"#cloud-config\n"
+    with pytest.raises(SpecError, match=r"cloudInit.metaData"):
+        mapping_seed_files(instance_id="v1", meta_data={"local-hostname": "Bad_Name"})

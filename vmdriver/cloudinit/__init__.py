@@ -7,6 +7,7 @@ and the task dirs as virtio-9p/virtiofs devices whose mount tags are
 :data:`TAG_LOCAL`, :data:`TAG_ALLOC` and :data:`TAG_SECRETS`. See docs/cloud-init.md.
 """
 
+from vmdriver.cloudinit.mappings import mapping_seed_files
 from vmdriver.cloudinit.password import hash_password, verify_password
 from vmdriver.cloudinit.request import (
     GUEST_DIRS,
@@ -41,6 +42,7 @@ __all__ = [
     "default_instance_id",
     "guest_env",
     "hash_password",
+    "mapping_seed_files",
     "seed_files",
     "seed_texts",
     "split_keys",
