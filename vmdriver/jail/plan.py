@@ -38,7 +38,12 @@ survive a ``kill -9`` of the supervisor for re-attach):
 
 So SIGKILL to the tracked pid ends the VM. A *graceful* signal (SIGTERM, a
 job's ``kill_signal``) must go to QEMU itself (:func:`jailed_pid`): the monitor
-would die of it and take QEMU down with SIGKILL.
+would die of it and take QEMU down with SIGKILL. As the init of its pid
+namespace, QEMU only receives signals it has a handler for (SIGKILL always):
+QEMU installs its SIGTERM/SIGINT/SIGHUP handlers a few ms *after* the QMP
+greeting, and has none for e.g. SIGQUIT, whose default action would have
+killed an unjailed QEMU. :func:`catches` tells whether a signal will arrive;
+where it will not, go straight to the next step of the stop ladder.
 """
 
 from __future__ import annotations
@@ -228,6 +233,16 @@ def decode_exit(code: int) -> tuple[int, int]:
     if 128 < code < 128 + 65:
         return code, code - 128
     return code, 0
+
+
+def catches(pid: int, signum: int) -> bool:
+    """True if process ``pid`` has a handler for ``signum`` (so the kernel delivers it)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
 
 
 def jailed_pid(tracked_pid: int, timeout: float = 2.0) -> int | None:
