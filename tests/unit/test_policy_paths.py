@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Callable
@@ -54,37 +55,51 @@ def fifo(at: Path, name: str) -> str:
     return name
 
 
-# Each builder makes whatever the attempt needs on disk and returns the image_path to try.
-ESCAPES: dict[str, Callable[[dict[str, Path]], str]] = {
-    "absolute outside": lambda t: str(t["secret"]),
-    "etc shadow": lambda t: "/etc/shadow",
-    "relative climb": lambda t: "../../secret.img",
-    "relative climb via local": lambda t: "local/../../../secret.img",
-    "relative climb into alloc": lambda t: "../alloc/data/shared.img",
-    "prefix match sibling dir": lambda t: str(t["other"] / "x.img"),
-    "dotdot out of allowed dir": lambda t: str(t["allowed"]) + "/../qemu-other/x.img",
-    "symlink in task dir to outside": lambda t: link(t["task"] / "local" / "l.img", t["secret"]),
-    "relative symlink in task dir": lambda t: link(t["task"] / "local" / "r.img",
-                                                   "../../../secret.img"),
-    "symlink in allowed dir to outside": lambda t: link(t["allowed"] / "evil.img", t["secret"]),
-    "symlinked dir in allowed dir": lambda t: link(t["allowed"] / "d", t["other"]) + "/x.img",
-    "symlink chain leaving": lambda t: link(
+OUTSIDE = "image path leads outside the allowed dirs"
+CLIMB = "relative image path climbs out of the task dir"
+MAGIC = "path leads into /proc, /sys or /dev/fd"
+NOT_FILE = "image path is not a regular file"
+Builder = Callable[[dict[str, Path]], str]
+
+# Each builder makes whatever the attempt needs on disk and returns the image_path to
+# try; the message is what the one-line refusal must say.
+ESCAPES: dict[str, tuple[Builder, str]] = {
+    "absolute outside": (lambda t: str(t["secret"]), OUTSIDE),
+    "etc shadow": (lambda t: "/etc/shadow", OUTSIDE),
+    "relative climb": (lambda t: "../../secret.img", CLIMB),
+    "relative climb via local": (lambda t: "local/../../../secret.img", CLIMB),
+    "relative climb into alloc": (lambda t: "../alloc/data/shared.img", CLIMB),
+    "prefix match sibling dir": (lambda t: str(t["other"] / "x.img"), OUTSIDE),
+    "dotdot out of allowed dir": (lambda t: str(t["allowed"]) + "/../qemu-other/x.img", OUTSIDE),
+    "symlink in task dir to outside": (
+        lambda t: link(t["task"] / "local" / "l.img", t["secret"]), f"{OUTSIDE} \\(to .*secret"),
+    "relative symlink in task dir": (
+        lambda t: link(t["task"] / "local" / "r.img", "../../../secret.img"),
+        f"{OUTSIDE} \\(to .*secret"),
+    "symlink in allowed dir to outside": (
+        lambda t: link(t["allowed"] / "evil.img", t["secret"]), f"{OUTSIDE} \\(to .*secret"),
+    "symlinked dir in allowed dir": (lambda t: link(t["allowed"] / "d", t["other"]) + "/x.img",
+                                     f"{OUTSIDE} \\(to .*qemu-other/x.img"),
+    "symlink chain leaving": (lambda t: link(
         t["task"] / "local" / "a.img", link(t["task"] / "local" / "b.img", t["secret"])),
-    "proc self root": lambda t: "/proc/self/root" + str(t["allowed"] / "base.img"),
-    "proc self cwd": lambda t: "/proc/self/cwd/local/disk.img",
-    "symlink to proc": lambda t: link(t["task"] / "local" / "p.img",
-                                      "/proc/self/root" + str(t["secret"])),
-    "dev fd": lambda t: "/dev/fd/0",
-    "directory": lambda t: "local",
-    "allowed dir itself": lambda t: str(t["allowed"]),
-    "device file": lambda t: "/dev/null",
-    "symlink to device": lambda t: link(t["task"] / "local" / "n.img", "/dev/zero"),
-    "fifo": lambda t: fifo(t["task"] / "local" / "f.img", "local/f.img"),
-    "missing": lambda t: "local/nope.img",
-    "symlink loop": lambda t: (link(t["task"] / "local" / "x1", "x2"),
-                               link(t["task"] / "local" / "x2", "x1"))[0],
-    "nul byte": lambda t: "local/disk.img\0.x",
-    "empty": lambda t: "",
+        f"{OUTSIDE} \\(to .*secret"),
+    "proc self root": (lambda t: "/proc/self/root" + str(t["allowed"] / "base.img"), MAGIC),
+    "proc self cwd": (lambda t: "/proc/self/cwd/local/disk.img", MAGIC),
+    "symlink to proc": (lambda t: link(t["task"] / "local" / "p.img",
+                                       "/proc/self/root" + str(t["secret"])), MAGIC),
+    "dev fd": (lambda t: "/dev/fd/0", MAGIC),
+    "directory": (lambda t: "local", "image path is a directory, not a file"),
+    "allowed dir itself": (lambda t: str(t["allowed"]), "image path is a directory, not a file"),
+    "device file": (lambda t: "/dev/null", OUTSIDE),
+    "symlink to device": (lambda t: link(t["task"] / "local" / "n.img", "/dev/zero"),
+                          f"{OUTSIDE} \\(to /dev/zero"),
+    "fifo": (lambda t: fifo(t["task"] / "local" / "f.img", "local/f.img"), NOT_FILE),
+    "missing": (lambda t: "local/nope.img", "image file does not exist"),
+    "symlink loop": (lambda t: (link(t["task"] / "local" / "x1", "x2"),
+                                link(t["task"] / "local" / "x2", "x1"))[0],
+                     "too many levels of symbolic links"),
+    "nul byte": (lambda t: "local/disk.img\0.x", "image path must be a non-empty path without NUL bytes"),
+    "empty": (lambda t: "", "image path must be a non-empty path without NUL bytes"),
 }
 
 LEGIT: dict[str, tuple[Callable[[dict[str, Path]], str], Callable[[dict[str, Path]], Path]]] = {
@@ -111,13 +126,24 @@ LEGIT: dict[str, tuple[Callable[[dict[str, Path]], str], Callable[[dict[str, Pat
 }
 
 
+def open_fds_to(path: Path) -> list[str]:
+    """This process's fds open on ``path`` (an escape that was refused leaves none)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                found.append(fd)
+    return found
+
+
 @pytest.mark.parametrize("name", ESCAPES)
 def test_escape_attempt_is_refused(tree: dict[str, Path], name: str) -> None:
-    image = ESCAPES[name](tree)
-    with pytest.raises(InputError) as info:
+    make, match = ESCAPES[name]
+    image = make(tree)
+    with pytest.raises(InputError, match=f"^image_path: (image )?{match}") as info:
         check(tree, image)
     assert "\n" not in str(info.value)
-    assert "image_path" in str(info.value)
+    assert not open_fds_to(tree["secret"])
 
 
 @pytest.mark.parametrize("name", LEGIT)
@@ -146,7 +172,7 @@ def test_preview_checks_where_a_missing_image_leads(tree: dict[str, Path]) -> No
     host = host_for(tree)
     ok = check_image_path("local/later.img", tree["task"], tree["alloc"], host, must_exist=False)
     assert ok == tree["task"] / "local" / "later.img"
-    with pytest.raises(PolicyError):
+    with pytest.raises(PolicyError, match=f"{OUTSIDE} .*'/nowhere/later.img'"):
         check_image_path("/nowhere/later.img", tree["task"], tree["alloc"], host,
                          must_exist=False)
 
@@ -178,8 +204,9 @@ def test_symlink_swapped_in_after_check_is_not_followed(tree: dict[str, Path]) -
     checked = check(tree, "local/disk.img")
     path.unlink()
     path.symlink_to(tree["secret"])  # the race: swapped between check and open
-    with pytest.raises(InputError):
+    with pytest.raises(SpecError, match="image cannot be opened: Too many levels of symbolic"):
         open_image(checked, policy, writable=False, where="image_path", value="local/disk.img")
+    assert not open_fds_to(tree["secret"])
 
 
 def test_directory_swapped_above_the_image_is_caught(tree: dict[str, Path]) -> None:
@@ -191,8 +218,9 @@ def test_directory_swapped_above_the_image_is_caught(tree: dict[str, Path]) -> N
     outside.mkdir()
     (outside / "disk.img").write_bytes(b"\0" * 512)
     local.symlink_to(outside)
-    with pytest.raises(PolicyError, match="changed"):
+    with pytest.raises(PolicyError, match="image changed while it was being opened"):
         open_image(checked, policy, writable=False, where="image_path", value="local/disk.img")
+    assert not open_fds_to(outside / "disk.img")  # the fd was closed again
 
 
 # Section: files an image references
@@ -249,5 +277,6 @@ def test_raw_image_that_looks_like_qcow2_is_read_as_declared(tree: dict[str, Pat
     policy = PathPolicy.for_task(tree["task"], tree["alloc"], host_for(tree))
     evil = qcow2(tree["task"] / "local" / "looks.raw", "-b", str(tree["secret"]), "-F", "raw")
     assert inspect_image(str(evil), policy, fmt="raw", where="w", value="v") == "raw"
-    with pytest.raises(PolicyError):
+    with pytest.raises(PolicyError, match=f"backing file leads outside the allowed dirs .*"
+                       f"{tree['secret']}"):
         inspect_image(str(evil), policy, fmt=None, where="w", value="v", base_dir=evil.parent)
