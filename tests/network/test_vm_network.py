@@ -246,9 +246,16 @@ def test_stop_removes_tap_and_chains(topo: Topo, hostnet: HostNetwork, vms: list
     vm.proc.kill()  # QEMU crashing: the tap goes with its last fd, before any cleanup
     vm.proc.wait(10)
     assert tap not in netns.ip("-o", "link", ns=topo.a)
+    leases = leases_file(topo.state_dir, "default")
+    assert vm.mac in leases.read_text()
     with netns.inside(topo.a):
         hostnet.detach(vm.vm_id, vm.vmnet)
         chains = [c for _, c in nft.chains()]
+    deadline = time.monotonic() + 5  # dnsmasq rewrites the file after the DHCPRELEASE
+    while vm.mac in leases.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vm.mac not in leases.read_text(), "the stopped VM's lease was not released"
+    assert vms[0].mac in leases.read_text()
     key = names.vm_key(vm.vm_id)
     assert not [c for c in chains if key in c]
     assert names.vm_chain(vms[0].vm_id, "dnat") in chains, "another VM's rules went too"

@@ -193,11 +193,15 @@ class HostNetwork:
         """Remove everything of a VM: its chains in one transaction, then its links.
 
         Safe to call more than once and with nothing attached; ``vmnet`` also
-        closes fds still held (a start that failed before QEMU got them).
+        closes fds still held (a start that failed before QEMU got them) and
+        releases the NICs' DHCP leases on managed networks.
         """
         nft.remove_vm(vm_id)
         if vmnet is not None:
             vmnet.close_fds()
+            for n in vmnet.nics:
+                if n.network is not None and n.network.dhcp:
+                    dnsmasq.release_lease(n.network, self.state_dir, n.mac)
             # Taps vanish with their last fd; macvtap links persist until deleted.
             for n in vmnet.nics:
                 remove_link(n.tap.name)
