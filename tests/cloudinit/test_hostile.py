@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from tests.cloudinit.factory import base_request
-from vmdriver.cloudinit.userdata import ENV_FILE, cloud_config_text, env_file, profile_script, run_command
+from vmdriver.cloudinit import Share, ShareFs
+from vmdriver.cloudinit.userdata import (
+    ENV_FILE,
+    cloud_config_text,
+    env_file,
+    mount_command,
+    profile_script,
+    run_command,
+)
 from vmdriver.errors import SpecError
 
 SHELLS = [s for s in ("bash", "dash") if shutil.which(s)]
@@ -119,3 +127,36 @@ def test_hostile_cmds_stay_one_yaml_item_each() -> None:
     runcmd = yaml.safe_load(cloud_config_text(base_request(cmds=cmds)))["runcmd"]
     assert runcmd == [run_command(c) for c in cmds]
     assert all(shlex.split(line)[2].endswith(cmd) for line, cmd in zip(runcmd, cmds, strict=True))
+
+
+@pytest.mark.parametrize(("attached", "mount_ok", "expect"), [
+    ("9p", "9p", ["9p"]),
+    ("9p", "virtiofs", ["9p", "virtiofs"]),
+    ("virtiofs", "virtiofs", ["virtiofs"]),
+    ("virtiofs", "none", ["virtiofs", "9p"]),
+])
+def test_mount_lines_try_the_attached_fs_first_then_the_other(
+        tmp_path: Path, attached: str, mount_ok: str, expect: list[str]) -> None:
+    # Stub mkdir/mountpoint/mount on PATH: the line's logic runs for real, nothing is mounted.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "calls"
+    stubs = {
+        "mkdir": 'echo "mkdir $*" >> "$LOG"',
+        "mountpoint": "exit 1",
+        "mount": f'echo "mount $*" >> "$LOG"; [ "$2" = {mount_ok} ]',
+    }
+    for name, body in stubs.items():
+        (bindir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bindir / name).chmod(0o755)
+    share = Share("alloc", "/alloc", ShareFs(attached))
+    line = mount_command(share)
+    proc = subprocess.run(("sh", "-c", line), env={"PATH": f"{bindir}:/usr/bin:/bin", "LOG": str(log)},
+                          capture_output=True, text=True, timeout=30, check=False)
+    calls = log.read_text().splitlines()
+    assert calls[0] == "mkdir -p /alloc"
+    assert [c.split()[2] for c in calls[1:]] == expect
+    assert all((c.endswith("alloc /alloc") and ",ro" in c) or " ro " in c for c in calls[1:])
+    failed = mount_ok == "none"
+    assert ("vmdriver: cannot mount tag alloc" in proc.stderr) == failed
+    assert proc.returncode == 0 or failed

@@ -148,7 +148,7 @@ class SeedRequest:
     password_hash: str | None = field(default=None, repr=False)
     ssh_pwauth: bool | None = None
     ssh_authorized_keys: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     shares: tuple[Share, ...] = ()
     timezone: str | None = None
     user_data: str | None = None
