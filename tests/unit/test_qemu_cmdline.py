@@ -193,6 +193,10 @@ def test_guestfwd_targets(rule: str, pairs: list[tuple[str, str]]) -> None:
     ("bios", "b.bin", [("firmware", "b.bin")]), ("append", "a=b,c", [("append", "a=b,c")]),
     ("spice", "unix=on,addr=/s", [("unix", "on"), ("addr", "/s"), ("addr.path", "/s")]),
     ("serial", "none", []), ("monitor", "none,x", []),
+    ("audio", "pa,model=hda,server=unix:/s", [("driver", "pa"), ("model", "hda"),
+                                              ("server", "unix:/s"), ("server.path", "/s")]),
+    ("display", "dbus,addr=unix:path=/b,,guid=1;tcp:host=h",
+     [("type", "dbus"), ("addr", "unix:path=/b,guid=1;tcp:host=h"), ("addr.path", "/b")]),
     ("device", '{"driver":"loader","file":"f","x":[1,{"y":null}]}',
      [("driver", "loader"), ("file", "f"), ("x.0", 1), ("x.1.y", None)]),
 ])

@@ -7,19 +7,11 @@ options: QEMU stops with "invalid option"); an option that takes a value takes
 the next element, whatever it looks like.
 
 Values are read by the parser QEMU hands them to (:data:`~vmdriver.qemu.options.VALUE_SYNTAX`):
-
-* QemuOpts (``util/qemu-option.c``): ``key=value`` pairs split at ``,``, where
-  ``,,`` is a comma inside a value; a first element without ``=`` is the value
-  of the option's implied key (``-netdev user`` → ``type=user``), with ``,,``
-  escapes too; any later bare element is a flag (``foo`` → ``foo=on``,
-  ``nofoo`` → ``foo=off``);
-* keyval (``util/keyval.c``): the same, except that an implied value ends at the
-  first ``,`` or ``=`` (no escapes), keys are dotted names, and a bare element
-  without an implied key is an error;
-* JSON for the options that take it, when the value's first character is ``{``;
-* character-device specs (``chardev/char.c``): ``file:P`` and ``pipe:P`` take
-  the whole rest as the path, commas included; ``unix:P,opts``, ``tcp:H:P,opts``,
-  ``COMx`` and ``/dev/...`` (devices opened by name), ``mon:`` (a monitor on it).
+QemuOpts or keyval (:mod:`vmdriver.qemu.keyval`: ``,,`` is a comma, and each has
+its own rule for a leading element without ``=``), QEMU's JSON dialect
+(:mod:`vmdriver.qemu.qjson`) for the options that take it when the value's first
+character is ``{``, and character-device specs (:mod:`vmdriver.qemu.chardev`:
+``file:P`` takes the whole rest, commas included).
 
 :func:`option_pairs` gives every value as flat ``(dotted key, value)`` pairs in
 QEMU's reading, with the sub-syntaxes inside values (``guestfwd=...-file:P``,
@@ -35,17 +27,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vmdriver.qemu import qjson
+from vmdriver.qemu.chardev import chardev_spec, guestfwd
+from vmdriver.qemu.keyval import (
+    OptionSyntaxError,
+    Pair,
+    Scalar,
+    opts_value,
+    split_keyval,
+    split_opts,
+)
 from vmdriver.qemu.options import Syntax, static_arity, value_syntax
+
+__all__ = ["Arity", "Element", "Kind", "OptionSyntaxError", "Pair", "Scalar", "chardev_spec",
+           "dbus_unix_paths", "guestfwd", "has_option", "multiboot_modules", "option_name",
+           "option_pairs", "parse_argv", "split_keyval", "split_opts"]
 
 #: ``name -> True/False`` (takes a value or not), ``None`` if QEMU has no such option.
 Arity = Callable[[str], bool | None]
-#: One value in a ``key=value`` reading (JSON values keep their type).
-Scalar = str | int | float | bool | None
-Pair = tuple[str, Scalar]
-
-
-class OptionSyntaxError(ValueError):
-    """A value QEMU would refuse to parse (it exits before doing anything)."""
 
 
 class Kind(enum.Enum):
@@ -112,89 +110,7 @@ def has_option(argv: Sequence[str], name: str, arity: Arity = static_arity) -> b
     return any(e.kind is Kind.OPTION and e.name == want for e in parse_argv(argv, arity))
 
 
-# Section: QemuOpts and keyval
-
-
-def _opts_value(text: str, i: int) -> tuple[str, int]:
-    """QEMU's ``get_opt_value``: up to a single ``,``; ``,,`` is a comma. Returns (value, end)."""
-    out: list[str] = []
-    n = len(text)
-    while i < n:
-        if text[i] == ",":
-            if i + 1 < n and text[i + 1] == ",":
-                out.append(",")
-                i += 2
-                continue
-            break
-        out.append(text[i])
-        i += 1
-    return "".join(out), i
-
-
-def split_opts(text: str, implied: str | None = None) -> list[Pair]:
-    """``key=value,...`` as QemuOpts reads it (``opts_do_parse``)."""
-    pairs: list[Pair] = []
-    i, n = 0, len(text)
-    while i < n:
-        j = i
-        while j < n and text[j] not in "=,":
-            j += 1
-        if j < n and text[j] == "=":
-            value, end = _opts_value(text, j + 1)
-            pairs.append((text[i:j], value))
-        elif implied is not None:
-            value, end = _opts_value(text, i)
-            pairs.append((implied, value))
-        else:
-            name, end = text[i:j], j
-            pairs.append((name[2:], "off") if name.startswith("no") else (name, "on"))
-        implied = None
-        i = end + 1
-    return pairs
-
-
-_QAPI_NAME = re.compile(r"(?:__[A-Za-z0-9.-]*_)?[A-Za-z][A-Za-z0-9_-]*")
-
-
-def _keyval_key(key: str) -> None:
-    """Refuse a key keyval would refuse ("Invalid parameter")."""
-    pos, first = 0, True
-    while True:
-        m = re.compile(r"[0-9]+").match(key, pos) if not first else None
-        m = m or _QAPI_NAME.match(key, pos)
-        if m is None or m.end() - pos > 127:
-            raise OptionSyntaxError(f"Invalid parameter '{key}'")
-        pos, first = m.end(), False
-        if pos == len(key):
-            return
-        if key[pos] != ".":
-            raise OptionSyntaxError(f"Invalid parameter '{key}'")
-        pos += 1
-
-
-def split_keyval(text: str, implied: str | None = None) -> list[Pair]:
-    """``key=value,...`` as keyval reads it (``keyval_parse``); raises :class:`OptionSyntaxError`."""
-    pairs: list[Pair] = []
-    i, n = 0, len(text)
-    while i < n:
-        j = i
-        while j < n and text[j] not in "=,":
-            j += 1
-        bare = j > i and (j == n or text[j] != "=")
-        if bare and text[i:j] in ("help", "?"):
-            i = j + 1
-        elif bare and implied is not None:
-            pairs.append((implied, text[i:j]))
-            i = j + 1
-        else:
-            _keyval_key(text[i:j])
-            if j == n or text[j] != "=":
-                raise OptionSyntaxError(f"Expected '=' after parameter '{text[i:j]}'")
-            value, end = _opts_value(text, j + 1)
-            pairs.append((text[i:j], value))
-            i = end + 1
-        implied = None
-    return pairs
+# Section: values
 
 
 def _json(text: str) -> list[Pair]:
@@ -205,81 +121,6 @@ def _json(text: str) -> list[Pair]:
     if not isinstance(data, list):
         raise OptionSyntaxError("JSON value must be an object")
     return qjson.flatten(data)
-
-
-# Section: character devices
-
-
-def chardev_spec(text: str, *, mon_ok: bool = True) -> list[Pair]:
-    """The chardev options QEMU makes of a spec (``qemu_chr_parse_compat``).
-
-    ``chardev:ID`` (an existing chardev) gives ``chardev=ID``; ``mon:`` gives the
-    pseudo key ``mon=on`` (QEMU puts a monitor on that chardev).
-    """
-    if text.startswith("chardev:"):
-        return [("chardev", text[8:])]
-    pairs: list[Pair] = []
-    if text.startswith("mon:"):
-        if not mon_ok:
-            raise OptionSyntaxError("mon: isn't supported in this context")
-        text = text[4:]
-        pairs.append(("mon", "on"))
-    return pairs + _chardev_backend(text)
-
-
-def _chardev_backend(text: str) -> list[Pair]:
-    if text in ("null", "pty", "msmouse", "wctablet", "braille", "testdev", "stdio"):
-        return [("backend", text)]
-    if text.startswith("vc"):
-        rest = text[2:]
-        m = re.match(r"([0-9]{1,7})(C?)x([0-9]{1,7})C?", rest[1:]) if rest[:1] == ":" else None
-        if rest[:1] == ":" and m is None:
-            raise OptionSyntaxError(f"'{text}' is not a valid char driver")
-        return [("backend", "vc")]
-    if text == "con:":
-        return [("backend", "console")]
-    for prefix, backend in (("COM", "serial"), ("/dev/parport", "parallel"),
-                            ("/dev/ppi", "parallel"), ("/dev/", "serial")):
-        if text.startswith(prefix):
-            return [("backend", backend), ("path", text)]
-    for prefix in ("file:", "pipe:"):
-        if text.startswith(prefix):
-            return [("backend", prefix[:-1]), ("path", text[len(prefix):])]
-    if text.startswith("unix:"):
-        return [("backend", "socket"), *split_opts(text[5:], "path")]
-    for prefix in ("tcp:", "telnet:", "tn3270:", "websocket:", "udp:"):
-        if text.startswith(prefix):
-            return _inet_chardev(prefix[:-1], text[len(prefix):])
-    raise OptionSyntaxError(f"'{text}' is not a valid char driver")
-
-
-def _inet_chardev(kind: str, rest: str) -> list[Pair]:
-    """``[host]:port[,opts]`` (``udp``: ``[host]:port[@[host]:port]``), as QEMU's sscanf reads it."""
-    stop = "@," if kind == "udp" else ","
-    m = re.match(rf"([^:]{{1,64}}):([^{stop}]{{1,32}})", rest) or \
-        re.match(rf"():([^{stop}]{{1,32}})", rest)
-    if m is None:
-        raise OptionSyntaxError(f"'{kind}:{rest}' is not a valid char driver")
-    pairs: list[Pair] = [("backend", "udp" if kind == "udp" else "socket"),
-                         ("host", m.group(1)), ("port", m.group(2))]
-    tail = rest[m.end():]
-    if kind != "udp" and tail.startswith(","):
-        pairs += split_opts(tail[1:])
-    return pairs
-
-
-def guestfwd(text: str) -> list[Pair]:
-    """``[tcp]:[server]:port-target`` (slirp): the target is ``cmd:PROG`` or a chardev spec."""
-    m = re.match(r"([^:]*):([^:]*):([^-]*)-", text)
-    if m is None or m.group(1) not in ("", "tcp"):
-        raise OptionSyntaxError(f"invalid guest forwarding rule '{text}'")
-    target = text[m.end():]
-    if target.startswith("cmd:"):
-        return [("cmd", target[4:])]
-    return chardev_spec(target)
-
-
-# Section: whole values
 
 
 def option_pairs(name: str, value: str) -> list[Pair]:
@@ -357,6 +198,11 @@ def _expand(name: str, pairs: list[Pair]) -> list[Pair]:
             out += [(key, part) for part in val.split(":")]
         elif leaf == "type" and val == "fd" and isinstance(last.get(f"{key[:-4]}str"), str):
             out.append((f"{key[:-4]}fd", last[f"{key[:-4]}str"]))
+        elif leaf == "server" and name in ("audiodev", "audio") and val.startswith(("/", "unix:")):
+            # A PulseAudio server: "unix:/path" or a bare socket path.
+            out.append((f"{key}.path", val.removeprefix("unix:")))
+        elif leaf == "addr" and name == "display":
+            out += [(f"{key}.path", p) for p in dbus_unix_paths(val)]
         elif name == "initrd":
             out += [("initrd", m.split(" ", 1)[0]) for m in multiboot_modules(val)
                     if m.split(" ", 1)[0] != val]
@@ -369,8 +215,22 @@ def multiboot_modules(initrd: str) -> list[str]:
     """A multiboot kernel's ``-initrd``: modules split at ``,`` (``,,`` escapes), each with args."""
     modules, i = [], 0
     while True:
-        module, i = _opts_value(initrd, i)
+        module, i = opts_value(initrd, i)
         modules.append(module)
         if i >= len(initrd):
             return modules
         i += 1
+
+
+def dbus_unix_paths(address: str) -> list[str]:
+    """Files a D-Bus address names (``unix:path=P``, ``dir=``, ``tmpdir=``; ``;`` between)."""
+    paths = []
+    for part in address.split(";"):
+        transport, _, params = part.partition(":")
+        if transport != "unix":
+            continue
+        for item in params.split(","):
+            key, _, val = item.partition("=")
+            if key in ("path", "dir", "tmpdir") and val:
+                paths.append(val)
+    return paths

@@ -147,7 +147,7 @@ BLOCK_OPTIONS = _words("drive blockdev hda hdb hdc hdd cdrom fda fdb mtdblock sd
 #: Keys (last dotted component, ``_`` read as ``-``) whose value is a host path.
 PATH_KEYS = _words("""
     file filename path dir tftp smb kernel initrd dtb dumpdtb firmware splash sysfsdev
-    hostdevice vhostdev evdev conf config rendernode sock socket keymap
+    hostdevice vhostdev evdev conf config rendernode sock socket keymap dev
 """)
 #: Key endings that mark a host path too: ``romfile``, ``logfile``, ``x509-dir``, ``mem-path``.
 PATH_KEY_SUFFIXES = ("file", "path", "dir", "filename")
