@@ -7,6 +7,7 @@ and the task dirs as virtio-9p/virtiofs devices whose mount tags are
 :data:`TAG_LOCAL`, :data:`TAG_ALLOC` and :data:`TAG_SECRETS`. See docs/cloud-init.md.
 """
 
+from vmdriver.cloudinit.files import read_task_file
 from vmdriver.cloudinit.mappings import mapping_seed_files
 from vmdriver.cloudinit.password import hash_password, verify_password
 from vmdriver.cloudinit.request import (
@@ -43,6 +44,7 @@ __all__ = [
     "guest_env",
     "hash_password",
     "mapping_seed_files",
+    "read_task_file",
     "seed_files",
     "seed_texts",
     "split_keys",
