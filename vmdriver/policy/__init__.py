@@ -1,6 +1,9 @@
 """Operator policy: which images, QEMU flags, paths and emulators a job may use.
 
-See docs/policy.md for the decisions; the entry points:
+See docs/policy.md for the decisions. What QEMU would make of a job's input
+(which elements are options, what a value holds, which files an image names)
+comes from :mod:`vmdriver.qemu.cmdline` and :mod:`vmdriver.qemu.image`; this
+package only decides on it. The entry points:
 
 * :func:`check_emulator`: ``emulator`` against ``emulators_allowlist``;
 * :func:`check_args`: ``args`` against ``args_allowlist`` and the path policy;
