@@ -22,6 +22,7 @@ import threading
 from vmdriver.errors import HostError
 
 _cache: dict[tuple[str, int, int, int], tuple[str, ...]] = {}
+_libs: dict[tuple[str, int, int, int], tuple[str, ...]] = {}
 _lock = threading.Lock()
 _LIB = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)")
 
@@ -43,13 +44,24 @@ def _run(argv: tuple[str, ...]) -> str:
 
 
 def library_dirs(binary: str) -> tuple[str, ...]:
-    """Directories holding ``binary``'s shared libraries, as linked and as resolved."""
+    """Directories holding ``binary``'s shared libraries, as linked and as resolved (cached)."""
+    try:
+        key = _identity(os.path.realpath(binary))
+    except OSError as exc:
+        raise HostError(f"jail: {binary}: {exc.strerror}") from exc
+    with _lock:
+        cached = _libs.get(key)
+    if cached is not None:
+        return cached
     dirs: list[str] = []
     for match in _LIB.finditer(_run(("ldd", binary))):
         lib = match.group(1)
         dirs.append(os.path.realpath(os.path.dirname(lib)))
         dirs.append(os.path.dirname(os.path.realpath(lib)))
-    return tuple(dict.fromkeys(dirs))
+    found = tuple(dict.fromkeys(dirs))
+    with _lock:
+        _libs[key] = found
+    return found
 
 
 def firmware_dirs(emulator: str) -> tuple[str, ...]:
