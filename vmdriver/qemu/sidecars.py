@@ -78,4 +78,6 @@ def virtiofsd(tag: str, path: str, runtime_dir: Path, *, read_only: bool) -> Hel
                              f"source={path},cache=auto")
     if read_only:
         argv = ("bwrap", "--dev-bind", "/", "/", "--ro-bind", path, path, "--", *argv)
-    return HelperSpec(f"virtiofsd-{tag}", argv, sock)
+    # Ready once the socket exists: virtiofsd serves exactly one vhost-user connection and
+    # exits when it closes, so the usual connect-and-close probe would end it before QEMU.
+    return HelperSpec(f"virtiofsd-{tag}", argv, None, ready_check=sock.exists)
