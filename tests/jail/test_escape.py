@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.jail.conftest import IDLE, Jailed, alive, make_vm, processes_of, spawn
-from vmdriver.jail import ids
+from vmdriver.jail import dirs, ids
 from vmdriver.jail.plan import catches
 
 pytestmark = pytest.mark.usefixtures("jail_ready")
@@ -206,3 +206,21 @@ def test_two_vms_run_as_two_uids(state: Path) -> None:
     ids.release(a.lease)
     ids.release(b.lease)
     assert ids.held(state / "uids") == {}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="no /dev/kvm on this host")
+def test_kvm_only_when_handed_over(state: Path) -> None:
+    """/dev/kvm exists in the jail only if asked for; then the VM's uid may open it."""
+    kvm = (*IDLE[:4], "-accel", "kvm", *IDLE[4:])
+    vm = make_vm(state, "nokvm")
+    _fails(spawn(kvm, vm.spec, state), "Could not access KVM kernel module: No such file")
+    vm = make_vm(state, "kvm", devices=("/dev/kvm",))
+    j = spawn(kvm, vm.spec, state)
+    try:
+        assert b'"QMP"' in j.read_greeting(), j.stderr.read_text()
+        j.command("qmp_capabilities")
+        assert j.command("query-kvm")["return"] == {"enabled": True, "present": True}
+    finally:
+        j.kill()
+        dirs.release(vm.spec)
+    assert not dirs._can("/dev/kvm", vm.lease.uid, (), 6)

@@ -90,6 +90,14 @@ def _minimal(paths: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def program_ro_paths(binary: str, tools: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """What any program (a helper: swtpm, virtiofsd, ...) and ``tools`` need to start."""
+    found: list[str] = []
+    for path in (binary, *tools):
+        found += [os.path.abspath(path), *library_dirs(os.path.realpath(path))]
+    return _minimal(found)
+
+
 def qemu_ro_paths(emulator: str, tools: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Everything ``emulator`` (and each of ``tools``) needs to start, read-only."""
     # Bound at the path the argv names; a symlinked binary is bound as its target's content.
