@@ -21,7 +21,7 @@ from vmdriver.errors import InputError, VmdriverError
 from vmdriver.host.config import HostConfig
 from vmdriver.host.fingerprint import fingerprint
 from vmdriver.jobfile.model import load_job
-from vmdriver.jobfile.plan import TaskPlan, plan_job
+from vmdriver.jobfile.plan import TaskPlan, plan_job, provision, release
 from vmdriver.qemu.argv import display
 from vmdriver.runtime.console import follow
 from vmdriver.runtime.request import LaunchRequest
@@ -64,15 +64,37 @@ def _remove_allocs(plans: list[TaskPlan]) -> None:
             shutil.rmtree(plan.task_dir.alloc_dir, ignore_errors=True)
 
 
+def _release(plans: list[TaskPlan], host: HostConfig) -> None:
+    """Remove what the tasks' dialects made (virt volumes); never hides the run's own error."""
+    for plan in plans:
+        try:
+            release(plan, host)
+        except VmdriverError as exc:
+            err_console.print(f"vmdriver: error: {exc}", markup=False)
+
+
 async def cmd_run(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver run JOB.hcl`: the job's VMs in the foreground, until they end."""
     plans = plan_job(load_job(args.job), host.state_dir)
-    by_id = {p.vm_id: p for p in plans}
     try:
         await _fetch_artifacts(plans, host, args.job.resolve().parent)
+        plans = [await asyncio.to_thread(provision, p, host) for p in plans]
     except BaseException:
+        _release(plans, host)
         _remove_allocs(plans)
         raise
+    try:
+        code = await _run(args, host, plans)
+    except BaseException:
+        _release(plans, host)  # a failed start leaves no volume behind, kept or not
+        raise
+    if not args.keep_volumes:
+        _release(plans, host)
+    return code
+
+
+async def _run(args: argparse.Namespace, host: HostConfig, plans: list[TaskPlan]) -> int:
+    by_id = {p.vm_id: p for p in plans}
     sup = Supervisor(host)
     ready_re = re.compile(args.ready) if args.ready else None
     consoles: list[asyncio.Task[None]] = []

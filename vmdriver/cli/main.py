@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ready", metavar="REGEX",
                      help="print a line and keep running once the console matches REGEX")
     run.add_argument("--quiet", action="store_true", help="do not echo the serial console")
+    run.add_argument("--keep-volumes", action="store_true",
+                     help="keep the storage pool volumes of virt tasks when the run ends")
     common(run)
 
     argv = sub.add_parser("argv", help="print the QEMU argv of each qemu task of a job file")

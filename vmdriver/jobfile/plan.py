@@ -7,6 +7,7 @@ lay out task dirs, build the task environment and interpolate ``${...}``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import socket
 import uuid
@@ -18,9 +19,11 @@ from typing import Any
 import psutil
 
 from vmdriver.errors import JobFileError, SpecError
+from vmdriver.host.config import HostConfig
 from vmdriver.jobfile.dialects import DIALECTS
 from vmdriver.jobfile.inputs import AllocatedPort, TaskInputs
 from vmdriver.jobfile.model import Group, Job, Network, Task
+from vmdriver.jobfile.placement import Placement
 from vmdriver.runtime.request import Confinement, LaunchRequest
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import ArtifactSpec, VMSpec, defaults
@@ -42,6 +45,11 @@ class TaskPlan:
     env: dict[str, str]
     ports: tuple[AllocatedPort, ...]
     artifacts: tuple[ArtifactSpec, ...]
+    #: The dialect's validated config and the task facts, for :func:`provision`.
+    config: Any = None
+    inputs: TaskInputs | None = None
+    #: Extra image dirs for this VM (its dialect's pool volumes), set by :func:`provision`.
+    image_paths: tuple[Path, ...] = ()
 
     @property
     def vm_id(self) -> str:
@@ -54,8 +62,22 @@ class TaskPlan:
             vm_id=self.vm_id, spec=self.spec,
             dirs=VMDirs.under(state_dir, self.vm_id, self.task_dir), env=self.env,
             confinement=Confinement(parent="vmdriver", scope=f"{self.alloc_id[:8]}.{self.task.name}"),
-            remove_task_dir=True, where=self.task.where,
+            remove_task_dir=True, where=self.task.where, image_paths=self.image_paths,
         )
+
+
+def provision(plan: TaskPlan, host: HostConfig) -> TaskPlan:
+    """The plan with what its dialect makes on the host (volumes, seed): after the artifacts."""
+    if plan.inputs is None:
+        return plan
+    made = DIALECTS[plan.task.driver].provision(
+        plan.config, plan.inputs, plan.spec, Placement(host, plan.alloc_id, plan.task_dir))
+    return dataclasses.replace(plan, spec=made.spec, image_paths=made.image_paths)
+
+
+def release(plan: TaskPlan, host: HostConfig) -> list[str]:
+    """Undo :func:`provision` (the task's volumes go); the names removed."""
+    return DIALECTS[plan.task.driver].release(host, plan.alloc_id, plan.task.name)
 
 
 def _port_free(port: int) -> bool:
@@ -198,4 +220,4 @@ def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, state_dir: Pat
     # Nomad interpolates artifact blocks too (e.g. a source built from ${NOMAD_META_x}).
     artifacts = tuple(ArtifactSpec.model_validate(interpolate(a.model_dump(mode="json"), env))
                       for a in (*task.artifacts, *lang.artifacts(cfg)))
-    return TaskPlan(alloc_id, group.name, task, spec, alloc, env, ports, artifacts)
+    return TaskPlan(alloc_id, group.name, task, spec, alloc, env, ports, artifacts, cfg, inputs)
