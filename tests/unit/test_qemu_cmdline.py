@@ -302,10 +302,11 @@ _name = st.text(alphabet="ab,=:. ", min_size=1, max_size=10).filter(
 @needs_qemu
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(names=st.lists(_name, min_size=3, max_size=3, unique=True))
+@given(names=st.lists(_name, min_size=4, max_size=4, unique=True))
 def test_escaped_file_names_reach_qemu_as_the_parser_reads_them(
         tmp_path_factory: pytest.TempPathFactory, names: list[str]) -> None:
-    """One QEMU run per example: QemuOpts (chardev, object) and file: specs create files."""
+    """One QEMU run per example: QemuOpts (chardev, object) and file: specs create files;
+    keyval (-blockdev, opened last) names the file it could not open."""
     cwd = tmp_path_factory.mktemp("oracle")
     args = [
         "-chardev", f"file,id=c0,path={names[0].replace(',', ',,')}",
@@ -313,8 +314,11 @@ def test_escaped_file_names_reach_qemu_as_the_parser_reads_them(
                    f"mem-path={names[1].replace(',', ',,')}",
         "-serial", f"file:{names[2]}",
     ]
+    blockdev = f"driver=file,node-name=b0,filename={names[3].replace(',', ',,')}"
     read = [dict(option_pairs(args[i].lstrip("-"), args[i + 1])) for i in (0, 2, 4)]
-    expected = [read[0]["path"], read[1]["mem-path"], read[2]["path"]]
-    assert expected == names
+    read.append(dict(option_pairs("blockdev", blockdev)))
+    assert [read[0]["path"], read[1]["mem-path"], read[2]["path"], read[3]["filename"]] == names
     out = _qemu(cwd, *args)
-    assert sorted(os.listdir(cwd)) == sorted(names), out.stderr
+    assert sorted(os.listdir(cwd)) == sorted(names[:3]), out.stderr
+    # QEMU opens -blockdev before it creates the other files: a run of its own.
+    assert f"Could not open '{names[3]}'" in _qemu(cwd, "-blockdev", blockdev).stderr
