@@ -74,7 +74,8 @@ class BasePluginService(base_pb2_grpc.BasePluginServicer):
                   context: grpc.ServicerContext) -> base_pb2.SetConfigResponse:
         """Decode and validate the agent's ``plugin { config {} }``; refuse bad ones readably."""
         where = f'plugin "{self.state.name}" config'
-        data = decode_config(request.msgpack_config, where=where)
+        # Nested blocks (storage_pools, network) carry nil for every attribute left unset.
+        data = hclspec.without_nulls(decode_config(request.msgpack_config, where=where))
         host = host_config_from_mapping(data, where)
         check_host(host, where)
         self.state.set_host(host)

@@ -18,6 +18,7 @@ import grpc
 import psutil
 from google.protobuf import timestamp_pb2
 
+from vmdriver.errors import InputError
 from vmdriver.host.fingerprint import fingerprint
 from vmdriver.nomad import hclspec
 from vmdriver.nomad.base import PluginState
@@ -143,9 +144,17 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     def StartTask(self, request: pb.StartTaskRequest,
                   context: grpc.ServicerContext) -> pb.StartTaskResponse:
         """Decode, check, launch (confined), and hand back a handle with everything re-attaching needs."""
-        plan = plan_start(request.task, self.state.dialect)
         tasks = self.state.tasks
-        task = self.state.loop.call(tasks.start(plan))
+        if tasks.find(request.task.id) is not None:
+            # Checked before provisioning: the failure path below must not touch its volumes.
+            raise InputError("task is already started", where=request.task.id)
+        plan = plan_start(request.task, self.state.dialect, self.state.host)
+        try:
+            task = self.state.loop.call(tasks.start(plan))
+        except BaseException:
+            # A failed start leaves nothing behind (the virt dialect's volumes).
+            self.state.dialect.release(self.state.host, plan.alloc_id, plan.name)
+            raise
         log.info("task %s started: pid %s", task.id, tasks.info(task.id).pid)
         handle = pb.TaskHandle(version=HANDLE_VERSION, config=request.task, state=pb.RUNNING,
                                driver_state=tasks.driver_state(task))
@@ -185,8 +194,14 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     @rpc
     def DestroyTask(self, request: pb.DestroyTaskRequest,
                     context: grpc.ServicerContext) -> pb.DestroyTaskResponse:
-        """Forget the task; with force, kill the VM first."""
+        """Forget the task; with force, kill the VM first; then its volumes go."""
+        task = self.state.tasks.find(request.task_id)
         self.state.loop.call(self.state.tasks.destroy(request.task_id, request.force))
+        # Nomad's task id is <alloc id>/<task name>/<nonce>: unknown after a lost handle.
+        alloc_id, _, rest = request.task_id.partition("/")
+        alloc_id, name = (task.alloc_id, task.name) if task else (alloc_id, rest.split("/")[0])
+        if alloc_id and name:
+            self.state.dialect.release(self.state.host, alloc_id, name)
         return pb.DestroyTaskResponse()
 
     @rpc

@@ -56,11 +56,83 @@ def object_spec(model: type[BaseModel], overrides: dict[str, str] | None = None)
     return hs.Spec(object=hs.Object(attributes=attrs))
 
 
+def _attrs(**types: str) -> hs.Spec:
+    """An object of optional attributes, ``name=hcl type``."""
+    return hs.Spec(object=hs.Object(attributes={
+        name: hs.Spec(Attr=hs.Attr(name=name, type=kind, required=False))
+        for name, kind in types.items()}))
+
+
+def _with(obj: hs.Spec, **nested: hs.Spec) -> hs.Spec:
+    """``obj`` plus nested block specs."""
+    for name, spec in nested.items():
+        obj.object.attributes[name].CopyFrom(spec)
+    return obj
+
+
+def _block(name: str, nested: hs.Spec) -> hs.Spec:
+    return hs.Spec(block_value=hs.Block(name=name, required=False, nested=nested))
+
+
+def _block_list(name: str, nested: hs.Spec) -> hs.Spec:
+    return hs.Spec(block_list=hs.BlockList(name=name, nested=nested))
+
+
+def _block_map(name: str, nested: hs.Spec) -> hs.Spec:
+    return hs.Spec(block_map=hs.BlockMap(name=name, labels=["name"], nested=nested))
+
+
 def host_config_spec() -> hs.Spec:
-    """ConfigSchema: the body of ``plugin "vmdriver" { config { ... } }``."""
-    return object_spec(HostConfig)
+    """ConfigSchema: the body of ``plugin "vmdriver" { config { ... } }``.
+
+    The sections nomad-driver-virt's agents write as blocks (``storage_pools {}``,
+    ``provider "libvirt" {}``) and the managed ``network "x" {}`` blocks are block
+    specs, so the agent's HCL decodes as it did for the virt driver.
+    """
+    spec = object_spec(HostConfig)
+    ceph = _with(_attrs(pool="string", hosts="list(string)"),
+                 authentication=_block("authentication", _attrs(username="string", secret="string")))
+    pools = _with(_attrs(default="string"),
+                  directory=_block_map("directory", _attrs(path="string")),
+                  ceph=_block_map("ceph", ceph))
+    network = _attrs(bridge="string", subnet="string", dhcp="bool", nat="bool",
+                     ipv6_subnet="string", dns="bool", domain="string")
+    return _with(spec, storage_pools=_block("storage_pools", pools),
+                 provider=_block_map("provider", _attrs(uri="string", user="string",
+                                                        password="string")),
+                 network=_block_map("network", network))
+
+
+def virt_task_spec() -> hs.Spec:
+    """nomad-driver-virt's task schema: ``disk`` and ``network_interface`` blocks, ``os {}``."""
+    source = _attrs(image="string", volume="string", format="string")
+    disk = _with(_attrs(size="string", sparse="bool", format="string", bus_type="string",
+                        devname="string", kind="string", read_only="bool", pool="string",
+                        primary="bool", chained="bool", driver="string", volume="string",
+                        source="any"),
+                 source=_block("source", source))
+    iface = _with(_attrs(bridge="any", macvtap="any"),
+                  bridge=_block("bridge", _attrs(name="string", ports="list(string)")),
+                  macvtap=_block("macvtap", _attrs(device="string", mode="string")))
+    top = _attrs(hostname="string", cmds="list(string)", default_user_password="string",
+                 default_user_authorized_ssh_key="string", user_data="string",
+                 timezone="string", disk="any", os="any", network_interface="any")
+    return _with(top, disk=_block_list("disk", disk),
+                 os=_block("os", _attrs(arch="string", machine="string")),
+                 network_interface=_block_list("network_interface", iface))
 
 
 def task_config_spec(dialect: Dialect) -> hs.Spec:
-    """TaskConfigSchema: a qemu task's ``config { ... }``."""
+    """TaskConfigSchema: the ``config { ... }`` of the dialect's tasks."""
+    if dialect.name == "virt":
+        return virt_task_spec()
     return object_spec(dialect.model, TASK_TYPE_OVERRIDES)
+
+
+def without_nulls(value: Any) -> Any:
+    """A decoded config without nil attributes at any depth (hcldec sends every unset one)."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import psutil
 
+from vmdriver.host.config import HostConfig
 from vmdriver.jobfile.dialects import Dialect
 from vmdriver.jobfile.inputs import AllocatedPort, TaskInputs
+from vmdriver.jobfile.placement import Placement
 from vmdriver.nomad.codec import decode_config
 from vmdriver.nomad.proto import driver_pb2 as pb
 from vmdriver.runtime.request import Confinement, LaunchRequest
@@ -43,6 +45,8 @@ class StartPlan:
     cpu_shares: int | None
     cpuset_cpus: str
     cpuset_cgroup: str
+    #: Extra image dirs for this VM (the pools its dialect made volumes in).
+    image_paths: tuple[Path, ...] = ()
 
     def request(self, state_dir: Path) -> LaunchRequest:
         """The supervisor's request; control sockets and records go under ``state_dir``."""
@@ -54,7 +58,8 @@ class StartPlan:
         return LaunchRequest(
             vm_id=self.task_id, spec=self.spec,
             dirs=VMDirs.under(state_dir, self.task_id, self.task_dir), env=self.env,
-            stdout=self.stdout, stderr=self.stderr, confinement=confinement, where=self.name)
+            stdout=self.stdout, stderr=self.stderr, confinement=confinement, where=self.name,
+            image_paths=self.image_paths)
 
 
 def _ports(res: pb.Resources) -> tuple[AllocatedPort, ...]:
@@ -75,8 +80,12 @@ def _cpu_count(cpus: str) -> int:
     return count
 
 
-def plan_start(task: pb.TaskConfig, dialect: Dialect) -> StartPlan:
-    """Decode and check a StartTask request; raises InputError with the field at fault."""
+def plan_start(task: pb.TaskConfig, dialect: Dialect, host: HostConfig | None = None) -> StartPlan:
+    """Decode and check a StartTask request, then let the dialect provision the VM.
+
+    Raises InputError with the field at fault. What ``provision`` made (volumes)
+    is the caller's to release if the launch fails.
+    """
     where = task.name or "task"
     raw = decode_config(task.msgpack_driver_config, where=f"{where}.config", numbers=NUMBER_KEYS)
     cfg = dialect.parse(raw, where)
@@ -100,10 +109,12 @@ def plan_start(task: pb.TaskConfig, dialect: Dialect) -> StartPlan:
         dns_searches=tuple(task.dns.searches),
         host_memory_mb=psutil.virtual_memory().total // MIB,
     )
-    spec = dialect.build(cfg, inputs)
+    task_dir = TaskDir(Path(task.alloc_dir), task.name)
+    made = dialect.provision(cfg, inputs, dialect.build(cfg, inputs),
+                             Placement(host or HostConfig(), task.alloc_id, task_dir))
     return StartPlan(
-        task_id=task.id, alloc_id=task.alloc_id, name=task.name, spec=spec,
-        task_dir=TaskDir(Path(task.alloc_dir), task.name),
+        task_id=task.id, alloc_id=task.alloc_id, name=task.name, spec=made.spec,
+        task_dir=task_dir, image_paths=made.image_paths,
         stdout=Path(task.stdout_path) if task.stdout_path else None,
         stderr=Path(task.stderr_path) if task.stderr_path else None,
         env=dict(task.env), task_memory_limit_bytes=int(linux.memory_limit_bytes),
