@@ -5,8 +5,8 @@
 #
 # Two cached stages, each keyed by the content that shapes it:
 #   1. base image  localhost/vmdriver-runner-base:<key>
-#      a debootstrap minbase root (Debian 12) with QEMU, OVMF, swtpm, mtools and a
-#      Python venv holding vmdriver's dependencies. Key: this script, deploy/packages.txt,
+#      a debootstrap minbase root (Debian 12) with QEMU, OVMF, swtpm, mtools, nftables and
+#      a Python venv holding vmdriver's dependencies. Key: this script, deploy/packages.txt,
 #      the dependency list of pyproject.toml.
 #   2. image       localhost/vmdriver-runner:<key>
 #      the base plus a vmdriver wheel built from the committed tree (git archive HEAD,
@@ -76,7 +76,8 @@ build_base() {
     build_wheels "$wheels"
     # Dependencies only: vmdriver itself goes into the top layer.
     cp -r "$wheels" "$root/tmp/wheels"
-    chroot "$root" python3 -m venv /opt/vmdriver
+    # System site packages: Debian's python3-nftables exists nowhere else.
+    chroot "$root" python3 -m venv --system-site-packages /opt/vmdriver
     local deplist
     deplist=$(cd "$wheels" && ls | grep -v '^vmdriver-' | sed 's/-.*//' | xargs)
     # shellcheck disable=SC2086

@@ -112,10 +112,20 @@ def image() -> str:
     return ref
 
 
+def missing_module(stderr: str) -> str:
+    """A readable reason when the image lacks a Python module vmdriver imports."""
+    for line in stderr.splitlines():
+        if line.startswith("ModuleNotFoundError"):
+            return (f"{line}: the image installs what pyproject.toml's dependencies list, "
+                    "so that list misses it")
+    return stderr[-2000:]
+
+
 @pytest.mark.e2e
 def test_image_runs_vmdriver_and_has_the_vm_tools(image: str) -> None:
     version = podman_run(image, "--version", entrypoint="vmdriver")
-    assert version.returncode == 0 and version.stdout.startswith("vmdriver "), version.stderr
+    assert version.returncode == 0, missing_module(version.stderr)
+    assert version.stdout.startswith("vmdriver ")
     tools = podman_run(image, "-c", "qemu-system-x86_64 --version && swtpm --version && "
                        "command -v swtpm_setup mformat qemu-img && cat /etc/qemu/bridge.conf",
                        entrypoint="/bin/sh")
@@ -139,7 +149,7 @@ def test_image_entrypoint_is_the_runner(image: str) -> None:
     helped = podman_run(image, "--help")
     if "invalid choice: 'runner'" in helped.stderr:
         pytest.skip("`vmdriver runner` is not wired into the CLI yet (the lead's part)")
-    assert helped.returncode == 0 and "-c" in helped.stdout, helped.stderr
+    assert helped.returncode == 0 and "-c" in helped.stdout, missing_module(helped.stderr)
 
 
 def test_readiness_probe_reads_the_status_file(tmp_path: Path) -> None:
@@ -157,3 +167,14 @@ def test_readiness_probe_reads_the_status_file(tmp_path: Path) -> None:
     for state, ready in ((RunState.BOOTING, False), (RunState.BOOTED, True), (RunState.TERMINATING, False)):
         write_status(status, Status(state=state))
         assert (subprocess.run(local, capture_output=True, check=False).returncode == 0) is ready, state
+
+
+@pytest.mark.e2e
+def test_image_has_the_standard_template(image: str) -> None:
+    """The wheel carries the runner's templates (package data), so `template: standard.j2` works."""
+    found = podman_run(image, "-c", "from vmdriver.runner.spec import PACKAGE_TEMPLATES as t; "
+                       "print((t / 'standard.j2').is_file())", entrypoint="/opt/vmdriver/bin/python")
+    assert found.returncode == 0, missing_module(found.stderr)
+    assert found.stdout.strip() == "True", (
+        "standard.j2 is not in the installed package: pyproject.toml's "
+        "[tool.setuptools.package-data] must list runner/templates/*.j2")

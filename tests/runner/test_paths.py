@@ -32,7 +32,7 @@ def test_explicit_runtime_dir_has_its_sockets() -> None:
     paths = resolve_paths(config(runtimeDir="/run/vm", dataDir="data"), {}, Path("/cwd"))
     assert paths.data_dir == Path("/cwd/data")
     assert paths.monitor_socket == Path("/run/vm/monitor.sock")
-    assert paths.swtpm_socket == Path("/run/vm/swtpm-sock")
+    assert paths.swtpm_socket == Path("/run/vm/swtpm.sock")
     assert paths.guest_agent_socket == Path("/run/vm/org.qemu.guest_agent.0")
     assert paths.status_file == Path("/run/vm/status.json")
     assert paths.vars_file == Path("/cwd/data/fw-vars.fd")

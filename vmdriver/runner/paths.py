@@ -7,7 +7,7 @@ between the two runners:
   copy, ``cloud-init/``, the TPM state;
 - runtime dir (deleted when the runner ends): ``monitor.sock`` (left for an operator's
   own QMP client), ``org.qemu.guest_agent.0``, ``org.jdrupes.vmop_agent.0``,
-  ``swtpm-sock``, ``cloud-init.img``, ``status.json``, ``runner.pid``.
+  ``swtpm.sock``, ``cloud-init.img``, ``status.json``, ``runner.pid``.
 
 Unlike VM-Operator, the socket paths are derived from the runtime dir whether it was
 configured or not (VM-Operator left them unset for an explicit ``runtimeDir``).
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmdriver.errors import HostError, SpecError
+from vmdriver.qemu.devices import TPM_SOCKET
 from vmdriver.runner.config import RunnerConfig, Vm
 from vmdriver.units import check_socket_path
 
@@ -71,7 +72,8 @@ class RunnerPaths:
 
     @property
     def swtpm_socket(self) -> Path:
-        return self.runtime_dir / "swtpm-sock"
+        # Where the argv layer points QEMU's TPM chardev (VM-Operator: swtpm-sock).
+        return self.runtime_dir / TPM_SOCKET
 
     @property
     def cloud_init_image(self) -> Path:

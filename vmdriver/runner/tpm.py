@@ -9,7 +9,7 @@ state into ``tpm/`` so a VM-Operator data dir keeps its TPM.
 
 QEMU attaches with::
 
-    -chardev socket,id=chrtpm,path=<runtimeDir>/swtpm-sock
+    -chardev socket,id=chrtpm,path=<runtimeDir>/swtpm.sock
     -tpmdev emulator,id=tpm0,chardev=chrtpm
     -device tpm-tis,tpmdev=tpm0
 
