@@ -240,6 +240,14 @@ def test_macvtap_between_two_namespaces(ns: tuple[str, str, Path], mode: str) ->
         time.sleep(0.2)
         os.write(fd, bytes(10) + _frame(d_mac, mac, EXPERIMENTAL_ETHERTYPE, b"vmdriver-mvtap-out"))
         assert join(), "frame written to the macvtap fd did not reach namespace D"
+        # A frame the guest sends with another source MAC never leaves.
+        join = _start_capture(d, "vD", b"vmdriver-mvtap-spoof")
+        time.sleep(0.2)
+        os.write(fd, bytes(10) + _frame(d_mac, "52:54:00:66:66:66", EXPERIMENTAL_ETHERTYPE,
+                                        b"vmdriver-mvtap-spoof"))
+        assert not join(), "a spoofed frame from the macvtap reached namespace D"
+        with netns.inside(c):
+            assert nft.counters("netdev", nm.vm_chain("mv/vm", "mv0"))[0] == 1
         # D → guest: a frame to the guest's MAC is readable from the fd.
         with netns.inside(d), socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as tx:
             tx.bind(("vD", 0))

@@ -17,6 +17,7 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from vmdriver.errors import HostError, SpecError
+from vmdriver.network.bridge import sysctl
 from vmdriver.network.tap import Tap, ipr, tap_flags
 
 MODES = ("bridge", "private", "vepa", "passthru")
@@ -53,6 +54,10 @@ def create_macvtap(name: str, device: str, *, mac: str, mode: str = "bridge", al
             raise HostError(f"cannot create macvtap {name} on {device}: {exc}") from None
         ifindex = int(sock.link_lookup(ifname=name)[0])
         try:
+            # The link carries the guest's MAC: left alone, the host would give it the
+            # guest's own EUI-64 link-local address (the guest's duplicate address
+            # detection then fails) and send router solicitations in the guest's name.
+            sysctl(f"net.ipv6.conf.{name}.disable_ipv6", "1")
             sock.link("set", index=ifindex, state="up", ifalias=alias or name)
             fd = open_macvtap_fd(name, ifindex)
         except BaseException:

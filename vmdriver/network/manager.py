@@ -139,7 +139,7 @@ class HostNetwork:
         try:
             for nic in nics:
                 vmnet.nics.append(self._attach_one(vm_id, nic))
-            nft.guard(vm_id, [nft.Guard(n.tap.name, n.mac) for n in vmnet.nics if n.tap.kind == "tap"])
+            self._guard(vmnet, {})
         except BaseException:
             self.detach(vm_id, vmnet)
             raise
@@ -181,13 +181,19 @@ class HostNetwork:
 
     def guard_addresses(self, vmnet: VmNetwork, found: Mapping[int, GuestAddresses]) -> None:
         """Tighten the anti-spoofing rules to the guest's known addresses."""
-        guards = []
+        self._guard(vmnet, found)
+
+    def _guard(self, vmnet: VmNetwork, found: Mapping[int, GuestAddresses]) -> None:
+        taps = []
         for n in vmnet.nics:
-            if n.tap.kind != "tap":
-                continue
             got = found.get(n.request.index, GuestAddresses())
-            guards.append(nft.Guard(n.tap.name, n.mac, got.ipv4, got.ipv6))
-        nft.guard(vmnet.vm_id, guards)
+            g = nft.Guard(n.tap.name, n.mac, got.ipv4, got.ipv6)
+            if n.tap.kind == "tap":
+                taps.append(g)
+            else:
+                nft.guard_macvtap(vmnet.vm_id, n.request.index, g)
+        if taps:
+            nft.guard(vmnet.vm_id, taps)
 
     def detach(self, vm_id: str, vmnet: VmNetwork | None = None) -> None:
         """Remove everything of a VM: its chains in one transaction, then its links.

@@ -15,7 +15,7 @@ import re
 TAP_PREFIX = "vmd"
 #: Prefix of macvtap links.
 MACVTAP_PREFIX = "vmm"
-#: The nftables table (families ``inet`` and ``bridge``) vmdriver owns.
+#: The nftables table (families ``inet``, ``bridge``, ``netdev``) vmdriver owns.
 TABLE = "vmdriver"
 #: Managed networks' chains: ``net-<name>-<hook>``.
 NET_CHAIN_PREFIX = "net-"
@@ -24,7 +24,7 @@ VM_CHAIN_PREFIX = "vm-"
 KEY_LEN = 10
 MAX_NICS = 16
 _LINK_RE = re.compile(rf"^(?:{TAP_PREFIX}|{MACVTAP_PREFIX})([0-9a-f]{{{KEY_LEN}}})[0-9a-f]$")
-_CHAIN_RE = re.compile(rf"^{VM_CHAIN_PREFIX}([0-9a-f]{{{KEY_LEN}}})-[a-z]+$")
+_CHAIN_RE = re.compile(rf"^{VM_CHAIN_PREFIX}([0-9a-f]{{{KEY_LEN}}})-[a-z0-9]+$")
 
 
 def vm_key(vm_id: str) -> str:

@@ -30,6 +30,7 @@ from vmdriver.network.config import ManagedNetwork
 
 INET = "inet"
 BRIDGE = "bridge"
+NETDEV = "netdev"
 #: Priorities: dstnat (-100), srcnat (100), filter (0); the bridge guard runs
 #: before anything else sees the frame.
 _DSTNAT, _SRCNAT, _FILTER, _BRIDGE_FIRST = -100, 100, 0, -300
@@ -103,10 +104,12 @@ def _table(family: str) -> Json:
     return {"add": {"table": {"family": family, "name": names.TABLE}}}
 
 
-def _chain(family: str, name: str, kind: str, hook: str, prio: int) -> list[Json]:
+def _chain(family: str, name: str, kind: str, hook: str, prio: int, dev: str = "") -> list[Json]:
     ref = {"family": family, "table": names.TABLE, "name": name}
-    return [{"add": {"chain": {**ref, "type": kind, "hook": hook, "prio": prio, "policy": "accept"}}},
-            {"flush": {"chain": ref}}]
+    spec = {**ref, "type": kind, "hook": hook, "prio": prio, "policy": "accept"}
+    if dev:
+        spec["dev"] = dev
+    return [{"add": {"chain": spec}}, {"flush": {"chain": ref}}]
 
 
 def _rule(family: str, chain: str, *expr: Json) -> Json:
@@ -124,7 +127,7 @@ def _loopback_snat() -> list[Json]:
 
 def base() -> list[Json]:
     """Commands creating vmdriver's tables and shared chains (idempotent)."""
-    return [_table(INET), _table(BRIDGE), *_loopback_snat()]
+    return [_table(INET), _table(BRIDGE), _table(NETDEV), *_loopback_snat()]
 
 
 # --- published ports -------------------------------------------------------------------
@@ -185,24 +188,25 @@ class Guard:
     ipv6: tuple[ipaddress.IPv6Address, ...] = ()
 
 
-def _guard_rules(chain: str, g: Guard) -> list[Json]:
-    iif = _match(_meta("iifname"), g.tap)
+def _guard_rules(family: str, chain: str, g: Guard) -> list[Json]:
+    # A bridge chain sees every port: match the tap. A netdev chain is the device's own.
+    iif = [_match(_meta("iifname"), g.tap)] if family == BRIDGE else []
     drop = ({"counter": None}, {"drop": None})
     etype = _payload("ether", "type")
-    rules = [_rule(BRIDGE, chain, iif, _match(_payload("ether", "saddr"), g.mac, "!="), *drop),
-             _rule(BRIDGE, chain, iif, _match(etype, "arp"),
+    rules = [_rule(family, chain, *iif, _match(_payload("ether", "saddr"), g.mac, "!="), *drop),
+             _rule(family, chain, *iif, _match(etype, "arp"),
                    _match(_payload("arp", "saddr ether"), g.mac, "!="), *drop)]
     if g.ipv4:
         # 0.0.0.0: DHCP discover/request and ARP probes before the address is bound.
         ok4 = _set([*map(str, g.ipv4), "0.0.0.0"])
-        rules += [_rule(BRIDGE, chain, iif, _match(etype, "ip"),
+        rules += [_rule(family, chain, *iif, _match(etype, "ip"),
                         _match(_payload("ip", "saddr"), ok4, "!="), *drop),
-                  _rule(BRIDGE, chain, iif, _match(etype, "arp"),
+                  _rule(family, chain, *iif, _match(etype, "arp"),
                         _match(_payload("arp", "saddr ip"), ok4, "!="), *drop)]
     if g.ipv6:
         # ::, link-local: duplicate address detection, router solicitations.
         ok6 = _set([*map(str, g.ipv6), "::", _prefix(ipaddress.IPv6Network("fe80::/10"))])
-        rules.append(_rule(BRIDGE, chain, iif, _match(etype, "ip6"),
+        rules.append(_rule(family, chain, *iif, _match(etype, "ip6"),
                            _match(_payload("ip6", "saddr"), ok6, "!="), *drop))
     return rules
 
@@ -210,8 +214,20 @@ def _guard_rules(chain: str, g: Guard) -> list[Json]:
 def guard(vm_id: str, guards: Sequence[Guard]) -> None:
     """Drop frames from the VM's taps not from its MAC (or, once known, its IPs)."""
     chain = names.vm_chain(vm_id, "spoof")
-    rules = [r for g in guards for r in _guard_rules(chain, g)]
+    rules = [r for g in guards for r in _guard_rules(BRIDGE, chain, g)]
     run([*base(), *_chain(BRIDGE, chain, "filter", "prerouting", _BRIDGE_FIRST), *rules])
+
+
+def guard_macvtap(vm_id: str, index: int, g: Guard) -> None:
+    """The same for a macvtap: a netdev chain on the link's egress, which sees what the
+    guest writes into its fd before it reaches the host device (kernel >= 5.16)."""
+    chain = names.vm_chain(vm_id, f"mv{index:x}")
+    try:
+        run([*base(), *_chain(NETDEV, chain, "filter", "egress", _FILTER, dev=g.tap),
+             *_guard_rules(NETDEV, chain, g)])
+    except HostError as exc:
+        raise HostError(f"macvtap {g.tap}: anti-spoofing needs netfilter's egress hook "
+                        f"(Linux 5.16 or later): {exc}") from None
 
 
 # --- managed networks -----------------------------------------------------------------
@@ -256,7 +272,7 @@ def chains() -> list[tuple[str, str]]:
     found = []
     for item in out.get("nftables", ()):
         c = item.get("chain")
-        if c and c.get("table") == names.TABLE and c.get("family") in (INET, BRIDGE):
+        if c and c.get("table") == names.TABLE and c.get("family") in (INET, BRIDGE, NETDEV):
             found.append((c["family"], c["name"]))
     return found
 
