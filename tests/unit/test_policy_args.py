@@ -6,8 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from vmdriver.errors import PolicyError, SpecError
+from vmdriver.errors import InputError, PolicyError, SpecError
 from vmdriver.host.config import HostConfig
 from vmdriver.host.features import option_takes_arg
 from vmdriver.policy import check_args, check_emulator
@@ -327,6 +329,25 @@ def test_option_only_the_binary_knows_is_checked_both_ways(
         with pytest.raises(PolicyError, match="-new-option path leads outside"):
             check_args(("-new-option", value), host, task_dir=task, alloc_dir=alloc,
                        arity=arity)
+
+
+_pieces = st.sampled_from(["-drive", "-serial", "-netdev", "-chardev", "-object", "-device",
+                           "-blockdev", "-vnc", "-initrd", "-global", "--smp", " -S", "-x=y",
+                           "file=", "file:", "unix:", "user,guestfwd=tcp::1-", "{'file':",
+                           "/etc/shadow", "local/a", ",,", ",", "=", "..", "\x00", "COM", "mon:",
+                           "path=", "fd=3", "{", "}", "'"])
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.lists(st.lists(_pieces, max_size=4).map("".join), max_size=4))
+def test_any_args_pass_or_give_one_clear_line(args: list[str],
+                                              dirs: tuple[Path, Path, Path]) -> None:
+    """Hostile args never crash the check: they pass, or are refused in one line."""
+    try:
+        run(args, dirs, ("-global", "-monitor"))
+    except InputError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("args")
 
 
 def test_option_tables_match_this_qemu() -> None:

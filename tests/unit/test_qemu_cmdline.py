@@ -26,6 +26,7 @@ from vmdriver.qemu.cmdline import (
     split_keyval,
     split_opts,
 )
+from vmdriver.qemu.options import VALUE_SYNTAX
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -207,6 +208,34 @@ def test_option_pairs_spell_out_what_values_hold(option: str, value: str,
 
 def test_multiboot_modules_keep_escaped_commas() -> None:
     assert multiboot_modules("a,,b x,c") == ["a,b x", "c"]
+
+
+_any_option = st.sampled_from(sorted({*VALUE_SYNTAX, "cpu", "append", "unknown-x"}))
+_any_text = st.text(alphabet=st.sampled_from([*list("ab01,=:.{}[]'\"\\/ -_@;"), "\x00", "é"]),
+                    max_size=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_any_option, _any_text)
+def test_any_value_gives_pairs_or_qemus_refusal_never_a_crash(option: str, text: str) -> None:
+    try:
+        pairs = option_pairs(option, text)
+    except OptionSyntaxError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert all(isinstance(key, str) for key, _ in pairs)
+
+
+@given(st.lists(st.sampled_from(["-m", "--smp", "-S", "-", "-x=y", " -a", "disk", "", "-drive"]),
+                max_size=8))
+def test_walk_covers_every_element_until_qemu_would_stop(argv: list[str]) -> None:
+    elements = parse_argv(argv)
+    covered = [i for e in elements
+               for i in ((e.index, e.value_index) if e.kind is Kind.OPTION and e.value is not None
+                         else (e.index,))]
+    stopped = bool(elements) and elements[-1].kind in (Kind.UNKNOWN, Kind.MISSING_VALUE)
+    assert covered == sorted(covered)
+    assert stopped or covered == list(range(len(argv)))
 
 
 # Section: QEMU's JSON dialect

@@ -62,6 +62,7 @@ def split_opts(text: str, implied: str | None = None) -> list[Pair]:
     return pairs
 
 
+_INDEX = re.compile(r"[0-9]+")
 _QAPI_NAME = re.compile(r"(?:__[A-Za-z0-9.-]*_)?[A-Za-z][A-Za-z0-9_-]*")
 
 
@@ -69,7 +70,7 @@ def _keyval_key(key: str) -> None:
     """Refuse a key keyval would refuse ("Invalid parameter")."""
     pos, first = 0, True
     while True:
-        m = re.compile(r"[0-9]+").match(key, pos) if not first else None
+        m = _INDEX.match(key, pos) if not first else None
         m = m or _QAPI_NAME.match(key, pos)
         if m is None or m.end() - pos > 127:
             raise OptionSyntaxError(f"Invalid parameter '{key}'")
