@@ -63,10 +63,12 @@ def test_parse_argv_stops_where_qemu_stops(argv: list[str], last: Element) -> No
 
 def test_arity_falls_back_to_the_callable() -> None:
     def arity(name: str) -> bool | None:
-        return {"new-opt": True}.get(name)
+        return {"new-opt": True, "m": False}.get(name)
 
     assert parse_argv(["-new-opt", "-x"], arity) == (Element(0, Kind.OPTION, "new-opt", "-x"),)
     assert parse_argv(["-new-opt", "-x"])[0].kind is Kind.UNKNOWN
+    # The tables come first: the callable is asked only about options they lack.
+    assert parse_argv(["-m", "1"], arity) == (Element(0, Kind.OPTION, "m", "1"),)
 
 
 @pytest.mark.parametrize("argv,name,found", [

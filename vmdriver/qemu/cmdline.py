@@ -38,9 +38,9 @@ from vmdriver.qemu.keyval import (
 )
 from vmdriver.qemu.options import Syntax, static_arity, value_syntax
 
-__all__ = ["Arity", "Element", "Kind", "OptionSyntaxError", "Pair", "Scalar", "chardev_spec",
-           "dbus_unix_paths", "guestfwd", "has_option", "multiboot_modules", "option_name",
-           "option_pairs", "parse_argv", "split_keyval", "split_opts"]
+__all__ = ["Arity", "Element", "Kind", "OptionSyntaxError", "Pair", "Scalar", "arity_of",
+           "chardev_spec", "dbus_unix_paths", "guestfwd", "has_option", "multiboot_modules",
+           "option_name", "option_pairs", "parse_argv", "split_keyval", "split_opts"]
 
 #: ``name -> True/False`` (takes a value or not), ``None`` if QEMU has no such option.
 Arity = Callable[[str], bool | None]
@@ -82,8 +82,21 @@ def option_name(arg: str) -> str | None:
     return arg[2:] if arg.startswith("--") else arg[1:]
 
 
-def parse_argv(argv: Sequence[str], arity: Arity = static_arity) -> tuple[Element, ...]:
-    """Walk ``argv`` (without the binary) as ``vl.c`` does; stop where QEMU would."""
+def arity_of(name: str, ask: Arity | None = None) -> bool | None:
+    """Whether ``-name`` takes a value: the tables first, then ``ask`` (e.g. the binary).
+
+    ``ask`` is how a newer QEMU's options are learnt:
+    ``functools.partial(vmdriver.host.features.option_takes_arg, binary)``.
+    """
+    known = static_arity(name)
+    return known if known is not None or ask is None else ask(name)
+
+
+def parse_argv(argv: Sequence[str], ask: Arity | None = None) -> tuple[Element, ...]:
+    """Walk ``argv`` (without the binary) as ``vl.c`` does; stop where QEMU would.
+
+    Options missing from the tables are looked up with ``ask`` (see :func:`arity_of`).
+    """
     out: list[Element] = []
     i = 0
     while i < len(argv):
@@ -92,7 +105,7 @@ def parse_argv(argv: Sequence[str], arity: Arity = static_arity) -> tuple[Elemen
             out.append(Element(i, Kind.IMAGE, value=argv[i]))
             i += 1
             continue
-        takes = arity(name) if name else None
+        takes = arity_of(name, ask) if name else None
         if takes is None:
             out.append(Element(i, Kind.UNKNOWN, name))
             break
@@ -104,10 +117,10 @@ def parse_argv(argv: Sequence[str], arity: Arity = static_arity) -> tuple[Elemen
     return tuple(out)
 
 
-def has_option(argv: Sequence[str], name: str, arity: Arity = static_arity) -> bool:
+def has_option(argv: Sequence[str], name: str, ask: Arity | None = None) -> bool:
     """True if QEMU reads ``-name`` (given with or without its dash) as an option in ``argv``."""
     want = name[1:] if name.startswith("-") else name
-    return any(e.kind is Kind.OPTION and e.name == want for e in parse_argv(argv, arity))
+    return any(e.kind is Kind.OPTION and e.name == want for e in parse_argv(argv, ask))
 
 
 # Section: values
