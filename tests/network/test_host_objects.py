@@ -24,7 +24,15 @@ import pytest
 from tests.network import netns
 from tests.network.crash_owner import CRASH_VM, crash_settings
 from vmdriver.errors import HostError, PolicyError
-from vmdriver.network import HostNetwork, NetworkSettings, NicRequest, PortMap, nft, vhost_net_status
+from vmdriver.network import (
+    GuestAddresses,
+    HostNetwork,
+    NetworkSettings,
+    NicRequest,
+    PortMap,
+    nft,
+    vhost_net_status,
+)
 from vmdriver.network import names as nm
 from vmdriver.network.dnsmasq import Dnsmasq, running_pid
 from vmdriver.network.tap import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, open_tap, tap_flags
@@ -285,6 +293,36 @@ def test_stop_leaves_nothing(ns: tuple[str, str, Path]) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert left == ["localhost-snat"], left
     assert not _vmd_links(c)
+
+
+def test_a_recovered_vm_is_guarded_and_detached_like_an_attached_one(ns: tuple[str, str, Path]) -> None:
+    """A new vmdriver re-attaching to a QEMU that outlived the old one (a child holds the tap)."""
+    c, _, state = ns
+    hn = HostNetwork(SETTINGS, state)
+    net = SETTINGS.networks["lab"]
+    reqs = [NicRequest(0, "tap", id="n0", bridge=net.bridge, mac="52:54:00:21:00:01")]
+    with netns.inside(c):
+        hn.ensure_network(net)
+        vmnet = hn.attach("rec/vm", reqs)
+        qemu = subprocess.Popen(["sleep", "60"], pass_fds=vmnet.pass_fds())
+    vmnet.close_fds()
+    try:
+        with netns.inside(c):
+            again = hn.recover("rec/vm", reqs)
+            assert [n.tap.name for n in again.nics] == [n.tap.name for n in vmnet.nics]
+            hn.guard_addresses(again, {0: GuestAddresses((ipaddress.IPv4Address("10.217.0.9"),))})
+            rules = nft.run([{"list": {"chain": {"family": "bridge", "table": nm.TABLE,
+                                                  "name": nm.vm_chain("rec/vm", "spoof")}}}])
+            assert "10.217.0.9" in json.dumps(rules)
+            hn.detach("rec/vm", again)
+            left = [n for _, n in nft.chains()]
+        assert not _vmd_links(c), "the tap QEMU still holds was not removed"
+        assert not [n for n in left if n.startswith(f"vm-{nm.vm_key('rec/vm')}")]
+    finally:
+        qemu.kill()
+        qemu.wait()
+        with netns.inside(c):
+            hn.remove_network(net)
 
 
 def test_reconcile_after_kill_9(ns: tuple[str, str, Path]) -> None:

@@ -12,8 +12,9 @@ Life of a VM's network, as the core drives it::
     spawn QEMU with vmnet.pass_fds() and vmnet.netdev_args(); vmnet.close_fds()
     addrs = hn.discover(vmnet, 0, agent)   # poll until found or the bound passes
     hn.publish(vm_id, ports, addrs.addresses); hn.guard_addresses(vmnet, {0: addrs})
-    hn.detach(vm_id)                       # on every exit path
+    hn.detach(vm_id, vmnet)                # on every exit path
     hn.reconcile(known_vm_ids)             # at start-up / recovery
+    vmnet = hn.recover(vm_id, nics)        # re-attaching to a QEMU that outlived vmdriver
 """
 
 from __future__ import annotations
@@ -143,6 +144,22 @@ class HostNetwork:
         except BaseException:
             self.detach(vm_id, vmnet)
             raise
+        return vmnet
+
+    def recover(self, vm_id: str, nics: Sequence[NicRequest]) -> VmNetwork:
+        """The VmNetwork of a VM whose QEMU outlived a previous vmdriver: nothing is
+        created and no fds are held (QEMU has them), but discovery, guard updates and
+        detach (with its lease release) work as for a VM this process attached."""
+        vmnet = VmNetwork(vm_id)
+        for nic in nics:
+            mac = nic.mac or names.default_mac(vm_id, nic.index)
+            if nic.kind == "macvtap":
+                name, net = names.macvtap_name(vm_id, nic.index), None
+            else:
+                name = names.tap_name(vm_id, nic.index)
+                net = self.settings.network_for_bridge(nic.bridge)
+            tap = Tap(name=name, ifindex=0, mac=mac, fds=(), kind=nic.kind, closed=True)
+            vmnet.nics.append(VmNic(nic, tap, net))
         return vmnet
 
     def _attach_one(self, vm_id: str, nic: NicRequest) -> VmNic:
