@@ -142,7 +142,8 @@ class VmDirs:
 
 
 def make_vm(state: Path, vm_id: str, *, ro_paths: tuple[str, ...] = (),
-            share_net: bool = False, devices: tuple[str, ...] = ()) -> VmDirs:
+            share_net: bool = False, devices: tuple[str, ...] = (),
+            userns: bool = True) -> VmDirs:
     """Lease a uid for ``vm_id``, make its run dir and hand it over (prepare_dirs)."""
     lease = ids.allocate(vm_id, state / "uids")
     run = state / vm_id / "run"
@@ -151,7 +152,7 @@ def make_vm(state: Path, vm_id: str, *, ro_paths: tuple[str, ...] = (),
     spec = JailSpec(uid=lease.uid, gid=lease.gid,
                     ro_paths=(*qemu_ro_paths(QEMU, (SETPRIV,)), *ro_paths),
                     rw_paths=(str(run),), chdir=str(run), share_net=share_net,
-                    devices=devices)
+                    devices=devices, userns=userns)
     dirs.prepare_dirs(spec)
     return VmDirs(state / vm_id, run, lease, spec)
 

@@ -8,6 +8,7 @@ between them and the host.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
@@ -21,7 +22,7 @@ import pytest
 
 from tests.jail.conftest import IDLE, Jailed, alive, make_vm, processes_of, spawn
 from vmdriver.jail import dirs, ids
-from vmdriver.jail.plan import catches
+from vmdriver.jail.plan import catches, filter_env
 
 pytestmark = pytest.mark.usefixtures("jail_ready")
 
@@ -49,10 +50,11 @@ def _fails(j: Jailed, needle: str) -> str:
     return err
 
 
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "setuid-mode"])
 @pytest.mark.parametrize("target", ["secret", "/etc/shadow"])
-def test_host_file_cannot_be_read(state: Path, secret: Path, target: str) -> None:
+def test_host_file_cannot_be_read(state: Path, secret: Path, target: str, userns: bool) -> None:
     path = str(secret) if target == "secret" else target
-    vm = make_vm(state, "reader")
+    vm = make_vm(state, "reader", userns=userns)
     drive = ("-drive", f"file={path},format=raw,if=none,readonly=on")
     j = spawn((*IDLE, *drive), vm.spec, state)
     err = _fails(j, "Could not open")
@@ -83,6 +85,9 @@ def test_host_dir_cannot_be_written(state: Path) -> None:
         j = spawn((*IDLE, "-chardev", f"file,id=c,path={outside}/x"), vm.spec, state)
         _fails(j, "No such file or directory")
         assert not (outside / "x").exists()
+        # The jail's root is read-only: nothing can be created beside the binds.
+        _fails(spawn((*IDLE, "-chardev", "file,id=c,path=/x"), vm.spec, state),
+               "Read-only file system")
         # /tmp itself is the jail's own tmpfs: QEMU writes there and the host never sees it.
         name = f"vmdj-tmp-{secrets.token_hex(4)}"
         j = spawn((*IDLE, "-chardev", f"file,id=c,path=/tmp/{name}"), vm.spec, state)
@@ -116,10 +121,17 @@ def test_image_reaches_qemu_only_as_an_fd(state: Path, secret: Path) -> None:
         j.kill()
 
 
-def test_kill_tracked_pid_leaves_nothing(state: Path) -> None:
-    vm = make_vm(state, "killed")
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "setuid-mode"])
+def test_kill_tracked_pid_leaves_nothing(state: Path, userns: bool) -> None:
+    vm = make_vm(state, "killed", userns=userns)
     j = spawn(IDLE, vm.spec, state)
     assert b'"QMP"' in j.read_greeting()
+    status = Path(f"/proc/{j.qemu_pid}/status").read_text()
+    assert f"Uid:\t{vm.lease.uid}\t{vm.lease.uid}\t{vm.lease.uid}\t{vm.lease.uid}" in status
+    assert "CapEff:\t0000000000000000" in status and "CapBnd:\t0000000000000000" in status
+    assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+    same_userns = os.readlink(f"/proc/{j.qemu_pid}/ns/user") == os.readlink("/proc/self/ns/user")
+    assert same_userns is not userns
     # The tracked pid is bwrap's monitor; QEMU is its only child, and nothing else
     # runs as the VM's uid.
     assert sorted(processes_of(vm.lease.uid)) == sorted([j.proc.pid, j.qemu_pid])
@@ -224,3 +236,21 @@ def test_kvm_only_when_handed_over(state: Path) -> None:
         j.kill()
         dirs.release(vm.spec)
     assert not dirs._can("/dev/kvm", vm.lease.uid, (), 6)
+
+
+def test_environment_is_only_what_was_passed(state: Path) -> None:
+    vm = make_vm(state, "env")
+    env, dropped = filter_env({"VMD_TEST": "yes", "LD_PRELOAD": "/x.so", "TMPDIR": "/"})
+    assert set(dropped) == {"LD_PRELOAD", "TMPDIR"}
+    j = spawn(IDLE, dataclasses.replace(vm.spec, env=env), state)
+    try:
+        j.read_greeting()
+        environ = Path(f"/proc/{j.qemu_pid}/environ").read_bytes().split(b"\0")
+        names = {e.split(b"=", 1)[0] for e in environ if e}
+        # bwrap adds PWD; nothing of the supervisor's environment gets in.
+        assert names == {b"VMD_TEST", b"PWD"}
+        # A session of its own: no controlling terminal of the supervisor to inject into.
+        assert int(Path(f"/proc/{j.qemu_pid}/stat").read_text().split(") ")[1].split()[3]) \
+            == j.qemu_pid
+    finally:
+        j.kill()

@@ -74,6 +74,15 @@ class TestWrapArgv:
         argv = wrap_argv(QEMU, _spec(uid=None, gid=None))
         assert argv[0] == "/usr/bin/bwrap" and "--reuid" not in " ".join(argv)
 
+    def test_setuid_mode(self) -> None:
+        argv = wrap_argv(QEMU, _spec(userns=False))
+        # Only the real uid changes: bwrap must start with root's capabilities.
+        assert "--ruid=200100" in argv and "--reuid=200100" not in argv
+        assert "--bounding-set=-all" not in argv
+        assert "--unshare-user" not in argv and "--unshare-pid" in argv
+        with pytest.raises(ValueError):
+            _spec(userns=False, uid=None, gid=None)
+
     def test_groups(self) -> None:
         argv = wrap_argv(QEMU, _spec(groups=(109,)))
         assert "--groups=109" in argv and "--clear-groups" not in argv
@@ -200,6 +209,12 @@ class TestDecide:
     def test_hybrid_cgroups_warn(self) -> None:
         jail, warnings = decide(JailMode.REQUIRED, _support(cgroup="hybrid"))
         assert jail and "cgroup hybrid" in warnings[0]
+
+    def test_setuid_fallback(self) -> None:
+        fallback = _support(userns=False, setuid_mode=True,
+                            problems=("trial jail in a user namespace failed: x",))
+        jail, warnings = decide(JailMode.REQUIRED, fallback)
+        assert jail and fallback.mode == "setuid" and "setuid mode" in warnings[-1]
 
     def test_as_dict(self) -> None:
         d = _support(problems=("x",)).as_dict()

@@ -18,7 +18,17 @@ unprivileged host uid with no capabilities in any namespace. Not used: bwrap
 as root without a user namespace (its monitor then stays uid 0 without
 CAP_KILL, so the parent-death signal below could not reach QEMU's uid), and
 bwrap's ``--uid`` as root (it maps the chosen uid to host uid 0, leaving
-root-owned files readable). Because bwrap resolves bind sources as the VM's
+root-owned files readable).
+
+Where unprivileged user namespaces are off, a root supervisor uses bwrap's
+setuid mode instead (``JailSpec.userns = False``): the outer setpriv changes
+only the *real* uid, bwrap sees ruid != euid 0, builds the namespaces with
+root's capabilities and switches every process to the real uid before
+executing anything. QEMU then runs in the host's user namespace, same uid,
+same lack of capabilities; QEMU's ``-sandbox spawn=deny`` forbids it
+``unshare``/``setns`` there.
+
+Because bwrap resolves bind sources as the VM's
 uid, :func:`vmdriver.jail.dirs.prepare_dirs` grants that uid search
 permission on their parent dirs (a POSIX ACL entry, removed by ``release``);
 inside the jail no host path exists, so the grant reaches nothing.
@@ -132,6 +142,10 @@ class JailSpec:
     chdir: str | None = None
     #: QEMU's environment (already filtered by :func:`filter_env`).
     env: tuple[tuple[str, str], ...] = ()
+    #: True: bwrap builds the jail in a user namespace of the VM's uid. False (a
+    #: root supervisor on a host without unprivileged user namespaces): bwrap
+    #: runs in its setuid mode, and QEMU stays in the host's user namespace.
+    userns: bool = True
     #: An fd bwrap's child blocks on before executing QEMU (see docs/jail.md:
     #: lets the runtime put both pids into the VM's cgroup first).
     block_fd: int | None = None
@@ -145,6 +159,8 @@ class JailSpec:
             object.__setattr__(self, name, _absolute(getattr(self, name), name))
         if (self.uid is None) != (self.gid is None):
             raise ValueError("a jail switches both uid and gid, or neither")
+        if not self.userns and self.uid is None:
+            raise ValueError("a jail without a user namespace needs the VM's uid (and root)")
         for ident in (self.uid, self.gid, *self.groups):
             if ident is not None and not 0 < ident < 2**32 - 1:
                 raise ValueError(f"jail uid/gid out of range: {ident}")
@@ -199,10 +215,17 @@ def _drop_identity(spec: JailSpec) -> list[str]:
     if spec.uid is None:
         return []
     groups = ",".join(str(g) for g in spec.groups)
-    return [spec.setpriv, f"--reuid={spec.uid}", f"--regid={spec.gid}",
+    args = [spec.setpriv, f"--regid={spec.gid}",
             f"--groups={groups}" if groups else "--clear-groups",
-            "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
-            "--no-new-privs", "--"]
+            "--inh-caps=-all", "--ambient-caps=-all"]
+    if spec.userns:
+        args += [f"--reuid={spec.uid}", "--bounding-set=-all"]
+    else:
+        # Only the real uid: bwrap sees ruid != euid 0 and runs as if installed
+        # setuid, builds the namespaces with root's capabilities, then drops to
+        # the real uid (and empties the bounding set) before executing anything.
+        args.append(f"--ruid={spec.uid}")
+    return [*args, "--no-new-privs", "--"]
 
 
 def wrap_argv(argv: Iterable[str], spec: JailSpec) -> tuple[str, ...]:
@@ -210,9 +233,11 @@ def wrap_argv(argv: Iterable[str], spec: JailSpec) -> tuple[str, ...]:
     inner = tuple(argv)
     if not inner or not inner[0].startswith("/"):
         raise ValueError("the jailed program must be named by absolute path")
-    args = [*_drop_identity(spec), spec.bwrap, "--unshare-user", "--disable-userns",
-            "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
-            "--as-pid-1", "--new-session", "--cap-drop", "ALL"]
+    args = [*_drop_identity(spec), spec.bwrap]
+    if spec.userns:
+        args += ["--unshare-user", "--disable-userns"]
+    args += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
+             "--as-pid-1", "--new-session", "--cap-drop", "ALL"]
     if not spec.share_net:
         args.append("--unshare-net")
     args += _mounts(spec)

@@ -7,10 +7,11 @@ would be. The answer is cached for the process.
 
 Pieces, and what a missing one means (:func:`decide`):
 
-* **essential**: ``bwrap`` that builds the namespaces, user namespaces for the
-  jail's uid, and (as root) ``setpriv`` to switch to it. Without them there is
-  no jail: ``required`` refuses to launch, ``preferred`` launches unjailed
-  with a warning.
+* **essential**: ``bwrap`` that builds the namespaces and ``setpriv``
+  (switches to the VM's uid, arms QEMU's parent-death signal); then either user namespaces for that
+  uid, or, as root, bwrap's setuid mode (a warning says which). Without them
+  there is no jail: ``required`` refuses to launch, ``preferred`` launches
+  unjailed with a warning.
 * **QEMU's seccomp** (``-sandbox``): ``required`` refuses, ``preferred`` warns.
 * **cgroups**: no controllers at all is treated like seccomp; cgroup v1 only
   (or the hybrid layout, v2 mounted without controllers) is a warning, since
@@ -53,20 +54,29 @@ class JailSupport:
     bwrap: str | None
     setpriv: bool
     uid_switch: bool
+    #: A jail in a user namespace works (the default way).
     userns: bool
     cgroup: str
     seccomp: bool | None
     problems: tuple[str, ...]
+    #: Without user namespaces, a jail through bwrap's setuid mode works (root only).
+    setuid_mode: bool = False
 
     @property
     def available(self) -> bool:
         """True when a jail can be built on this host."""
-        return self.bwrap is not None and self.userns and (self.setpriv or not self.uid_switch)
+        return self.bwrap is not None and (self.userns or self.setuid_mode)
+
+    @property
+    def mode(self) -> str:
+        """How jails are built here: ``userns``, ``setuid`` or ``none``."""
+        return "userns" if self.userns else "setuid" if self.setuid_mode else "none"
 
     def as_dict(self) -> dict[str, str | bool]:
         """Flat attributes for ``vmdriver fingerprint``."""
         out: dict[str, str | bool] = {
             "jail.available": self.available,
+            "jail.mode": self.mode,
             "jail.bwrap": self.bwrap or "missing",
             "jail.setpriv": self.setpriv,
             "jail.uid_per_vm": self.uid_switch and self.available,
@@ -113,17 +123,18 @@ def qemu_seccomp(emulator: str) -> bool:
     return proc is not None and proc.returncode == 0
 
 
-def _trial(bwrap: str, setpriv: str, uid: int | None) -> str | None:
+def _trial(bwrap: str, setpriv: str, uid: int | None, *, userns: bool = True) -> str | None:
     """Run ``true`` in a jail like a VM's; ``None`` if it worked, else why not."""
     try:
         ro = (_TRUE, setpriv, *library_dirs(_TRUE), *library_dirs(setpriv))
     except HostError as exc:
         return str(exc)
-    spec = JailSpec(uid=uid, gid=uid, ro_paths=ro, bwrap=bwrap, setpriv=setpriv)
+    spec = JailSpec(uid=uid, gid=uid, ro_paths=ro, bwrap=bwrap, setpriv=setpriv, userns=userns)
     proc = _run(wrap_argv((_TRUE,), spec))
     if proc is not None and proc.returncode == 0:
         return None
-    return f"trial jail failed: {_last_line(proc)}"
+    how = "in a user namespace" if userns else "in bwrap's setuid mode"
+    return f"trial jail {how} failed: {_last_line(proc)}"
 
 
 _cache: dict[tuple[str, str, str | None, int], JailSupport] = {}
@@ -148,19 +159,24 @@ def probe(emulator: str | None = None, *, bwrap: str = BWRAP, setpriv: str = SET
         problems.append(f"bwrap ({bwrap}) {_last_line(version)}")
     has_setpriv = os.access(setpriv, os.X_OK)
     root = os.geteuid() == 0
-    if root and not has_setpriv:
-        problems.append(f"setpriv ({setpriv}) missing: cannot switch to a VM's own uid")
-    userns = False
-    if bwrap_version is not None and (has_setpriv or not root):
+    if not has_setpriv:
+        problems.append(f"setpriv ({setpriv}) missing: it switches uid and ties QEMU to the jail")
+    userns = setuid_mode = False
+    if bwrap_version is not None and has_setpriv:
         why = _trial(bwrap, setpriv, trial_uid if root else None)
         userns = why is None
         if why:
             problems.append(why)
+        if why and root:
+            why = _trial(bwrap, setpriv, trial_uid, userns=False)
+            setuid_mode = why is None
+            if why:
+                problems.append(why)
     seccomp = qemu_seccomp(emulator) if emulator else None
     if seccomp is False:
         problems.append(f"{emulator} has no seccomp (-sandbox)")
     support = JailSupport(bwrap_version, has_setpriv, root, userns, cgroup_layout(),
-                          seccomp, tuple(problems))
+                          seccomp, tuple(problems), setuid_mode)
     with _lock:
         _cache[key] = support
     return support
@@ -187,6 +203,8 @@ def decide(mode: JailMode, support: JailSupport) -> tuple[bool, tuple[str, ...]]
         notes.append(f"cgroup {support.cgroup}: VM limits through cgroup v1")
     if not support.uid_switch:
         notes.append("not root: jailed VMs keep the supervisor's uid")
+    if support.mode == "setuid":
+        notes.append("no user namespaces: jails built by bwrap's setuid mode")
     if mode is JailMode.REQUIRED and (missing or weak):
         reasons = "; ".join(dict.fromkeys((*missing, *weak)))
         raise HostError(f"jail = required, but this host cannot provide it: {reasons}")
