@@ -99,3 +99,15 @@ def test_probe_without_bwrap(tmp_path: Path) -> None:
     assert any("no-bwrap" in p for p in support.problems)
     with pytest.raises(Exception, match="no-bwrap"):
         decide(JailMode.REQUIRED, support)
+
+
+def test_control_plane_stays_out(tmp_path: Path) -> None:
+    from vmdriver.errors import HostError
+    spec = _spec(tmp_path)
+    run = tmp_path / "state/vm/run"
+    with pytest.raises(HostError, match=r"record\.json"):
+        dirs.check_control_plane(spec, (run / "record.json",))
+    with pytest.raises(HostError):
+        dirs.prepare_dirs(spec, control=(run,))
+    # Beside the writable dir is fine: the record one level up, in a root-only dir.
+    dirs.check_control_plane(spec, (tmp_path / "state/vm/record.json", tmp_path / "state/vm/runx"))

@@ -130,8 +130,34 @@ def _chown_tree(top: str, uid: int, gid: int) -> None:
                    if os.stat(d, dir_fd=dirfd, follow_symlinks=False).st_dev == top_dev]
 
 
-def prepare_dirs(spec: JailSpec) -> None:
-    """Hand the spec's read-write dirs, the way to its binds and its devices to the VM's uid."""
+def _inside(path: str, roots: Iterable[str]) -> str | None:
+    for root in roots:
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            return root
+    return None
+
+
+def check_control_plane(spec: JailSpec, control: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse a jail whose writable dirs hold (or are inside) what the supervisor trusts.
+
+    ``control``: the VM record, the supervisor's own sockets and logs. A writable
+    dir would let the VM's uid rewrite, replace or symlink them away (a rewritten
+    record would steer what a re-attaching supervisor signals and removes).
+    """
+    for item in control:
+        path = os.path.normpath(os.fspath(item))
+        root = _inside(path, spec.rw_paths)
+        if root is not None:
+            raise HostError(f"jail: {path} is the supervisor's, but lies in the VM's "
+                            f"writable {root}")
+
+
+def prepare_dirs(spec: JailSpec, control: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Hand the spec's read-write dirs, the way to its binds and its devices to the VM's uid.
+
+    ``control`` is checked first (:func:`check_control_plane`).
+    """
+    check_control_plane(spec, control)
     if spec.uid is None or spec.gid is None:
         return
     gids = (spec.gid, *spec.groups)
