@@ -225,6 +225,7 @@ ESCAPING_VALUES: list[tuple[list[str], str, str]] = [
     (["-display", "vnc=unix:/run/vnc.sock"], f"-display {OUTSIDE}", "/run/vnc.sock"),
     (["-spice", "unix=on,addr=/run/spice.sock,disable-ticketing=on"], f"-spice {OUTSIDE}",
      "/run/spice.sock"),
+    (["-spice", "addr=/run/spice.sock,unix=yes"], f"-spice {OUTSIDE}", "/run/spice.sock"),
     (["-audiodev", "wav,id=a,path=/etc/x.wav"], f"-audiodev {OUTSIDE}", "/etc/x.wav"),
     (["-audiodev", "pa,id=a,server=unix:/run/pulse/native"], f"-audiodev {OUTSIDE}",
      "/run/pulse/native"),

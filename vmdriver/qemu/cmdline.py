@@ -195,6 +195,10 @@ def _special(name: str, kind: Syntax, value: str) -> list[Pair]:
     return [(name, value)]
 
 
+#: What QEMU's boolean options read as true (``qapi_bool_parse``).
+_TRUE = ("on", "yes", "true", "y")
+
+
 def _expand(name: str, pairs: list[Pair]) -> list[Pair]:
     """Add the pairs hidden inside values: forward targets, unix sockets, file lists, fds."""
     out = list(pairs)
@@ -219,7 +223,7 @@ def _expand(name: str, pairs: list[Pair]) -> list[Pair]:
         elif name == "initrd":
             out += [("initrd", m.split(" ", 1)[0]) for m in multiboot_modules(val)
                     if m.split(" ", 1)[0] != val]
-    if name == "spice" and last.get("unix") == "on" and isinstance(last.get("addr"), str):
+    if name == "spice" and last.get("unix") in _TRUE and isinstance(last.get("addr"), str):
         out.append(("addr.path", last["addr"]))
     return out
 
