@@ -317,6 +317,9 @@ def test_parser_reads_values_as_real_qemu_does(tmp_path: Path, option: str, valu
     ("blockdev", "driver=file,foo", "Expected '=' after parameter 'foo'"),
     ("blockdev", "driver=file,/x", "Invalid parameter '/x'"),
     ("serial", "nosuch:x", "'nosuch:x' is not a valid char driver"),
+    ("set", "nodots=x", 'can\'t parse: "nodots=x"'),
+    ("display", "vncx", "VNC requires a display argument vnc=<display>"),
+    ("qtest", "mon:stdio", "mon: isn't supported in this context"),
 ])
 @needs_qemu
 def test_parser_refuses_what_real_qemu_refuses(tmp_path: Path, option: str, value: str,
@@ -324,6 +327,14 @@ def test_parser_refuses_what_real_qemu_refuses(tmp_path: Path, option: str, valu
     with pytest.raises(OptionSyntaxError, match=error.replace("(", r"\(")):
         option_pairs(option, value)
     assert error in _qemu(tmp_path, f"-{option}", value).stderr
+
+
+@needs_qemu
+@pytest.mark.parametrize("arg", ["---S", "-S ", "-drive=x", "-", "--", "-nosuch"])
+def test_elements_the_walk_finds_unknown_are_qemus_invalid_options(tmp_path: Path,
+                                                                    arg: str) -> None:
+    assert parse_argv(["-S", arg])[-1] == Element(1, Kind.UNKNOWN, option_name(arg) or "")
+    assert f"{arg}: invalid option" in _qemu(tmp_path, arg).stderr
 
 
 _name = st.text(alphabet="ab,=:. ", min_size=1, max_size=10).filter(
