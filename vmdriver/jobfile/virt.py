@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from vmdriver.jobfile.inputs import TaskInputs, check_dns, stop_policy, task_res
 from vmdriver.jobfile.placement import Placement, Provisioned
 from vmdriver.jobfile.virt_config import VirtConfig
 from vmdriver.policy.images import checked_image
-from vmdriver.policy.paths import OpenedImage, PathPolicy, check_regular_file, resolve_allowed
+from vmdriver.policy.paths import OpenedImage, PathPolicy, resolve_allowed
 from vmdriver.qemu.sidecars import VIRTIOFSD
 from vmdriver.runtime.taskdir import TaskDir
 from vmdriver.spec import (
@@ -63,6 +64,7 @@ from vmdriver.spec import (
 )
 from vmdriver.storage import DiskRequest, Pools, SourceImage
 from vmdriver.storage.attach import drive_for
+from vmdriver.storage.pools import backend
 
 #: A user_data file larger than this is refused (the seed holds at most 16 MiB).
 MAX_USER_DATA = 1024 * 1024
@@ -169,8 +171,8 @@ def provision(cfg: VirtConfig, inputs: TaskInputs, spec: VMSpec, at: Placement) 
     _check_provider(at.host)
     pools = Pools(check_host(at.host).storage)
     try:
-        pools.check(cfg.disks, where=f"{base}.disk")
         _check_local(pools, cfg.disks, base)
+        pools.check(cfg.disks, where=f"{base}.disk")
         shares = task_shares(_share_fs())
         seed = _seed(cfg, inputs, at, shares)
         with _source_images(cfg.disks, at, base) as images:
@@ -210,13 +212,18 @@ def _check_provider(host: HostConfig) -> None:
 
 
 def _check_local(pools: Pools, disks: Sequence[DiskRequest], base: str) -> None:
-    """Refuse, before any volume exists, a pool whose volumes this runtime cannot attach."""
+    """Refuse, before any pool is opened, a pool whose volumes this runtime cannot attach."""
     for i, disk in enumerate(disks):
-        pool = pools.get(disk.pool, where=f"{base}.disk[{i}].pool")
-        if pool.kind != "directory":
-            raise HostError(f"{base}.disk[{i}].pool: {pool.name!r} is a {pool.kind} pool; "
-                            "this version of vmdriver attaches only directory pool volumes "
-                            "to VMs")
+        where = f"{base}.disk[{i}].pool"
+        try:
+            cfg = pools.config.get(disk.pool)
+        except KeyError:
+            raise SpecError("unknown storage pool", where=where, value=disk.pool,
+                            allowed=pools.config.names) from None
+        if cfg.kind != "directory":
+            backend(cfg.kind, cfg.name)  # the registry's own error when the backend is missing
+            raise HostError(f"{where}: {cfg.name!r} is a {cfg.kind} pool; this version of "
+                            "vmdriver attaches only directory pool volumes to VMs")
 
 
 def _spec_shares(shares: tuple[GuestShare, ...], task_dir: TaskDir) -> tuple[Share, ...]:
@@ -247,14 +254,18 @@ def _read_user_data(value: str, task_dir: TaskDir, where: str) -> str:
     """The user_data file's text: a path in the task (or alloc) dir, never elsewhere on the host."""
     policy = PathPolicy(task_dir=Path(os.path.realpath(task_dir.path)),
                         alloc_dir=Path(os.path.realpath(task_dir.alloc_dir)))
-    path = check_regular_file(resolve_allowed(value, policy, where=where, what="user_data file"),
-                              where=where, value=value)
+    path = resolve_allowed(value, policy, where=where, what="user_data file")
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SpecError("user_data file does not exist", where=where, value=value) from None
     except OSError as exc:
         raise SpecError(f"user_data file cannot be read: {exc.strerror}", where=where,
                         value=value) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SpecError("user_data is not a regular file", where=where, value=value)
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_USER_DATA + 1)
     if len(data) > MAX_USER_DATA:
