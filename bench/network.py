@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -88,6 +90,7 @@ def measure(rounds: int = 20, burst: int = 32) -> dict[str, Any]:
     finally:
         popns()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(state, ignore_errors=True)
     med = statistics.median
     return {
         "network_setup_ms": network_ms,
@@ -101,6 +104,74 @@ def measure(rounds: int = 20, burst: int = 32) -> dict[str, Any]:
                     "burst_setup": burst_setup,
                     "burst_teardown": burst_teardown},
     }
+
+
+def _qmp_ready(path: Path, deadline: float) -> None:
+    """Wait until QEMU answers qmp_capabilities on ``path``."""
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                f = s.makefile("rwb")
+                f.readline()  # greeting
+                f.write(b'{"execute": "qmp_capabilities"}\n')
+                f.flush()
+                if b"return" in f.readline():
+                    return
+        except OSError:
+            time.sleep(0.002)
+    raise TimeoutError("QEMU's QMP did not answer")
+
+
+def _start_once(hn: HostNetwork | None, work: Path, i: int) -> float:
+    """ms from deciding to start to QEMU answering QMP (paused, -S), one NIC."""
+    sock = work / f"qmp{i}.sock"
+    argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "128", "-nodefaults", "-S",
+            "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"]
+    t0 = time.perf_counter()
+    vmnet = None
+    if hn is None:
+        argv += ["-netdev", "user,id=n0"]
+    else:
+        vmnet = hn.attach(f"start-{i}", [NicRequest(0, "tap", bridge="vmdbr0")])
+        argv += ["-netdev", vmnet.netdev_args()[0]]
+    argv += ["-device", "virtio-net-pci,netdev=n0" if hn is None else "virtio-net-pci,netdev=net0"]
+    proc = subprocess.Popen(argv, pass_fds=vmnet.pass_fds() if vmnet else (),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if vmnet is not None:
+        vmnet.close_fds()
+    try:
+        _qmp_ready(sock, time.monotonic() + 30)
+        return _ms(t0)
+    finally:
+        proc.kill()
+        proc.wait()
+        if hn is not None:
+            hn.detach(f"start-{i}", vmnet)
+
+
+def measure_start(rounds: int = 8) -> dict[str, Any]:
+    """QEMU start to QMP with user-mode networking vs a tap on a managed bridge, interleaved."""
+    ns = f"vmdbench{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    work = Path(tempfile.mkdtemp(prefix="vmdnb-", dir="/tmp"))
+    hn = HostNetwork(NetworkSettings.model_validate(
+        {"networks": {"bench": {"bridge": "vmdbr0", "subnet": "10.218.0.0/16"}}}), work)
+    user, tap = [], []
+    pushns(ns)
+    try:
+        hn.ensure_network(hn.settings.networks["bench"])
+        _start_once(hn, work, 999)  # warm-up: page cache, first netlink/nft contexts
+        for i in range(rounds):
+            user.append(_start_once(None, work, 2 * i))
+            tap.append(_start_once(hn, work, 2 * i + 1))
+    finally:
+        popns()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    med = statistics.median
+    return {"user_ms": med(user), "tap_ms": med(tap), "added_ms": med(tap) - med(user),
+            "samples": {"user": user, "tap": tap}}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -119,7 +190,17 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"Set-up median is {ok} the {r['target_ms']:.0f} ms target; {r['chains_at_peak']} chains "
         f"with {r['burst']} VMs.",
+        *_start_report(r.get("start")),
     ])
+
+
+def _start_report(st: dict[str, Any] | None) -> list[str]:
+    if not st:
+        return []
+    return ["", "| QEMU start to QMP (paused, TCG), one NIC | median ms |", "| --- | ---: |",
+            f"| user-mode networking | {st['user_ms']:.1f} |",
+            f"| tap on a managed bridge (incl. attach) | {st['tap_ms']:.1f} |",
+            f"| added by the tap | {st['added_ms']:.1f} |"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--burst", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    p.add_argument("--start-rounds", type=int, default=8,
+                   help="QEMU starts per arm (user-mode vs tap); 0 skips them")
     args = p.parse_args(argv)
     r = measure(args.rounds, args.burst)
+    if args.start_rounds:
+        r["start"] = measure_start(args.start_rounds)
     print(json.dumps(r, indent=1) if args.json else report(r))
 
 

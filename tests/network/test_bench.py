@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from bench.network import measure, report
+from bench.network import measure, measure_start, report
 
 
 def test_bench_network_small_run() -> None:
@@ -16,3 +16,9 @@ def test_bench_network_small_run() -> None:
     assert "| VM network set-up" in report(r)
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert "vmdbench" not in after, "the benchmark's namespace was left behind"
+
+
+def test_bench_start_against_user_networking() -> None:
+    st = measure_start(rounds=1)
+    assert 0 < st["user_ms"] < 30000 and 0 < st["tap_ms"] < 30000
+    assert st["added_ms"] == st["tap_ms"] - st["user_ms"]
