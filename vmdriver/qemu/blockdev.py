@@ -137,7 +137,7 @@ def _nodes(drive: Drive, src: DriveSource | RbdSource) -> Iterator[str]:
         proto: dict[str, object] = {"driver": "rbd", **src.options, "key-secret": f"{drive.id}-secret"}
         fmt = "raw"
     else:
-        proto = {"driver": "file", "filename": src.path,
+        proto = {"driver": "host_device" if src.block_device else "file", "filename": src.path,
                  "cache": {"direct": direct, "no-flush": no_flush}}
         fmt = src.format
     proto.update({"node-name": f"{drive.id}-file", **common})

@@ -25,6 +25,8 @@ class DriveSource:
     fds: tuple[int, ...] = ()
     #: ``-add-fd`` set number for ``fds``.
     fdset: int = 0
+    #: The medium is a block device (QEMU's ``host_device`` driver, not ``file``).
+    block_device: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +121,9 @@ class _Opener:
         image, fmt = checked_image(medium.path, self.policy, fmt=medium.format,
                                    writable=drive.writable, where=field_name)
         self.opened.append(image)
+        block = stat.S_ISBLK(os.fstat(image.ro_fd).st_mode)
         return DriveSource(path=f"/dev/fdset/{index + 1}", format=fmt, fds=image.fds,
-                           fdset=index + 1)
+                           fdset=index + 1, block_device=block)
 
     def _preview(self, medium: FileMedium, where: str) -> DriveSource:
         shown = check_image_path(medium.path, self.dirs.task.path, self.dirs.task.alloc_dir,
