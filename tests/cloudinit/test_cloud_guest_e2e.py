@@ -116,8 +116,12 @@ def test_hostname_is_set(booted: Booted) -> None:
     assert booted.hostname.startswith("cloud-e2e-5f1c0ffe")
 
 
-def test_default_user_logs_in_with_the_key_and_has_sudo(booted: Booted) -> None:
+def test_default_user_logs_in_with_the_key_and_has_sudo(booted: Booted, tmp_path: Path) -> None:
     assert booted.run("id -un; sudo -n id -un") == "debian\nroot\n"
+    other, _ = ssh_keypair(tmp_path)
+    refused = ssh_run(booted.vm.ssh_port, other, "true", check=False)
+    assert refused.returncode == 255 and "Permission denied" in refused.stderr, "only the given key logs in"
+    assert "debian" in booted.run("getent group sudo")
 
 
 def test_password_hash_is_in_shadow_and_not_expired(booted: Booted) -> None:
