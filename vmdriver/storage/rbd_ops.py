@@ -8,12 +8,12 @@ pool's business; this module gets an open ``rados.Ioctx``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import importlib
 import logging
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -30,6 +30,8 @@ _log = logging.getLogger(__name__)
 BASE_PREFIX = "base-"
 BASE_SNAP = "base"
 _BASE_RE = re.compile(r"^base-[0-9a-f]{64}$", re.ASCII)
+#: A base without its snapshot, open nowhere and older than this, was left by a crash.
+BUILD_GRACE_S = 60
 #: A snapshot taken of a source volume for one clone carries the clone's (task volume) name.
 _CLONE_SNAP_RE = re.compile(r"^[A-Za-z0-9]{8}-.+-\d{1,6}$", re.ASCII)
 
@@ -227,27 +229,63 @@ class Ops:
         return size, base
 
     def _ensure_base(self, base: str, image: SourceImage) -> None:
-        """Make ``base@base`` (protected) unless it exists; concurrent makers agree on one."""
-        if base in self.rbd.RBD().list(self.io):
-            return  # only ever renamed into place complete and protected
-        # Built under a private name and renamed into place once protected: a clone can
-        # only ever find a complete base.
-        tmp = f"{base}.tmp-{secrets.token_hex(4)}"
-        self.create(tmp, image.virtual_size)
-        with self._undo(tmp):
-            self._write(image, tmp)
+        """Make ``base@base`` (protected) unless it exists; concurrent makers agree on one.
+
+        ``RBD.create`` is atomic (one creator wins, the others get ``ImageExists``), but
+        ``RBD.rename`` is not, so the base is built under its final name. Its protected
+        snapshot marks it complete; the builder holds it open (a watcher) meanwhile,
+        so a base with neither, older than :data:`BUILD_GRACE_S`, is one whose builder
+        died: it is removed and built again.
+        """
+        deadline = time.monotonic() + qemuimg.TIMEOUT_S
+        while time.monotonic() < deadline:
+            state = self._base_state(base)
+            if state == "ready":
+                return
+            if state == "dead":
+                with contextlib.suppress(StorageError):
+                    self.remove(base)
+            elif state == "absent":
+                try:
+                    self.rbd.RBD().create(self.io, base, image.virtual_size, old_format=False)
+                except self.rbd.ImageExists:
+                    continue  # another task is building it
+                except self.rbd.Error as exc:
+                    raise self._error(f"create base {base}", exc) from None
+                self._build_base(base, image)
+                return
+            time.sleep(0.5)  # another task is building it
+        raise StorageError(f"base {base} was not completed in time", where=self.where)
+
+    def _build_base(self, base: str, image: SourceImage) -> None:
+        with self._undo(base):
             try:
-                with self._image(tmp) as building:
+                building = self._image(base)  # a watcher: others see the build in progress
+            except self.rbd.Error as exc:
+                raise self._error(f"open base {base}", exc) from None
+            with building:
+                self._write(image, base)
+                try:
                     building.create_snap(BASE_SNAP)
                     building.protect_snap(BASE_SNAP)
-                self.rbd.RBD().rename(self.io, tmp, base)
-                _log.info("%s: made base %s", self.where, base)
-                return
-            except self.rbd.ImageExists:
-                pass  # another task made it first; ours goes below
-            except self.rbd.Error as exc:
-                raise self._error(f"make base {base}", exc) from None
-        self.remove(tmp)
+                except self.rbd.Error as exc:
+                    raise self._error(f"snapshot base {base}", exc) from None
+        _log.info("%s: made base %s", self.where, base)
+
+    def _base_state(self, base: str) -> str:
+        """``ready``, ``building`` (someone has it open or just made it), ``dead`` or ``absent``."""
+        try:
+            with self._image(base, read_only=True) as image:
+                # A read-only open is not a watcher: only a builder (or a remover) is.
+                if BASE_SNAP in {s["name"] for s in image.list_snaps()} \
+                        and image.is_protected_snap(BASE_SNAP):
+                    return "ready"
+                if list(image.watchers_list()):
+                    return "building"
+                age = datetime.datetime.now() - image.create_timestamp()
+        except self.rbd.ImageNotFound:
+            return "absent"
+        return "building" if age.total_seconds() < BUILD_GRACE_S else "dead"
 
     # ------------------------------------------------------------------ remove
 
@@ -326,11 +364,14 @@ class Ops:
         return True
 
     def collect(self) -> list[str]:
-        """Unused bases and orphaned clone snapshots (a crash between steps); what went."""
+        """Unused bases, stale half-built bases and orphaned clone snapshots; what went."""
         removed = []
         for name in sorted(self.rbd.RBD().list(self.io)):
             if is_base(name):
-                if self._drop_base(name):
+                state = self._base_state(name)
+                gone = self._drop_base(name) if state == "ready" else (
+                    state == "dead" and self.remove(name))
+                if gone:
                     removed.append(name)
                 continue
             snaps: list[str] = []
