@@ -14,8 +14,8 @@ How each disk semantic maps onto RBD (images are always raw and thin):
   (copy-on-write); with ``flatten_clones`` the clone is flattened and the snapshot
   dropped, so the copy no longer depends on its source;
 * ``chained`` on an image: a clone of ``base-<sha256>@base``, a shared base image made
-  once per image content. It is built under a temporary name and renamed into place
-  only once complete and protected, so no clone ever sees a half-written base;
+  once per image content. Its protected snapshot marks it complete, so no clone ever
+  sees a half-written base (see :meth:`rbd_ops.Ops._ensure_base`);
 * removal: the volume, its ``@<volume>`` snapshot on a source volume, and its base
   once no clone uses it (``list_children``).
 
