@@ -93,7 +93,7 @@ def test_bad_host_config_is_a_readable_error(start_plugin: Callable[..., Plugin]
         ({"image_path": "local/d.img", "accelerator": "xen"}, "vm.config.accelerator"),
         # The image is the task's first drive (image0); the error names the task and the path.
         ({"image_path": "local/missing.qcow2"},
-         "vm: drive[0] (image0): image file does not exist (got 'local/missing.qcow2')"),
+         "vm: config.image_path: image file does not exist (got 'local/missing.qcow2')"),
         ({"image_path": "/etc/passwd"}, "outside the allowed dirs"),
         ({"image_path": "local/d.img", "port_map": [{"web": 80}]}, "port_map label 'web'"),
         ({"image_path": "local/d.img", "args": ["-monitor", "stdio"], "emulator": "sparc99"}, "emulator"),

@@ -166,7 +166,7 @@ def _drives(cfg: QemuTaskConfig, image: str) -> tuple[Drive, ...]:
     cd_bus = bus in (Bus.IDE, Bus.LEGACY_SCSI)
     kind: Literal["disk", "cdrom"] = "cdrom" if cd_bus and image.lower().endswith(".iso") else "disk"
     drives = [Drive(id="image0", medium=FileMedium(path=image), bus=bus, kind=kind,
-                    index=0 if bus is Bus.IDE else None)]
+                    index=0 if bus is Bus.IDE else None, origin="config.image_path")]
     if bus is Bus.IDE and "-nodefaults" not in cfg.args and kind == "disk":
         # `-drive if=ide` leaves QEMU's default empty CD-ROM on ide.1 in place;
         # `-device ide-hd` removes it. Keep it, so the guest sees what it saw under Nomad.

@@ -26,6 +26,7 @@ import shlex
 
 from vmdriver.qemu import devices as dev
 from vmdriver.qemu.blockdev import qemu_escape, render_drives
+from vmdriver.qemu.cmdline import has_option
 from vmdriver.qemu.context import DriveSource, NicFds, RbdSource, RenderContext
 from vmdriver.spec import VMSpec
 
@@ -40,17 +41,6 @@ QMP_PATH_ID = "vmdriver-qmp-sock"
 SANDBOX_ARG = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 #: Machine types that have an ISA bus for the pvpanic device.
 _PVPANIC_MACHINES = ("pc", "q35")
-
-
-def _has_option(args: tuple[str, ...], name: str) -> bool:
-    """True if ``args`` holds ``-name`` in any spelling QEMU accepts."""
-    for arg in args:
-        flag = arg.strip().split("=", 1)[0]
-        if flag.startswith("--"):
-            flag = flag[1:]
-        if flag == name:
-            return True
-    return False
 
 
 def render_argv(spec: VMSpec, ctx: RenderContext) -> tuple[str, ...]:
@@ -84,7 +74,7 @@ def render_argv(spec: VMSpec, ctx: RenderContext) -> tuple[str, ...]:
     argv += dev.render_nics(spec, ctx)
     if ctx.accelerator == "kvm":
         argv.append("-enable-kvm")
-    if not _has_option(spec.args, "-smp"):
+    if not has_option(spec.args, "smp"):
         argv += _smp(spec)
     return tuple(argv)
 

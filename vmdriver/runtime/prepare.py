@@ -9,6 +9,7 @@ every failure path, and by :meth:`Prepared.close` when the VM is not launched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -31,7 +32,6 @@ from vmdriver.policy import (
     inspect_image,
     resolve_allowed,
 )
-from vmdriver.policy.args import static_arity
 from vmdriver.policy.images import checked_image
 from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RenderContext
 from vmdriver.qemu.blockdev import is_q35
@@ -111,7 +111,7 @@ class _Opener:
         medium = drive.medium
         if medium is None:
             return None
-        field_name = f"{self.prefix}drive[{index}] ({drive.id})"
+        field_name = f"{self.prefix}{drive.origin or f'drive[{index}] ({drive.id})'}"
         if isinstance(medium, RbdMedium):
             raise HostError(f"{field_name}: Ceph RBD drives are not available in this build")
         if self.preview:
@@ -243,10 +243,6 @@ def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: 
 
 def _check_args(spec: VMSpec, dirs: VMDirs, host: HostConfig, policy: PathPolicy, binary: Path,
                 prefix: str, preview: bool) -> None:
-    def arity(name: str) -> bool | None:
-        known = static_arity(name)
-        return known if known is not None else option_takes_arg(binary, name)
-
     def image_check(path: Path, fmt: str | None, here: str) -> None:
         # An image named in args is opened by QEMU by path: check what it references.
         if not preview:
@@ -254,7 +250,8 @@ def _check_args(spec: VMSpec, dirs: VMDirs, host: HostConfig, policy: PathPolicy
                           base_dir=path.parent)
 
     check_args(spec.args, host, where=f"{prefix}config.args", task_dir=dirs.task.path,
-               alloc_dir=dirs.task.alloc_dir, arity=arity, image_check=image_check)
+               alloc_dir=dirs.task.alloc_dir, arity=functools.partial(option_takes_arg, binary),
+               image_check=image_check)
 
 
 def _preview_taps(spec: VMSpec) -> dict[str, NicFds]:

@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 _HOST_ENV = ("PATH", "LANG", "LC_ALL")
 
 
+def _remove_unused_dirs(req: LaunchRequest) -> None:
+    """A VM that never started leaves no runtime dir, and no empty data dir."""
+    req.dirs.remove_runtime()
+    with contextlib.suppress(OSError):
+        req.dirs.data.rmdir()  # only when empty: a restart's UEFI vars or TPM state stay
+
+
 def _has_taps(spec: VMSpec) -> bool:
     return any(isinstance(n, TapNic | MacvtapNic) for n in spec.nics)
 
@@ -188,6 +195,11 @@ class Supervisor:
                 # Launching hands the fds to QEMU (and closes ours) whatever happens.
                 out.append(await self._launch(req, pending.pop(0)))
             return out
+        except BaseException:
+            for req in reqs:
+                if req.vm_id not in self._vms:
+                    _remove_unused_dirs(req)
+            raise
         finally:
             for prep in pending:
                 prep.close()

@@ -109,6 +109,9 @@ class Drive(Frozen):
     cache: CacheMode = "writeback"
     #: Pass the guest's discards (TRIM) down to the image.
     discard: bool = False
+    #: Where the face's user wrote this drive (``config.image_path``, ``disk[1]``): what
+    #: error messages about it name.
+    origin: str = ""
 
     def model_post_init(self, _context: object) -> None:
         if self.medium is None and self.kind != "cdrom":
