@@ -165,6 +165,51 @@ class HostConfig(BaseModel):
                              f"fit the {_MAX_SOCKET_PATH} bytes of a unix socket path")
         return path
 
+    # Section: bounds on what one job may ask for (docs/policy.md, Bounds). Sizes are
+    # strings like artifact_cache_max, checked here; the *_bytes properties read them.
+    #: Most guest RAM a job may ask for (resources, ``-m``, memory backends);
+    #: ``None``: the host's RAM.
+    max_memory: str | None = None
+    #: Most vCPUs a job may ask for (resources, ``-smp``).
+    max_vcpus: int = Field(default=32, ge=1, le=1024, strict=True)
+    #: Most port labels one task may declare (each one is a host port).
+    max_ports: int = Field(default=64, ge=0, le=1024, strict=True)
+    #: Largest serial console log of one VM before it is cut (rotated).
+    max_log_size: str = "64MiB"
+    #: URL schemes artifacts may be fetched with (local files are always confined to
+    #: the job file's dir and ``image_paths``).
+    artifact_getters: tuple[Literal["http", "https"], ...] = ("http", "https")
+    #: Largest download, and most bytes unpacking or decompressing one artifact may write.
+    artifact_max_size: str = "50GiB"
+    artifact_max_unpacked: str = "100GiB"
+    #: Most bytes written per byte of archive (a zip bomb is refused early).
+    artifact_max_ratio: int = Field(default=1000, ge=1, strict=True)
+    #: Most entries in one tar or zip archive.
+    artifact_max_entries: int = Field(default=10000, ge=1, strict=True)
+
+    @field_validator("max_memory", "max_log_size", "artifact_max_size", "artifact_max_unpacked",
+                     mode="before")
+    @classmethod
+    def _bound_sizes(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            if parse_size(value) <= 0:
+                raise ValueError("must be more than 0 bytes")
+        except InputError as exc:
+            raise ValueError(exc.message + f" ({SIZE_HELP})") from None
+        return str(value)
+
+    @field_validator("artifact_getters", mode="before")
+    @classmethod
+    def _getters(cls, value: Any) -> tuple[str, ...]:
+        return tuple(v.strip().lower() for v in _string_list(value, "URL schemes (http, https)"))
+
+    def bytes_of(self, field: str) -> int | None:
+        """A size field in bytes (``None`` when unset)."""
+        value = getattr(self, field)
+        return None if value is None else parse_size(value)
+
 
 def host_config_from_mapping(data: object, where: str) -> HostConfig:
     """Validate a config body (from HCL or Nomad's SetConfig); errors name the field."""
