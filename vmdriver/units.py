@@ -177,6 +177,33 @@ def check_cores(value: object, *, where: str = "", maximum: int = MAX_CORES) -> 
     return value
 
 
+#: Longest job, group, task, volume or snapshot name (bytes of UTF-8).
+MAX_NAME_BYTES = 128
+NAME_HELP = (f"1 to {MAX_NAME_BYTES} bytes without '/', '\\', NUL or control characters, "
+             "and not '.' or '..'")
+
+
+def check_name(value: object, *, where: str = "", what: str = "name") -> str:
+    """``value`` if it is safe as one path component, as Nomad requires of its names.
+
+    Job, group, task, alloc, volume and snapshot names become directory and file
+    names (task dirs, cgroups, volumes); Nomad refuses a ``/`` and a NUL in them,
+    and so does every face here, before any of them reaches a path.
+    """
+    if not isinstance(value, str):
+        raise SpecError(f"{what} must be a string", where=where, value=value, allowed=NAME_HELP)
+    bad = next((c for c in value if c in "/\\" or ord(c) < 32 or 0x7F <= ord(c) < 0xA0), None)
+    if bad is not None or value in ("", ".", "..") or len(value.encode("utf-8", "replace")) \
+            > MAX_NAME_BYTES or value != value.strip():
+        raise SpecError(f"{what} is not a valid name", where=where, value=value, allowed=NAME_HELP)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (msgpack or JSON can carry one)
+        raise SpecError(f"{what} is not valid UTF-8", where=where, value=value,
+                        allowed=NAME_HELP) from None
+    return value
+
+
 def check_socket_path(path: Path | str, *, where: str = "") -> Path:
     """``path`` if it fits a unix socket address (107 bytes on Linux)."""
     size = len(os.fsencode(path))

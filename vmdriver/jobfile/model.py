@@ -6,6 +6,7 @@ Nomad, which owns them); task keys vmdriver acts on are checked.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ from typing import Any
 from vmdriver.errors import JobFileError
 from vmdriver.hclfile import blocks, labelled, load, one_block
 from vmdriver.spec import ArtifactSpec, defaults
-from vmdriver.units import parse_duration, parse_port
+from vmdriver.units import check_name, parse_duration, parse_port
+
+#: Port labels become env names (``NOMAD_PORT_<label>``) and host ports.
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$", re.ASCII)
+#: Most port labels one network block may declare: each may take a host port while the
+#: job is planned (the operator's ``max_ports`` bounds the forwarded ones at launch).
+MAX_PORT_LABELS = 256
+#: An env name a process can be given (no ``=``, no NUL).
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,15 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
 
 def _network(body: dict[str, Any], where: str) -> Network:
     ports = []
-    for label, pbody in labelled(body.get("port"), f"{where}.port"):
+    declared = labelled(body.get("port"), f"{where}.port")
+    if len(declared) > MAX_PORT_LABELS:
+        raise JobFileError("too many ports in one network block", where=where,
+                           value=len(declared), allowed=f"at most {MAX_PORT_LABELS}")
+    for label, pbody in declared:
         pw = f"{where}.port {label!r}"
+        if not _LABEL.match(label):
+            raise JobFileError("not a port label", where=pw, value=label,
+                               allowed="1-64 ASCII letters, digits, '_' and '-'")
         unknown = set(pbody) - {"static", "to", "host_network"}
         if unknown:
             raise JobFileError("unknown key in port", where=pw, value=sorted(unknown)[0],
@@ -146,6 +162,12 @@ def _task(name: str, body: dict[str, Any], where: str) -> Task:
     for k, v in env.items():
         if isinstance(v, bool) or not isinstance(v, str | int | float):
             raise JobFileError("env values must be strings", where=f"{where}.env.{k}", value=v)
+        if not _ENV_NAME.match(k):
+            raise JobFileError("not an env name", where=f"{where}.env", value=k,
+                               allowed="ASCII letters, digits, '_', '.', '-'; not starting "
+                               "with a digit")
+        if "\x00" in str(v):
+            raise JobFileError("env value holds a NUL byte", where=f"{where}.env.{k}", value=v)
         env_out[k] = str(v)
     kill_timeout = parse_duration(body.get("kill_timeout", defaults.KILL_TIMEOUT_S),
                                   where=f"{where}.kill_timeout")
@@ -172,16 +194,20 @@ def parse_job(data: dict[str, Any], path: Path) -> Job:
     if len(jobs) != 1:
         raise JobFileError("a job file must hold exactly one job block", where=str(path))
     job_name, job_body = jobs[0]
+    # Names become paths (task dirs, cgroups, volumes): checked before anything uses them.
+    check_name(job_name, where=f"{path}: job", what="job name")
     groups = []
     for gname, gbody in labelled(job_body.get("group"), f"{path}: job {job_name!r}"):
         gwhere = f"{path}: group {gname!r}"
+        check_name(gname, where=f"{path}: group", what="group name")
         count = gbody.get("count", 1)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 64:
             raise JobFileError("count must be a whole number from 0 to 64",
                                where=f"{gwhere}.count", value=count)
         nets = tuple(_network(b, f"{gwhere}.network")
                      for b in blocks(gbody.get("network"), gwhere))
-        tasks = tuple(_task(tname, tbody, f"{path}: task {tname!r}")
+        tasks = tuple(_task(check_name(tname, where=f"{gwhere}: task", what="task name"),
+                            tbody, f"{path}: task {tname!r}")
                       for tname, tbody in labelled(gbody.get("task"), gwhere))
         groups.append(Group(gname, count, nets, tasks))
     return Job(job_name, path, tuple(groups))

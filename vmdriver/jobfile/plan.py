@@ -27,6 +27,7 @@ from vmdriver.jobfile.placement import Placement
 from vmdriver.runtime.request import Confinement, LaunchRequest
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import ArtifactSpec, VMSpec, defaults
+from vmdriver.units import check_name
 
 #: Nomad's default dynamic port range.
 DYNAMIC_PORTS = range(20000, 32000)
@@ -199,6 +200,9 @@ def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
 def _plan_task(job: Job, group: Group, task: Task, alloc_id: str, state_dir: Path,
                ports: tuple[AllocatedPort, ...], host_memory_mb: int) -> TaskPlan:
     where = task.where
+    # A Job built in code skips the file's checks: names reach paths only through here.
+    check_name(task.name, where=where, what="task name")
+    check_name(alloc_id, where=where, what="alloc id")
     lang = DIALECTS[task.driver]
     lang.parse(task.config, where)  # early, typed check before interpolation
     alloc = TaskDir(state_dir / "allocs" / alloc_id[:8], task.name)

@@ -22,6 +22,7 @@ from vmdriver.nomad.proto import driver_pb2 as pb
 from vmdriver.runtime.request import Confinement, LaunchRequest
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import VMSpec, defaults
+from vmdriver.units import check_name
 
 #: Task config attributes of HCL type number (see hclspec.TASK_TYPE_OVERRIDES).
 NUMBER_KEYS = frozenset({"host_port", "guest_port"})
@@ -86,6 +87,9 @@ def plan_start(task: pb.TaskConfig, dialect: Dialect, host: HostConfig | None = 
     Raises InputError with the field at fault. What ``provision`` made (volumes)
     is the caller's to release if the launch fails.
     """
+    # Both become paths (task dir, cgroup scope, volume names): Nomad's own rules, checked first.
+    check_name(task.name, where="task", what="task name")
+    check_name(task.alloc_id, where=f"task {task.name!r}: alloc id", what="alloc id")
     where = task.name or "task"
     raw = decode_config(task.msgpack_driver_config, where=f"{where}.config", numbers=NUMBER_KEYS)
     cfg = dialect.parse(raw, where)
