@@ -32,11 +32,13 @@ from vmdriver.storage.rbd import RbdPool
 BOOT_TIMEOUT_S = 180
 RBD_MODULE = Path("/usr/lib/x86_64-linux-gnu/qemu/block-rbd.so")
 DATA_DEV = "/machine/peripheral/datadev/virtio-backend"
+RO_DEV = "/machine/peripheral/rodev/virtio-backend"
 
 
-def _blockdev(pool: RbdPool, vol: Volume, node: str, secret_id: str) -> str:
-    proto = pool.protocol(vol.name, secret_id)
-    return json.dumps({"driver": "raw", "node-name": node, "file": proto})
+def _blockdev(pool: RbdPool, vol: Volume, node: str, secret_id: str, *,
+              read_only: bool = False) -> str:
+    proto = {**pool.protocol(vol.name, secret_id), "read-only": read_only}
+    return json.dumps({"driver": "raw", "node-name": node, "file": proto, "read-only": read_only})
 
 
 @pytest.fixture
@@ -51,6 +53,9 @@ def qemu_argv(rbd_pool: RbdPool, guest_dir: Path, work: Path) -> Iterator[tuple[
             alloc_id=alloc, task="vm", index=0, image=img))
     data = rbd_pool.create_volume(rbd_pool.volume_request(
         DiskRequest(size=16 * MIB), alloc_id=alloc, task="vm", index=1))
+    ro = rbd_pool.create_volume(rbd_pool.volume_request(
+        DiskRequest(size=4 * MIB, read_only=True), alloc_id=alloc, task="vm", index=2))
+    assert ro.read_only
     key = rbd_pool.write_secret_file(work / "ceph.key")
     argv = [
         "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nodefaults",
@@ -62,6 +67,9 @@ def qemu_argv(rbd_pool: RbdPool, guest_dir: Path, work: Path) -> Iterator[tuple[
         "-device", "virtio-blk-pci,drive=boot,id=bootdev,bootindex=1",
         "-blockdev", _blockdev(rbd_pool, data, "data", "ceph0"),
         "-device", "virtio-blk-pci,drive=data,id=datadev",
+        # read_only as the core renders it: read-only nodes (librbd opens the image so).
+        "-blockdev", _blockdev(rbd_pool, ro, "ro", "ceph0", read_only=True),
+        "-device", "virtio-blk-pci,drive=ro,id=rodev",
     ]
     try:
         yield argv, alloc, data.name
@@ -92,7 +100,7 @@ def _qmp(work: Path) -> Any:
 def test_guest_boots_from_chained_rbd_and_data_disk_writes_reach_ceph(
         qemu_argv: tuple[list[str], str, str], rbd_pool: RbdPool, ceph_cluster: Cluster,
         admin: Any, work: Path) -> None:
-    argv, _alloc, data = qemu_argv
+    argv, alloc, data = qemu_argv
     # qemu-io prints its result on QEMU's stdout, not into the monitor's reply.
     with (work / "stdout.log").open("wb") as stdout:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
@@ -106,8 +114,11 @@ def test_guest_boots_from_chained_rbd_and_data_disk_writes_reach_ceph(
         try:
             # The device's own backend (-d, by QOM path): a second user of the node
             # would conflict with the device's write permission.
-            cmd = f'qemu-io -d {DATA_DEV} "write -P 0x5a 0 1M"'
-            assert qmp.cmd("human-monitor-command", **{"command-line": cmd}) == ""
+            replies = [qmp.cmd("human-monitor-command",
+                               **{"command-line": f'qemu-io -d {dev} "write -P 0x5a 0 1M"'})
+                       for dev in (DATA_DEV, RO_DEV)]
+            assert replies[0] == ""
+            assert "read-only" in str(replies[1])  # the read_only disk refuses writes
             # QEMU may close the socket before its reply to quit arrives, and then
             # qemu.qmp raises EOFError from quit or from close.
             with contextlib.suppress(EOFError, ConnectionError):
@@ -116,7 +127,8 @@ def test_guest_boots_from_chained_rbd_and_data_disk_writes_reach_ceph(
             with contextlib.suppress(EOFError, ConnectionError):
                 qmp.close()
         assert proc.wait(timeout=30) == 0
-        assert "wrote 1048576/1048576 bytes" in (work / "stdout.log").read_text()
+        stdout = (work / "stdout.log").read_text()
+        assert stdout.count("wrote 1048576/1048576 bytes") == 1, stdout  # data only
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -127,3 +139,4 @@ def test_guest_boots_from_chained_rbd_and_data_disk_writes_reach_ceph(
         assert ceph_cluster.client_key not in stderr
     assert read_image(admin, ceph_cluster.pool, data, 0, MIB) == b"\x5a" * MIB
     assert read_image(admin, ceph_cluster.pool, data, MIB, 4096) == bytes(4096)
+    assert read_image(admin, ceph_cluster.pool, f"{alloc}-vm-2", 0, MIB) == bytes(MIB)

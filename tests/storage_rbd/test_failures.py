@@ -66,6 +66,13 @@ def test_wrong_key_names_the_user_not_the_key(ceph_cluster: Cluster,
     assert ceph_cluster.client_key not in text
 
 
+def test_unknown_pool_is_named(ceph_cluster: Cluster) -> None:
+    pool = RbdPool(pool_config(ceph_cluster, pool="no-such-pool"))
+    with pytest.raises(StorageError, match="no such pool") as err:
+        pool.has_volume("x")
+    assert "'no-such-pool'" in str(err.value)
+
+
 @pytest.fixture
 def recorded_argv(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every argv this process starts (the real calls still happen)."""
