@@ -102,8 +102,8 @@ def test_guest_boots_from_chained_rbd_and_data_disk_writes_reach_ceph(
         admin: Any, work: Path) -> None:
     argv, alloc, data = qemu_argv
     # qemu-io prints its result on QEMU's stdout, not into the monitor's reply.
-    with (work / "stdout.log").open("wb") as stdout:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
+    with (work / "stdout.log").open("wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.PIPE)
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
