@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                             "(started by Nomad's client; see docs/nomad.md)")
     plugin.add_argument("--name", default="vmdriver",
                         help="driver name jobs use in driver = \"...\" (default: vmdriver)")
+
+    from vmdriver.cli.runner import add_parser as add_runner
+
+    add_runner(sub)
     return p
 
 
@@ -94,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vmdriver.nomad.server import serve
 
         return serve(args.name)
+    if args.command == "runner":
+        from vmdriver.cli.runner import cmd_runner
+
+        return cmd_runner(args)
     from vmdriver.cli import commands
 
     handler = {
