@@ -161,6 +161,9 @@ def test_blockdev_options_name_pool_image_monitors_and_user_not_the_key(
                     "server": [{"host": host, "port": port}], "user": ceph_cluster.client,
                     "auth-client-required": ["cephx"], "conf": "/dev/null"}
     assert rbd_pool.protocol("img", "sec0") == {**opts, "key-secret": "sec0"}
+    medium = rbd_pool.medium("img")
+    assert (medium.pool, medium.image, medium.monitors, medium.user, medium.secret_ref) == (
+        ceph_cluster.pool, "img", (ceph_cluster.mon_host,), ceph_cluster.client, "remote")
     secret = rbd_pool.write_secret_file(work / "key")
     assert secret.read_text() == ceph_cluster.client_key
     assert secret.stat().st_mode & 0o777 == 0o600

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vmdriver.errors import SpecError
+from vmdriver.spec import RbdMedium
 from vmdriver.storage.base import (
     Pool,
     SourceImage,
@@ -234,6 +235,16 @@ class RbdPool(Pool):
         if secret_id is not None:
             node["key-secret"] = secret_id
         return node
+
+    def medium(self, image: str) -> RbdMedium:
+        """The spec's medium for ``image``; its ``secret_ref`` is this pool's name.
+
+        The runtime resolves the ref to this pool and calls :meth:`write_secret_file`
+        for the drive's ``-object secret``.
+        """
+        return RbdMedium(pool=self.config.pool, image=image,
+                         monitors=tuple(str(m) for m in self.monitors), user=self.user,
+                         secret_ref=self.name)
 
     def write_secret_file(self, path: Path) -> Path:
         """Write the key (``format=base64`` for ``-object secret``) to a new 0600 file."""
