@@ -61,7 +61,7 @@ STEP_TIMEOUT = 60.0
 
 #: Daemons this process started: kept so they are reaped (and not garbage-collected
 #: while running, which warns).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_CHILDREN: dict[int, tuple[str, Path, subprocess.Popen[bytes]]] = {}
 
 
 class ClusterError(RuntimeError):
@@ -187,7 +187,7 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CEPH_")}
 
 
-def _run(argv: list[str], d: Path) -> None:
+def _run(argv: list[str]) -> None:
     proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=STEP_TIMEOUT,
                           check=False)
     if proc.returncode:
@@ -213,7 +213,7 @@ def _spawn(d: Path, name: str, *, tied: bool) -> int:
             preexec_fn=_die_with_parent if tied else None,  # noqa: PLW1509 (prctl only)
         )
     (d / "run" / f"{name}.pid").write_text(str(proc.pid))
-    _CHILDREN[proc.pid] = proc
+    _CHILDREN[proc.pid] = (name, d, proc)
     return proc.pid
 
 
@@ -242,10 +242,12 @@ def mon_command(client: Any, prefix: str, inbuf: bytes = b"", **args: Any) -> An
     return json.loads(out) if out.strip() else None
 
 
-def _wait(what: str, check: Any, timeout: float = STEP_TIMEOUT) -> Any:
+def _wait(what: str, check: Any, d: Path, timeout: float = STEP_TIMEOUT) -> Any:
+    """Poll ``check`` until it is true; fail at once when a daemon we started died."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        _check_daemons(d)
         try:
             result = check()
             if result:
@@ -255,6 +257,16 @@ def _wait(what: str, check: Any, timeout: float = STEP_TIMEOUT) -> Any:
         time.sleep(0.3)
     raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}"
                        + (f" (last error: {last})" if last else ""))
+
+
+def _check_daemons(d: Path) -> None:
+    for name, cwd, proc in list(_CHILDREN.values()):
+        if cwd == d and proc.poll() is not None:
+            lines = [line for log in (d / "log" / f"{name}.stderr", d / "log" / f"{name}.log")
+                     if log.exists() for line in log.read_text(errors="replace").splitlines()
+                     if line.strip()]
+            raise ClusterError(f"{name} exited ({proc.returncode})"
+                               + (f": {lines[-1][-200:]}" if lines else ""))
 
 
 def _osd_up(client: Any) -> bool:
@@ -309,20 +321,20 @@ def _up(d: Path, tied: bool) -> Cluster:
     os.chmod(d / "keyring", 0o600)
     conf = ["-c", str(d / "ceph.conf")]
     _run(["monmaptool", "--create", "--fsid", fsid, "--addv", "a",
-          f"[v2:127.0.0.1:{port}]", str(d / "monmap")], d)
+          f"[v2:127.0.0.1:{port}]", str(d / "monmap")])
     _run(["ceph-mon", *conf, "--mkfs", "-i", "a", "--monmap", str(d / "monmap"),
-          "--keyring", str(d / "keyring")], d)
+          "--keyring", str(d / "keyring")])
     pids = {"mon.a": _spawn(d, "mon.a", tied=tied)}
-    client = _wait("the monitor", lambda: _admin(d, timeout=5))
+    client = _wait("the monitor", lambda: _admin(d, timeout=5), d)
     try:
         osd_uuid = str(uuid.uuid4())
         mon_command(client, "osd new", uuid=osd_uuid, id=0)
-        _run(["ceph-osd", *conf, "--mkfs", "-i", "0", "--osd-uuid", osd_uuid], d)
+        _run(["ceph-osd", *conf, "--mkfs", "-i", "0", "--osd-uuid", osd_uuid])
         pids["mgr.x"] = _spawn(d, "mgr.x", tied=tied)
         pids["osd.0"] = _spawn(d, "osd.0", tied=tied)
-        _wait("osd.0 up", lambda: _osd_up(client))
+        _wait("osd.0 up", lambda: _osd_up(client), d)
         client_key = _make_pool(client, POOL, CLIENT)
-        _wait("the manager", lambda: _mgr_up(client))
+        _wait("the manager", lambda: _mgr_up(client), d)
         # The always-on manager modules are disabled on purpose (see _MGR_MODULES).
         mon_command(client, "health mute", code="MGR_MODULE_ERROR", sticky=True)
     finally:
@@ -382,7 +394,7 @@ def _stop(pids: list[int], grace: float) -> None:
 def _alive(pid: int) -> bool:
     # Our own children are zombies until reaped: reap them, then look.
     if pid in _CHILDREN:
-        if _CHILDREN[pid].poll() is None:
+        if _CHILDREN[pid][2].poll() is None:
             return True
         del _CHILDREN[pid]
         return False
