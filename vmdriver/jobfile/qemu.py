@@ -64,6 +64,10 @@ class QemuTaskConfig(BaseModel):
     drive_interface: DriveInterface = Field(default=DriveInterface.IDE, strict=False)
     graceful_shutdown: bool = False
     guest_agent: bool = False
+    #: Graceful stops ask the guest agent (``guest-shutdown``) first, ACPI as the fallback.
+    guest_agent_shutdown: bool = False
+    #: A virtio balloon: the guest's own memory view in TaskStats and metrics.
+    balloon: bool = False
     port_map: dict[str, int] = {}
     #: Labels of ports to forward to their ``to`` port (like the docker driver's ``ports``).
     ports: list[str] = []
@@ -176,7 +180,8 @@ def _drives(cfg: QemuTaskConfig, image: str) -> tuple[Drive, ...]:
 
 def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
     """Map a validated qemu task config plus task facts into the canonical spec."""
-    shutdown = stop_policy(inputs, graceful=cfg.graceful_shutdown)
+    shutdown = stop_policy(inputs, graceful=cfg.graceful_shutdown,
+                           via_agent=cfg.guest_agent_shutdown and cfg.guest_agent)
     check_dns(inputs)
     image = cfg.image_path or "local/" + (cfg.image_source or "").rstrip("/").rsplit("/", 1)[-1]
     forwards = _forwards(cfg, inputs)
@@ -195,5 +200,6 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
         resources=task_resources(inputs),
         shutdown=shutdown,
         guest_agent=cfg.guest_agent,
+        balloon=cfg.balloon,
         args=tuple(cfg.args),
     )
