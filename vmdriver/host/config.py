@@ -101,6 +101,9 @@ class HostConfig(BaseModel):
     #: Accelerator of virt tasks (which have no field for it): ``auto`` uses KVM only
     #: where the KVM probe booted a kernel.
     virt_accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    #: ``HOST:PORT`` of a Prometheus endpoint with the VMs' metrics (docs/metrics.md);
+    #: empty: none.
+    metrics_address: str = ""
 
     @field_validator("image_paths", mode="before")
     @classmethod
