@@ -8,6 +8,7 @@ dir, where :mod:`vmdriver.qemu.devices` points QEMU's chardevs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,4 +81,18 @@ def virtiofsd(tag: str, path: str, runtime_dir: Path, *, read_only: bool) -> Hel
         argv = ("bwrap", "--dev-bind", "/", "/", "--ro-bind", path, path, "--", *argv)
     # Ready once the socket exists: virtiofsd serves exactly one vhost-user connection and
     # exits when it closes, so the usual connect-and-close probe would end it before QEMU.
-    return HelperSpec(f"virtiofsd-{tag}", argv, None, ready_check=sock.exists)
+    return HelperSpec(f"virtiofsd-{tag}", argv, None, ready_check=_handed_over(sock))
+
+
+def _handed_over(sock: Path) -> Callable[[], bool]:
+    """Readiness of a socket only QEMU may connect to: it exists, and it is given to the
+    owner of its directory (a jailed QEMU's uid; root otherwise). virtiofsd makes it 0600."""
+    def ready() -> bool:
+        try:
+            owner = sock.parent.stat()
+            os.chown(sock, owner.st_uid, owner.st_gid)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return ready
