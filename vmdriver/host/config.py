@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from vmdriver.errors import HostConfigError, InputError
-from vmdriver.units import SIZE_HELP, parse_size
+from vmdriver.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
 #: Where `vmdriver run` and `vmdriver argv` look for a host config when none is given.
 DEFAULT_HOST_CONFIG = Path("/etc/vmdriver/host.hcl")
@@ -98,6 +98,9 @@ class HostConfig(BaseModel):
     #: Host bridges (besides managed ones) and host devices (macvtap) jobs may use.
     allowed_bridges: tuple[str, ...] = ()
     allowed_devices: tuple[str, ...] = ()
+    #: How long the Nomad plugin's StartTask waits for a guest's address on a tap
+    #: NIC (for Nomad's DriverNetwork) before it starts the task without one.
+    address_wait: str = "30s"
     #: Accelerator of virt tasks (which have no field for it): ``auto`` uses KVM only
     #: where the KVM probe booted a kernel.
     virt_accelerator: Literal["auto", "kvm", "tcg"] = "auto"
@@ -148,6 +151,15 @@ class HostConfig(BaseModel):
             parse_size(value)
         except InputError as exc:
             raise ValueError(exc.message + f" ({SIZE_HELP})") from None
+        return str(value)
+
+    @field_validator("address_wait", mode="before")
+    @classmethod
+    def _address_wait(cls, value: Any) -> str:
+        try:
+            parse_duration(value)
+        except InputError as exc:
+            raise ValueError(exc.message + f" ({DURATION_HELP})") from None
         return str(value)
 
     @property

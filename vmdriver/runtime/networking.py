@@ -1,11 +1,11 @@
 """The supervisor's side of tap and macvtap NICs (the host work is :mod:`vmdriver.network`).
 
 Per VM: taps are created (on their bridges) before QEMU starts and reach it as
-fds, so QEMU needs no network privileges; once the guest has an address its
-published ports are forwarded by nftables; everything is removed when QEMU
-exits, and after a crash by :meth:`Networks.reconcile`. Per supervisor: the
-managed networks' bridges and dnsmasq, started on first use and stopped with
-:meth:`Networks.close`.
+fds, so QEMU needs no network privileges; the guest's addresses are watched for
+the VM's whole life (agent, then leases, then neighbours) and its published
+ports follow them; everything is removed when QEMU exits, and after a crash by
+:meth:`Networks.reconcile`. Per supervisor: the managed networks' bridges and
+dnsmasq, started on first use (or on recovery) and stopped with :meth:`Networks.close`.
 """
 
 from __future__ import annotations
@@ -13,29 +13,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmdriver.host.config import HostConfig
 from vmdriver.network import nft
-from vmdriver.network.discovery import GuestAddresses
+from vmdriver.network.discovery import AgentInterfaces, GuestAddresses
 from vmdriver.network.manager import HostNetwork, NicRequest, VmNetwork
+from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.context import NicFds
 from vmdriver.qemu.sidecars import HelperSpec
 from vmdriver.runtime.helpers import Helper, start_helper, stop_helpers
-from vmdriver.runtime.netconfig import network_settings
+from vmdriver.runtime.netconfig import ADDRESSES_FILE, address_wait, network_settings
+from vmdriver.runtime.process import ManagedProcess
+from vmdriver.runtime.record import records_under
 from vmdriver.spec import MacvtapNic, TapNic, VMSpec
+
+if TYPE_CHECKING:
+    from vmdriver.runtime.vm import VM
 
 log = logging.getLogger(__name__)
 
-#: How long to look for a guest's address after start, and how often.
-ADDRESS_BOUND_S = 30.0
-_ADDRESS_POLL_S = 0.5
+#: Polling for a guest's first address, and for changes once it has one.
+_FIRST_POLL_S = 0.5
+_WATCH_POLL_S = 10.0
+#: After the bound passes without an address, look less often (the guest may
+#: still come up: a slow TCG boot, DHCP retries).
+_LATE_POLL_S = 5.0
+#: A guest agent that does not answer this fast is not up yet.
+AGENT_TIMEOUT_S = 2.0
+#: Called with the guest's addresses each time they change.
+AddressListener = Callable[[GuestAddresses], None]
 
 
 def nic_requests(spec: VMSpec) -> list[NicRequest]:
@@ -50,13 +64,68 @@ def nic_requests(spec: VMSpec) -> list[NicRequest]:
     return out
 
 
+def port_maps(spec: VMSpec) -> list[nft.PortMap]:
+    """Every tap NIC's published ports."""
+    return [nft.PortMap(f.host_port, f.guest_port, f.protocols,
+                        ipaddress.ip_address(f.host_ip) if f.host_ip else None)
+            for nic in spec.nics if isinstance(nic, TapNic) for f in nic.forwards]
+
+
+def agent_lookup(socket_path: Path, loop: asyncio.AbstractEventLoop) -> AgentInterfaces:
+    """``guest-network-get-interfaces`` as the network layer calls it: synchronously,
+    from a worker thread. The agent client is async and bound to the supervisor's
+    loop (its per-socket lock), so the call runs there; a guest whose agent is not
+    up yet answers nothing within :data:`AGENT_TIMEOUT_S` and counts as no answer."""
+    agent = GuestAgent(socket_path)
+
+    def interfaces() -> list[dict[str, Any]] | None:
+        coro = asyncio.wait_for(agent.interfaces(), AGENT_TIMEOUT_S)
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, loop).result(AGENT_TIMEOUT_S + 1)
+        except Exception:
+            return None
+
+    return interfaces
+
+
 @dataclass
 class VmLinks:
     """One VM's host-side NICs and what the guest was found to have."""
 
     vmnet: VmNetwork
+    ports: list[nft.PortMap] = field(default_factory=list)
     addresses: GuestAddresses = field(default_factory=GuestAddresses)
+    #: Set once the guest has an address (waiters: Nomad's StartTask).
+    found: asyncio.Event = field(default_factory=asyncio.Event)
+    listeners: list[AddressListener] = field(default_factory=list)
+    #: Where the addresses are written for `vmdriver ps` (in the VM's runtime dir).
+    address_file: Path | None = None
     watcher: asyncio.Task[None] | None = None
+
+    @property
+    def first_index(self) -> int:
+        """The NIC whose addresses are the VM's (its first tap or macvtap)."""
+        return min((n.request.index for n in self.vmnet.nics), default=0)
+
+    def update(self, found: GuestAddresses) -> None:
+        """Record new addresses: file, event, listeners (a failing listener is logged)."""
+        self.addresses = found
+        if self.address_file is not None:
+            with contextlib.suppress(OSError):
+                self.address_file.write_text(json.dumps(
+                    {"addresses": [str(a) for a in found.addresses], "source": found.source}))
+        self.found.set()
+        for listener in list(self.listeners):
+            try:
+                listener(found)
+            except Exception:
+                log.exception("VM %s: address listener failed", self.vmnet.vm_id)
+
+    async def wait(self, timeout: float) -> GuestAddresses:
+        """The addresses, waiting up to ``timeout`` for the first ones."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.found.wait(), timeout)
+        return self.addresses
 
 
 class Networks:
@@ -65,14 +134,31 @@ class Networks:
     def __init__(self, host: HostConfig) -> None:
         self.settings = network_settings(host)
         self.host = HostNetwork(self.settings, host.state_dir / "net")
+        #: How long the guest's first address is looked for before a warning (and
+        #: how long Nomad's StartTask waits for it).
+        self.address_bound_s = address_wait(host)
+        self.state_dir = host.state_dir
         self._dnsmasq: dict[str, Helper] = {}
+        self._links: dict[str, VmLinks] = {}
+        self._reconciled = False
+        self._lock = asyncio.Lock()
 
     async def attach(self, vm_id: str, spec: VMSpec) -> tuple[VmLinks | None, dict[str, NicFds]]:
-        """Taps and macvtaps for ``spec``; fds for QEMU (its own copies: close them after spawn)."""
+        """Taps and macvtaps for ``spec``; fds for QEMU (its own copies: close them after spawn).
+
+        The operator's policy is checked first: a refused bridge or device
+        creates nothing. The first attach of a supervisor removes what a crashed
+        one left (links and chains of VMs that no longer run).
+        """
         reqs = nic_requests(spec)
         if not reqs:
             return None, {}
         self.host.check(reqs)
+        async with self._lock:
+            # Once, and before this supervisor has links of its own that a
+            # concurrent start's reconcile could take for a dead VM's.
+            if not self._reconciled:
+                await self.reconcile(self.known())
         for req in reqs:
             await self._ensure_managed(req.bridge)
         vmnet = await asyncio.to_thread(self.host.attach, vm_id, reqs)
@@ -82,7 +168,39 @@ class Networks:
         finally:
             # QEMU gets the dups; a tap disappears when its last fd (QEMU's) closes.
             vmnet.close_fds()
-        return VmLinks(vmnet), fds
+        links = VmLinks(vmnet, port_maps(spec))
+        self._links[vm_id] = links
+        return links, fds
+
+    async def recover(self, vm_id: str, spec: VMSpec) -> VmLinks | None:
+        """Links of a VM whose QEMU outlived the supervisor that started it.
+
+        What the dead supervisor left of VMs that no longer run is removed, the
+        managed networks' dnsmasq is restarted under this supervisor (the leases
+        file stays), and the VM's chains keep forwarding until discovery refreshes them.
+        """
+        async with self._lock:
+            await self.reconcile(self.known())
+        reqs = nic_requests(spec)
+        if not reqs:
+            return None
+        for req in reqs:
+            await self._ensure_managed(req.bridge)
+        vmnet = await asyncio.to_thread(self.host.recover, vm_id, reqs)
+        links = VmLinks(vmnet, port_maps(spec))
+        self._links[vm_id] = links
+        return links
+
+    def known(self) -> list[str]:
+        """Ids of VMs whose networking must stay: this supervisor's, and every VM
+        recorded under the state dir whose QEMU still runs (another supervisor's)."""
+        running = []
+        for rec in records_under(self.state_dir):
+            proc = ManagedProcess.attach(rec.pid, rec.pid_start_time)
+            if proc is not None:
+                proc.close()
+                running.append(rec.id)
+        return [*self._links, *running]
 
     async def _ensure_managed(self, bridge: str) -> None:
         net = self.settings.network_for_bridge(bridge)
@@ -91,6 +209,7 @@ class Networks:
         await asyncio.to_thread(self.host.ensure_network, net)
         if not net.dhcp and not net.dns:
             return
+        # Stops a dnsmasq a crashed supervisor left (found by its pid file) first.
         argv = tuple(await asyncio.to_thread(self.host.dnsmasq_argv, net))
         spec = HelperSpec(f"dnsmasq-{net.name}", argv, None,
                           ready_check=lambda: self.host.dnsmasq_ready(net))
@@ -98,36 +217,61 @@ class Networks:
         logs.mkdir(parents=True, exist_ok=True)
         self._dnsmasq[net.name] = await start_helper(spec, logs, {"PATH": os.environ.get("PATH", "")})
 
-    def publish_later(self, links: VmLinks, spec: VMSpec, agent: Callable[[], Any] | None,
-                      on_found: Callable[[GuestAddresses], None]) -> None:
-        """Find the guest's address (bounded), then forward its published ports."""
-        ports = [nft.PortMap(f.host_port, f.guest_port, f.protocols,
-                             ipaddress.ip_address(f.host_ip) if f.host_ip else None)
-                 for nic in spec.nics if isinstance(nic, TapNic) for f in nic.forwards]
-        links.watcher = asyncio.create_task(self._publish(links, ports, agent, on_found),
+    def watch_vm(self, links: VmLinks, vm: VM, on_change: AddressListener) -> None:
+        """Watch a launched (or re-attached) VM's addresses: through its guest agent
+        if it has one, then leases and neighbours; written to its runtime dir."""
+        links.listeners.append(on_change)
+        agent = (agent_lookup(vm.dirs.qga_socket, asyncio.get_running_loop())
+                 if vm.spec.guest_agent else None)
+        self.watch(links, agent, address_file(vm.dirs.runtime))
+
+    def publish_later(self, links: VmLinks, spec: VMSpec, agent: AgentInterfaces | None,
+                      on_found: AddressListener) -> None:
+        """Without a VM object: watch with ``agent`` (ports from ``spec``), nothing written."""
+        links.ports = port_maps(spec)
+        links.listeners.append(on_found)
+        self.watch(links, agent, None)
+
+    def watch(self, links: VmLinks, agent: AgentInterfaces | None, address_file: Path | None
+              ) -> None:
+        """Look for the guest's addresses for the VM's life; publish and guard on each change."""
+        links.address_file = address_file
+        links.watcher = asyncio.create_task(self._watch(links, agent),
                                             name=f"addresses of {links.vmnet.vm_id}")
 
-    async def _publish(self, links: VmLinks, ports: Sequence[nft.PortMap],
-                       agent: Callable[[], Any] | None,
-                       on_found: Callable[[GuestAddresses], None]) -> None:
-        deadline = time.monotonic() + ADDRESS_BOUND_S
-        first = min((n.request.index for n in links.vmnet.nics), default=0)
-        while time.monotonic() < deadline:
-            found = await asyncio.to_thread(self.host.discover, links.vmnet, first, agent)
-            if found:
-                links.addresses = found
-                if ports:
-                    await asyncio.to_thread(self.host.publish, links.vmnet.vm_id, ports,
-                                            found.addresses)
-                await asyncio.to_thread(self.host.guard_addresses, links.vmnet, {first: found})
-                on_found(found)
-                return
-            await asyncio.sleep(_ADDRESS_POLL_S)
-        log.warning("VM %s: no guest address within %.0fs; ports not published",
-                    links.vmnet.vm_id, ADDRESS_BOUND_S)
+    async def _watch(self, links: VmLinks, agent: AgentInterfaces | None) -> None:
+        deadline = time.monotonic() + self.address_bound_s
+        warned = False
+        while True:
+            found = await asyncio.to_thread(self.host.discover, links.vmnet, links.first_index,
+                                            agent)
+            if _changed(links.addresses, found):
+                await self._apply(links, found)
+            if not links.addresses and not warned and time.monotonic() > deadline:
+                warned = True
+                log.warning("VM %s: no guest address within %.0fs; ports are published "
+                            "once it has one", links.vmnet.vm_id, self.address_bound_s)
+            await asyncio.sleep(_WATCH_POLL_S if links.addresses
+                                else _LATE_POLL_S if warned else _FIRST_POLL_S)
+
+    async def _apply(self, links: VmLinks, found: GuestAddresses) -> None:
+        vm_id = links.vmnet.vm_id
+        try:
+            if links.ports:
+                await asyncio.to_thread(self.host.publish, vm_id, links.ports, found.addresses)
+            await asyncio.to_thread(self.host.guard_addresses, links.vmnet,
+                                    {links.first_index: found})
+        except Exception as exc:
+            log.warning("VM %s: publishing ports to %s failed: %s", vm_id,
+                      ", ".join(map(str, found.addresses)), exc)
+            return
+        log.info("VM %s: guest address %s (from %s)", vm_id,
+                 ", ".join(map(str, found.addresses)), found.source)
+        links.update(found)
 
     async def detach(self, vm_id: str, links: VmLinks | None) -> None:
         """Remove a VM's chains and links (also after a re-attach, found by the VM's key)."""
+        self._links.pop(vm_id, None)
         if links is not None and links.watcher is not None:
             links.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -136,6 +280,7 @@ class Networks:
 
     async def reconcile(self, known: Sequence[str]) -> None:
         """Remove what a crashed supervisor left of VMs that are gone."""
+        self._reconciled = True
         done = await asyncio.to_thread(self.host.reconcile, known)
         if any((done.links, done.chains, done.dnsmasq, done.bridges)):
             log.info("reconciled networking: %s", done)
@@ -149,3 +294,16 @@ class Networks:
     def managed(self) -> Mapping[str, Path]:
         """Managed network names and their state dirs."""
         return {name: self.host.state_dir / name for name in self.settings.networks}
+
+
+def _changed(old: GuestAddresses, new: GuestAddresses) -> bool:
+    """True if ``new`` should replace ``old``: a look-up where the agent did not
+    answer this once (leases: IPv4 only) does not take addresses away."""
+    if not new or set(new.addresses) == set(old.addresses):
+        return False
+    return not (new.source != old.source and set(new.addresses) < set(old.addresses))
+
+
+def address_file(runtime_dir: Path) -> Path:
+    """Where a VM's addresses are written (read by :func:`~vmdriver.runtime.netconfig.saved_addresses`)."""
+    return runtime_dir / ADDRESSES_FILE

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,6 +132,19 @@ class Supervisor:
     def record(self, vm_id: str) -> VMRecord:
         """What a later supervisor needs to re-attach (Nomad's driver_state)."""
         return self._get(vm_id).vm.record()
+
+    async def wait_addresses(self, vm_id: str, timeout: float) -> tuple[str, ...]:
+        """The guest's addresses on tap NICs, waiting up to ``timeout`` for the first."""
+        links = self._get(vm_id).links
+        if links is None:
+            return ()
+        return tuple(str(a) for a in (await links.wait(timeout)).addresses)
+
+    def on_addresses(self, vm_id: str, listener: Callable[[tuple[str, ...]], None]) -> None:
+        """Call ``listener`` with the guest's addresses each time they change (tap NICs)."""
+        links = self._get(vm_id).links
+        if links is not None:
+            links.listeners.append(lambda found: listener(tuple(map(str, found.addresses))))
 
     def agent(self, vm_id: str) -> GuestAgent:
         """The VM's guest agent (its calls fail clearly when the task has none)."""
@@ -248,11 +261,17 @@ class Supervisor:
             raise
         owned = _Owned(vm, helpers, prep.ctx.accelerator, tuple(warnings), links)
         if links is not None:
-            def found(addrs: GuestAddresses) -> None:
-                owned.addresses = tuple(str(a) for a in addrs.addresses)
-
-            self.networks.publish_later(links, prep.spec, None, found)
+            self._watch_addresses(owned)
         return self._own(owned)
+
+    def _watch_addresses(self, owned: _Owned) -> None:
+        """Discovery for the VM's life; ``owned.addresses`` follows it (Nomad, `ps`)."""
+        assert owned.links is not None
+
+        def found(addrs: GuestAddresses) -> None:
+            owned.addresses = tuple(str(a) for a in addrs.addresses)
+
+        self.networks.watch_vm(owned.links, owned.vm, found)
 
     def _own(self, owned: _Owned) -> VMInfo:
         self._vms[owned.vm.id] = owned
@@ -287,8 +306,17 @@ class Supervisor:
             await stop_helpers(helpers)
             cgroup.remove(record.cgroups_created)
             shutil.rmtree(record.runtime_dir, ignore_errors=True)
+            if any(n.get("kind") in ("tap", "macvtap") for n in record.spec.get("nics", ())):
+                await self.networks.detach(record.id, None)  # its chains, a macvtap link
             raise
-        return self._own(_Owned(vm, helpers, "kvm" if "-enable-kvm" in record.argv else "tcg"))
+        owned = _Owned(vm, helpers, "kvm" if "-enable-kvm" in record.argv else "tcg")
+        if _has_taps(vm.spec):
+            # Also removes what the dead supervisor left of gone VMs, and runs the
+            # managed networks' dnsmasq under this supervisor from now on.
+            owned.links = await self.networks.recover(vm.id, vm.spec)
+            if owned.links is not None:
+                self._watch_addresses(owned)
+        return self._own(owned)
 
     # Section: stopping
 
