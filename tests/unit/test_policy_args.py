@@ -110,7 +110,8 @@ def test_config_pulling_options_refused_even_without_allowlist(
 ])
 def test_monitor_on_a_character_device_needs_monitor_listed(
         args: list[str], dirs: tuple[Path, Path, Path]) -> None:
-    refused(args, dirs, "a monitor on a character device \\('mon:'\\) is refused")
+    refused(args, dirs, "a monitor on a character device \\('mon:'\\) is refused",
+            allow=(args[0],))
     run(args, dirs, (args[0], "-monitor"))
 
 
@@ -147,7 +148,7 @@ ESCAPING_VALUES: list[tuple[list[str], str, str]] = [
     # QEMU's JSON takes single quotes too.
     (["-blockdev", "{'driver':'file','filename':'/etc/shadow'}"], f"-blockdev {OUTSIDE}",
      "/etc/shadow"),
-    (["-blockdev", "driver=vvfat,dir=/etc"], f"-blockdev {OUTSIDE}", "/etc"),
+    (["-blockdev", "driver=vvfat,dir=/etc"], "block driver 'vvfat' is refused", "/etc"),
     (["-kernel", "/boot/vmlinuz-other"], f"-kernel {OUTSIDE}", "/boot/vmlinuz-other"),
     (["-initrd", "../../x"], f"-initrd {CLIMB}", "../../x"),
     # A multiboot kernel reads -initrd as a module list; each module is a file.
@@ -190,7 +191,7 @@ ESCAPING_VALUES: list[tuple[list[str], str, str]] = [
      f"-object {OUTSIDE}", "/etc/shadow"),
     (["-object", "rng-random,id=r,filename=/etc/shadow"], f"-object {OUTSIDE}", "/etc/shadow"),
     (["-netdev", "user,id=n,tftp=/etc"], f"-netdev {OUTSIDE}", "/etc"),
-    (["-netdev", "user,id=n,smb=/"], f"-netdev {OUTSIDE}", "/"),
+    (["-netdev", "user,id=n,smb=/"], "smb= is refused: it makes QEMU run smbd", "/"),
     (["-netdev", "user,id=n,guestfwd=tcp:10.0.2.100:1234-file:/etc/passwd"],
      f"-netdev {OUTSIDE}", "/etc/passwd"),
     (["-netdev", "user,id=n,guestfwd=tcp:10.0.2.100:1234-file:/etc/pass,,wd"],
@@ -248,11 +249,23 @@ ESCAPING_VALUES: list[tuple[list[str], str, str]] = [
 
 @pytest.mark.parametrize("args,match,path", ESCAPING_VALUES,
                          ids=lambda a: " ".join(a)[:60] if isinstance(a, list) else "")
-def test_paths_in_values_obey_image_paths_without_allowlist(
+def test_paths_in_allowed_options_obey_the_path_policy(
         args: list[str], match: str, path: str, dirs: tuple[Path, Path, Path]) -> None:
-    message = refused(args, dirs, re.escape(match))
+    """With an allowlist naming the option, its paths still obey the path policy."""
+    allow = ("-snapshot", *(a for a in args if a.startswith("-")))
+    message = refused(args, dirs, re.escape(match), allow=allow)
     assert path in message, message
     assert f"args[{len(args) - 1}]" in message  # names the element holding the path
+
+
+@pytest.mark.parametrize("args,match,path", ESCAPING_VALUES,
+                         ids=lambda a: " ".join(a)[:60] if isinstance(a, list) else "")
+def test_escaping_values_refused_without_allowlist(
+        args: list[str], match: str, path: str, dirs: tuple[Path, Path, Path]) -> None:
+    """The default set refuses each of them too: by option, by key, or by the path policy."""
+    with pytest.raises(InputError) as info:
+        run(args, dirs)
+    assert "\n" not in str(info.value) and str(info.value).startswith("args[")
 
 
 @pytest.mark.parametrize("args,match", [
@@ -283,31 +296,68 @@ def test_values_qemu_cannot_parse_are_refused_with_its_reason(
     refused(args, dirs, re.escape(match), allow=(args[0],), cls=SpecError)
 
 
-@pytest.mark.parametrize("args", [
+#: What Nomad qemu jobs use: passes with no allowlist at all (the default set).
+DEFAULT_SET_OK = [
     ["-drive", "file=local/data.img,if=virtio,format=raw"],
     ["-drive", "file=/IMAGES/base.img,if=virtio,readonly=on"],
-    ["-drive", "file=file:local/data.img"],
+    ["-drive", "file=file:local/data.img"], ["-drive", "file=local/we,,ird.img"],
     ["-blockdev", '{"driver":"file","node-name":"f","filename":"local/d.img"}'],
+    ["-blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename=local/d.qcow2"],
     ["-kernel", "local/vmlinuz", "-initrd", "local/initrd", "-append", "console=ttyS0 root=/x"],
-    ["-initrd", "local/mod1 arg=x,local/mod2"], ["-k", "en-us"],
-    ["-bios", "bios-256k.bin"], ["-device", "virtio-rng-pci"], ["-smp", "2"], ["-m", "512"],
+    ["-initrd", "local/mod1 arg=x,local/mod2"],
+    ["-device", "virtio-rng-pci"], ["-smp", "2"], ["-smp", "cpus=2,sockets=1,cores=2"],
+    ["-m", "512"], ["-m", "1G"],
     ["-object", "rng-random,id=r,filename=/dev/urandom"],
+    ["-object", "memory-backend-ram,id=m0,size=256M"],
     ["-fw_cfg", "name=opt/vmdriver/mode,string=ignore-acpi"],
-    ["-chardev", "file,id=c,path=local/serial.log"], ["-serial", "file:local/serial.log"],
-    ["-chardev", "file,id=c,path=local/a,,b.log"], ["-serial", "file:local/a,b.log"],
-    ["-serial", "stdio"], ["-serial", "tcp::4555,server,nowait"], ["-serial", "none"],
-    ["-serial", "chardev:c0"], ["-vga", "none"], ["-display", "none"],
+    ["-fw_cfg", "name=opt/vmdriver/blob,file=local/blob"],
+    ["-chardev", "file,id=c,path=local/serial.log"], ["-chardev", "file,id=c,path=local/a,,b.log"],
+    ["-chardev", "socket,id=c,path=local/agent.sock,server=on,wait=off"],
+    ["-serial", "stdio"], ["-serial", "none"], ["-serial", "null"], ["-serial", "chardev:c0"],
+    ["-vga", "none"], ["-vga", "std"], ["-display", "none"], ["-nographic"],
+    ["-netdev", "user,id=n,restrict=on,hostname=vm"], ["-nic", "user,model=virtio-net-pci"],
+    ["-device", "virtio-net-pci,netdev=n,mac=52:54:00:12:34:56"],
+    ["-device", '{"driver":"virtio-blk-pci","drive":"d0","bootindex":1}'],
+    ["-nodefaults", "-no-reboot"], ["-name", "/look/like/a/path"],
+    ["-boot", "order=c,menu=off"], ["-rtc", "base=utc,clock=host"],
+    ["-machine", "q35,smm=off"], ["-cpu", "max,+sse4.2,-x2apic"], ["-usbdevice", "tablet"],
+    ["-overcommit", "cpu-pm=off"], ["-smbios", "type=1,serial=ds=nocloud"],
+]
+
+#: Legitimate, but only with an allowlist naming the option (paths still checked).
+ALLOWLIST_OK = [
+    ["-k", "en-us"], ["-bios", "bios-256k.bin"], ["-serial", "file:local/serial.log"],
+    ["-serial", "file:local/a,b.log"], ["-serial", "tcp::4555,server,nowait"],
     ["-netdev", "user,id=n,hostfwd=tcp::2222-:22"], ["-netdev", "tap,id=n,script=no"],
     ["-netdev", "user,id=n,guestfwd=tcp:10.0.2.100:80-chardev:c0"],
     ["-netdev", "user,id=n,guestfwd=tcp:10.0.2.100:80-file:local/fwd.log"],
-    ["-nodefaults", "-no-reboot"], ["-name", "/look/like/a/path"],
-    ["-drive", "file=local/we,,ird.img"], ["local/disk2.img"],
-    ["-pidfile", "/IMAGES/../a/t/q.pid"], ["-acpitable", "local/a.bin"],
-    ["-machine", "q35,accel=tcg"], ["-cpu", "max,+sse4.2,-x2apic"],
-])
-def test_legitimate_values_pass(args: list[str], dirs: tuple[Path, Path, Path]) -> None:
+    ["-snapshot", "local/disk2.img"], ["-pidfile", "/IMAGES/../a/t/q.pid"],
+    ["-acpitable", "local/a.bin"], ["-machine", "q35,accel=tcg"],
+]
+
+
+@pytest.mark.parametrize("args", DEFAULT_SET_OK)
+def test_default_set_passes_without_allowlist(args: list[str],
+                                              dirs: tuple[Path, Path, Path]) -> None:
     images = str(dirs[2])
     run([a.replace("/IMAGES", images) for a in args], dirs)
+
+
+@pytest.mark.parametrize("args", ALLOWLIST_OK + DEFAULT_SET_OK)
+def test_legitimate_values_pass_with_allowlist(args: list[str],
+                                               dirs: tuple[Path, Path, Path]) -> None:
+    images = str(dirs[2])
+    allow = tuple(a for a in args if a.startswith("-"))
+    run([a.replace("/IMAGES", images) for a in args], dirs, allow)
+
+
+@pytest.mark.parametrize("args", ALLOWLIST_OK)
+def test_outside_the_default_set_needs_allowlist(args: list[str],
+                                                 dirs: tuple[Path, Path, Path]) -> None:
+    images = str(dirs[2])
+    message = refused([a.replace("/IMAGES", images) for a in args], dirs,
+                      "not in the safe set|bare disk image")
+    assert message.startswith("args[")
 
 
 def test_allowed_drive_still_cannot_reach_shadow(dirs: tuple[Path, Path, Path]) -> None:
@@ -325,6 +375,8 @@ def test_option_only_the_binary_knows_is_checked_both_ways(
 
     task, alloc, images = dirs
     host = HostConfig(image_paths=(str(images),), state_dir=Path("/tmp"))
+    host = HostConfig(image_paths=(str(images),), state_dir=Path("/tmp"),
+                      args_allowlist=("-new-option",))
     check_args(("-new-option", "local/x"), host, task_dir=task, alloc_dir=alloc, arity=arity)
     for value in ("/etc/shadow", "a=1,file=/etc/shadow"):
         with pytest.raises(PolicyError, match="-new-option path leads outside"):

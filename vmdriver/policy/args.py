@@ -8,6 +8,11 @@ Policy then decides on that reading:
 
 * an option must be in ``args_allowlist`` when one is set, and the options in
   :data:`REFUSED_UNLESS_LISTED` must be listed even when none is;
+* without an allowlist, options and their keys must be in the safe set of
+  :mod:`vmdriver.policy.safeset` (default-deny);
+* block drivers that reach the network (``driver=http``, ``nbd``...) are refused
+  in every key of every option, and ``-m``, ``-smp`` and memory backends are
+  bounded by the host config (:mod:`vmdriver.policy.bounds`);
 * every host file a value names must pass
   :func:`~vmdriver.policy.paths.resolve_allowed`, and every disk image too;
 * keys naming programs (``script=``, ``guestfwd=...-cmd:``) or file descriptors
@@ -24,12 +29,15 @@ from pathlib import Path
 
 from vmdriver.errors import PolicyError, SpecError
 from vmdriver.host.config import HostConfig
+from vmdriver.policy import safeset
+from vmdriver.policy.bounds import ArgBounds
 from vmdriver.policy.paths import PathPolicy, local_path, resolve_allowed
 from vmdriver.qemu import options as o
 from vmdriver.qemu.cmdline import (
     Arity,
     Kind,
     OptionSyntaxError,
+    Pair,
     Scalar,
     option_pairs,
     parse_argv,
@@ -83,6 +91,7 @@ class ArgsChecker:
         #: Asked about options missing from QEMU 7.2's tables (a newer binary's).
         self.ask = arity
         self.image_check = image_check
+        self.bounds = ArgBounds(host)
 
     def check(self, args: tuple[str, ...]) -> None:
         """Read ``args`` as QEMU will; raise on the first element policy refuses."""
@@ -115,6 +124,11 @@ class ArgsChecker:
         if self.allow and not listed:
             raise PolicyError("flag is not in args_allowlist", where=here, value=arg,
                               allowed=self.allowlist_text)
+        if not self.allow and name not in safeset.SAFE_OPTIONS:
+            raise PolicyError(f"option -{name} is not in the safe set jobs may use without "
+                              "an args_allowlist", where=here, value=arg,
+                              allowed="the options listed in docs/policy.md (Default set), "
+                              "or an operator's args_allowlist")
 
     # Section: values
 
@@ -123,6 +137,10 @@ class ArgsChecker:
         if value.strip().startswith("-"):
             raise SpecError("QEMU reads this as a disk image file name, not as an option "
                             "(an option has no spaces around it)", where=here, value=value)
+        if not self.allow:
+            raise PolicyError("a bare disk image (QEMU probes its format) is not in the safe "
+                              "set", where=here, value=value,
+                              allowed="-drive file=...,format=..., or an args_allowlist")
         self._path(value, here, block=True, option="hda")
 
     def _value(self, name: str, value: str, here: str) -> None:
@@ -135,8 +153,41 @@ class ArgsChecker:
             # An option only the binary knows: its value may name a file either way.
             self._path(value, here, block=True, option=name)
             pairs += split_opts(value)
+        if not self.allow:
+            self._safe_pairs(name, pairs, here, value)
+        self.bounds.check(name, pairs, where=here, value=value)
         for key, val in pairs:
+            self._network(key, val, here, value)
             self._pair(name, key, val, here, value)
+
+    def _safe_pairs(self, option: str, pairs: list[Pair], here: str, value: str) -> None:
+        """Default-deny: every key (and listed value) must be in the option's safe rule."""
+        rule = safeset.SAFE_OPTIONS[option]
+        for raw_key, val in pairs:
+            key = safeset.safe_key(rule, raw_key.strip().replace("_", "-").lower())
+            if key is None:
+                raise PolicyError(f"-{option} key {raw_key!r} is not in the safe set jobs may "
+                                  "use without an args_allowlist", where=here, value=value,
+                                  allowed=_listing(rule.keys) or "no keys")
+            if not safeset.value_allowed(rule, key, val):
+                raise PolicyError(f"-{option} {key}={val} is not in the safe set jobs may use "
+                                  "without an args_allowlist", where=here, value=value,
+                                  allowed=_listing(rule.values[key]))
+            if option == "fw_cfg" and key == "name" and not safeset.fw_cfg_name_ok(val):
+                raise PolicyError("-fw_cfg names a job may set start with opt/", where=here,
+                                  value=value, allowed="name=opt/...")
+
+    def _network(self, raw_key: str, val: Scalar, here: str, value: str) -> None:
+        """Refuse block drivers that make the host connect somewhere (SSRF), in any option."""
+        key = o.normalize_key(raw_key)
+        text = val.strip().lower() if isinstance(val, str) else ""
+        if key == "driver" and text in safeset.NETWORK_BLOCK_DRIVERS:
+            raise PolicyError(f"block driver {text!r} is refused: it makes the host open a "
+                              "network connection or a host device", where=here, value=value,
+                              allowed="local image files (driver=file and image formats)")
+        if key == "smb" and text:
+            raise PolicyError("smb= is refused: it makes QEMU run smbd on a host directory",
+                              where=here, value=value)
 
     def _pair(self, option: str, raw_key: str, val: Scalar, here: str, value: str) -> None:
         key = o.normalize_key(raw_key)
@@ -169,6 +220,13 @@ class ArgsChecker:
                                    devices_ok=True)
         if block and self.image_check is not None and os.path.isfile(resolved):
             self.image_check(resolved, None, here)
+
+
+def _listing(names: frozenset[str]) -> str:
+    """A short list in full; a long one (the device drivers) by where it is documented."""
+    if len(names) > 16:
+        return "the list in docs/policy.md (Default set)"
+    return ", ".join(sorted(names))
 
 
 def check_args(args: tuple[str, ...], host: HostConfig, *, where: str = "args",
