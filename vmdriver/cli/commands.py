@@ -16,6 +16,7 @@ from vmdriver.artifacts import (
     fetch_artifacts_async,
     progress_display,
 )
+from vmdriver.cli.guest import RunExtras
 from vmdriver.cli.main import err_console, print_json
 from vmdriver.errors import InputError, VmdriverError
 from vmdriver.host.config import HostConfig
@@ -98,6 +99,7 @@ async def _run(args: argparse.Namespace, host: HostConfig, plans: list[TaskPlan]
     sup = Supervisor(host)
     ready_re = re.compile(args.ready) if args.ready else None
     consoles: list[asyncio.Task[None]] = []
+    extras = RunExtras(sup, _status, getattr(args, "metrics", None))
 
     def started(req: LaunchRequest, info: VMInfo, seconds: float) -> None:
         plan = by_id[req.vm_id]
@@ -107,8 +109,10 @@ async def _run(args: argparse.Namespace, host: HostConfig, plans: list[TaskPlan]
         consoles.append(asyncio.create_task(
             _console(plan, info.stdout, len(plans) > 1, args.quiet, ready_re),
             name=f"console of {plan.task.name}"))
+        extras.started(req.vm_id, plan.task.name, info, seconds)
 
     hooks = RunHooks(started=started, stopping=lambda: _status("stopping (again to kill)"))
+    outcome = None
     try:
         outcome = await run_vms(sup, [p.request(host.state_dir) for p in plans], hooks)
     except BaseException:
@@ -117,6 +121,7 @@ async def _run(args: argparse.Namespace, host: HostConfig, plans: list[TaskPlan]
     finally:
         for task in consoles:
             task.cancel()
+        extras.finish(outcome)
     for req, res in outcome.results:
         style = "green" if res.successful else "red"
         err_console.print(f"[bold cyan]vmdriver[/]: task {by_id[req.vm_id].task.name!r}: "

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="do not echo the serial console")
     run.add_argument("--keep-volumes", action="store_true",
                      help="keep the storage pool volumes of virt tasks when the run ends")
+    run.add_argument("--metrics", metavar="ADDR",
+                     help="serve Prometheus metrics on ADDR (HOST:PORT), see docs/metrics.md")
     common(run)
 
     argv = sub.add_parser("argv", help="print the QEMU argv of each qemu task of a job file")
@@ -72,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     stop.add_argument("--all", action="store_true", help="stop every VM in the state dir")
     stop.add_argument("--timeout", type=float, help="seconds to wait (default: kill_timeout)")
     common(stop)
+
+    from vmdriver.cli.guest import add_parsers
+
+    add_parsers(sub, common)
 
     ps = sub.add_parser("ps", help="list VMs running from the state dir")
     ps.add_argument("--json", action="store_true")
@@ -102,11 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vmdriver.cli.runner import cmd_runner
 
         return cmd_runner(args)
-    from vmdriver.cli import commands
+    from vmdriver.cli import commands, guest
 
     handler = {
         "run": commands.cmd_run, "argv": commands.cmd_argv, "fingerprint": commands.cmd_fingerprint,
         "stop": commands.cmd_stop, "ps": commands.cmd_ps,
+        "exec": guest.cmd_exec, "signal": guest.cmd_signal,
     }[args.command]
     try:
         host = load_host(args)

@@ -20,12 +20,13 @@ from google.protobuf import timestamp_pb2
 
 from vmdriver.errors import InputError
 from vmdriver.host.fingerprint import fingerprint
-from vmdriver.nomad import hclspec
+from vmdriver.nomad import execstream, hclspec
 from vmdriver.nomad.base import PluginState
 from vmdriver.nomad.proto import driver_pb2 as pb
 from vmdriver.nomad.proto import driver_pb2_grpc, structs_pb2
 from vmdriver.nomad.status import rpc, stream
 from vmdriver.nomad.taskconfig import plan_start
+from vmdriver.runtime.guest_stats import GuestMemory, GuestStatsSampler, spec_of
 from vmdriver.runtime.state import ExitResult
 from vmdriver.runtime.stats import ProcessSample, ProcessSampler
 
@@ -67,6 +68,21 @@ def usage(sample: ProcessSample) -> pb.TaskResourceUsage:
     )
 
 
+def guest_usage(mem: GuestMemory) -> pb.TaskResourceUsage:
+    """The guest's own memory view (balloon statistics, bytes), as a pseudo-process "guest".
+
+    rss: used by the guest (neither free nor cache), cache: its page cache and
+    buffers, usage: total minus free. Nomad has no fields for block or network I/O:
+    those are in the Prometheus metrics (docs/metrics.md).
+    """
+    fields = [pb.MemoryUsage.RSS, pb.MemoryUsage.CACHE, pb.MemoryUsage.USAGE]
+    return pb.TaskResourceUsage(
+        cpu=pb.CPUUsage(measured_fields=[]),
+        memory=pb.MemoryUsage(rss=mem.used, cache=mem.caches, usage=mem.total - mem.free,
+                              measured_fields=fields),
+    )
+
+
 class DriverService(driver_pb2_grpc.DriverServicer):
     """``hashicorp.nomad.plugins.drivers.proto.Driver``."""
 
@@ -77,8 +93,12 @@ class DriverService(driver_pb2_grpc.DriverServicer):
 
     @rpc
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> pb.InitResponse:
-        """Nothing to do: the plugin is ready once SetConfig ran."""
+        """The plugin is ready once SetConfig ran; the metrics endpoint starts here if asked for."""
+        self.state.loop.call(self._start_metrics())
         return pb.InitResponse()
+
+    async def _start_metrics(self) -> None:
+        self.state.tasks.ensure_metrics()
 
     @rpc
     def TaskConfigSchema(self, request: pb.TaskConfigSchemaRequest,
@@ -89,9 +109,9 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     @rpc
     def Capabilities(self, request: pb.CapabilitiesRequest,
                      context: grpc.ServicerContext) -> pb.CapabilitiesResponse:
-        """Honest capabilities: no signals, no exec (not implemented yet); host networking."""
+        """Signals and exec go through the guest agent (tasks without one get a clear error)."""
         caps = pb.DriverCapabilities(
-            send_signals=False, exec=False, fs_isolation=pb.DriverCapabilities.NONE,
+            send_signals=True, exec=True, fs_isolation=pb.DriverCapabilities.NONE,
             network_isolation_modes=[pb.NetworkIsolationSpec.HOST],
             mount_configs=pb.DriverCapabilities.NO_MOUNTS,
         )
@@ -223,7 +243,12 @@ class DriverService(driver_pb2_grpc.DriverServicer):
     @stream
     def TaskStats(self, request: pb.TaskStatsRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.TaskStatsResponse]:
-        """QEMU's CPU and memory every ``collection_interval``, until the VM ends."""
+        """QEMU's CPU and memory every ``collection_interval``, until the VM ends.
+
+        ``agg_resource_usage`` is QEMU as the host accounts it (what the task's memory
+        limit counts); with a balloon, ``resource_usage_by_pid["guest"]`` is the
+        guest's own memory view.
+        """
         task = self.state.tasks.get(request.task_id)
         interval = request.collection_interval.ToTimedelta().total_seconds()
         interval = interval if interval > 0 else DEFAULT_STATS_INTERVAL_S
@@ -231,20 +256,45 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         if pid is None:
             return
         ended = _ended(context)
+        guest = self._guest_sampler(task.id)
         try:
             sampler = ProcessSampler(pid)
             while not ended.is_set() and self.state.tasks.info(task.id).result is None:
                 sample = sampler.sample()
+                by_pid = {str(pid): usage(sample)}
+                mem = self._guest_memory(guest, interval)
+                if mem is not None:
+                    by_pid["guest"] = guest_usage(mem)
                 stats = pb.TaskStats(
                     id=task.id,
                     timestamp=_ts(sample.timestamp),
                     agg_resource_usage=usage(sample),
-                    resource_usage_by_pid={str(pid): usage(sample)},
+                    resource_usage_by_pid=by_pid,
                 )
                 yield pb.TaskStatsResponse(stats=stats)
                 ended.wait(interval)
         except psutil.NoSuchProcess:
             return
+
+    def _guest_sampler(self, task_id: str) -> GuestStatsSampler | None:
+        sup = self.state.tasks.supervisor
+        try:
+            spec = spec_of(sup, task_id)
+        except Exception:  # a VM without a record (gone): QEMU's numbers only
+            return None
+        if not spec.balloon:
+            return None
+        return GuestStatsSampler(task_id, spec, lambda c, a: sup.qmp(task_id, c, a))
+
+    def _guest_memory(self, sampler: GuestStatsSampler | None,
+                      interval: float) -> GuestMemory | None:
+        if sampler is None:
+            return None
+        try:
+            return self.state.loop.call(sampler.sample(), timeout=max(interval, 2.0)).memory
+        except Exception as exc:  # guest numbers are a bonus: never end the stream for them
+            log.debug("guest stats of %s: %s", sampler.vm_id, exc)
+            return None
 
     @stream
     def TaskEvents(self, request: pb.TaskEventsRequest,
@@ -270,27 +320,29 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         finally:
             events.unsubscribe(sub)
 
-    # Section: not implemented (Capabilities says so)
+    # Section: into the guest, through its agent
 
     @rpc
     def SignalTask(self, request: pb.SignalTaskRequest,
                    context: grpc.ServicerContext) -> pb.SignalTaskResponse:
-        """Not yet: Capabilities.send_signals is false."""
-        raise NotImplementedError("the vmdriver plugin does not send signals to VMs yet")
+        """SIGTERM/SIGINT: guest shutdown; others: to the guest's processes (guestsignal)."""
+        self.state.loop.call(self.state.tasks.signal(request.task_id, request.signal), context)
+        return pb.SignalTaskResponse()
 
     @rpc
     def ExecTask(self, request: pb.ExecTaskRequest,
                  context: grpc.ServicerContext) -> pb.ExecTaskResponse:
-        """Not yet: Capabilities.exec is false."""
-        raise NotImplementedError("the vmdriver plugin cannot exec in VMs yet")
+        """Run a command in the guest (script checks): all output and the exit code at the end."""
+        return execstream.exec_unary(self.state, request, context)
 
     @stream
     def ExecTaskStreaming(self, request_iterator: Iterator[pb.ExecTaskStreamingRequest],
                           context: grpc.ServicerContext,
                           ) -> Iterator[pb.ExecTaskStreamingResponse]:
-        """Not yet: Capabilities.exec is false."""
-        raise NotImplementedError("the vmdriver plugin cannot exec in VMs yet")
-        yield pb.ExecTaskStreamingResponse()  # a generator, like every stream handler
+        """`nomad alloc exec`: stdin in, stdout/stderr out as they come, then the exit code."""
+        yield from execstream.exec_streaming(self.state, request_iterator, context)
+
+    # Section: not used (Capabilities says so)
 
     @rpc
     def CreateNetwork(self, request: pb.CreateNetworkRequest,

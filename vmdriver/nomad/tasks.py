@@ -17,12 +17,19 @@ import os
 import queue
 import stat
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmdriver.errors import InputError, LaunchError, TaskNotFound
+from vmdriver.errors import InputError, LaunchError, StateError, TaskNotFound
 from vmdriver.nomad.taskconfig import StartPlan
+from vmdriver.qemu.agent import GuestAgent
+from vmdriver.runtime import guestexec
+from vmdriver.runtime.guest_stats import spec_of
+from vmdriver.runtime.guestsignal import SignalOutcome, signal_guest
+from vmdriver.runtime.guestwatch import GuestWatch
+from vmdriver.runtime.metrics import VmMetrics
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitResult
 from vmdriver.runtime.supervisor import Supervisor, VMInfo
@@ -44,6 +51,8 @@ class Task:
     completed_at: float | None = None
     oom_killed: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: Watches the guest come up (ready, agent, IP) for task events.
+    guest_watch: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,9 @@ class TaskTable:
         self.supervisor = supervisor
         self.events = events
         self._tasks: dict[str, Task] = {}
+        #: The Prometheus endpoint, once ``metrics_address`` asked for one.
+        self.metrics: VmMetrics | None = None
+        self._metrics_poller: asyncio.Task[None] | None = None
 
     def get(self, task_id: str) -> Task:
         """The task with this id; :class:`TaskNotFound` otherwise."""
@@ -140,8 +152,12 @@ class TaskTable:
             raise InputError("task is already started", where=plan.task_id)
         _check_log_fifo(plan.stdout)
         _check_log_fifo(plan.stderr)
+        self.ensure_metrics()
+        t0 = time.monotonic()
         info = await self.supervisor.start(plan.request(self.supervisor.host.state_dir))
         task = Task(plan.task_id, plan.alloc_id, plan.name)
+        if self.metrics is not None:
+            self.metrics.started(task.id, task.name, time.monotonic() - t0)
         self._register(task)
         self.events.emit(task, f"VM started (pid {info.pid}, {info.accelerator})",
                          accelerator=info.accelerator)
@@ -159,6 +175,7 @@ class TaskTable:
             info = state["task"]
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"driver_state is not vmdriver's: {exc}", where=task_id) from None
+        self.ensure_metrics()
         vm = await self.supervisor.recover(record)  # VMInfo
         task = Task(task_id or info["id"], info.get("alloc_id", ""), info.get("name", record.task))
         self._register(task)
@@ -168,6 +185,17 @@ class TaskTable:
     def _register(self, task: Task) -> None:
         self._tasks[task.id] = task
         task.watcher = asyncio.create_task(self._watch(task), name=f"nomad task {task.id}")
+        task.guest_watch = asyncio.create_task(self._watch_guest(task), name=f"guest of {task.id}")
+
+    async def _watch_guest(self, task: Task) -> None:
+        """Guest ready, agent connected, IP known: task events (and the boot time metric)."""
+        def emit(kind: str, message: str, annotations: dict[str, str]) -> None:
+            self.events.emit(task, message, **annotations)
+            if kind == "agent" and self.metrics is not None:
+                self.metrics.booted(task.id, float(annotations["seconds"]))
+
+        with contextlib.suppress(Exception):
+            await GuestWatch(self.supervisor, task.id, emit).run()
 
     async def _watch(self, task: Task) -> None:
         """Note the end of a VM: time, OOM kill, an event."""
@@ -183,7 +211,10 @@ class TaskTable:
         task.completed_at = time.time()
         task.oom_killed = result.signal == 9 and self.supervisor.oom_killed(task.id)
         text = result.describe() + (" (out of memory)" if task.oom_killed else "")
-        self.events.emit(task, f"VM exited: {text}", exit_code=str(result.exit_code))
+        if self.metrics is not None:
+            self.metrics.stopped(result.kind)
+        self.events.emit(task, f"VM exited: {text}", exit_code=str(result.exit_code),
+                         outcome=result.kind.name.lower())
 
     async def wait(self, task_id: str) -> ExitResult:
         """Block until the task's VM ends."""
@@ -204,6 +235,7 @@ class TaskTable:
         except ValueError:
             raise InputError("unsupported signal", where=task_id, value=signal,
                              allowed=[s.value for s in StopSignal]) from None
+        self.events.emit(task, "stopping the VM" + (f" (timeout {timeout:g}s)" if timeout else ""))
         await self.supervisor.stop(task.id, timeout, sig)
 
     async def destroy(self, task_id: str, force: bool) -> None:
@@ -215,6 +247,8 @@ class TaskTable:
             raise InputError("task is still running; stop it first or destroy with force",
                              where=task_id)
         await self.supervisor.destroy(task.id, force=force)
+        if task.guest_watch is not None:
+            task.guest_watch.cancel()
         if task.watcher is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task.watcher)
@@ -223,10 +257,60 @@ class TaskTable:
     async def detach_all(self) -> None:
         """Stop supervising every VM but leave them running (the plugin is going away)."""
         for task in self._tasks.values():
-            if task.watcher is not None:
-                task.watcher.cancel()
+            for watcher in (task.watcher, task.guest_watch):
+                if watcher is not None:
+                    watcher.cancel()
         await self.supervisor.detach_all()
         self._tasks.clear()
+
+    # Section: into the guest (exec, signals) and metrics
+
+    def agent(self, task_id: str) -> GuestAgent:
+        """The task's guest agent; a clear StateError if the task was started without one."""
+        task = self.get(task_id)
+        if not spec_of(self.supervisor, task.id).guest_agent:
+            raise StateError(f"of task {task.name!r}", "without a guest agent",
+                             "started with guest_agent = true (exec and signals go through it)")
+        return self.supervisor.agent(task.id)
+
+    async def exec(self, task_id: str, argv: list[str], on_output: guestexec.OutputSink, *,
+                   stdin: AsyncIterator[bytes] | None = None,
+                   timeout: float | None = None) -> guestexec.ExecResult:
+        """Run ``argv`` in the task's guest through its agent, output streamed as it comes."""
+        self._require_running(task_id)
+        agent = self.agent(task_id)
+        await guestexec.require_agent(agent, f"exec in task {self.get(task_id).name!r}")
+        return await guestexec.run(agent, argv, on_output, stdin=stdin, timeout=timeout)
+
+    async def signal(self, task_id: str, sig: str) -> SignalOutcome:
+        """Nomad's SignalTask: see vmdriver.runtime.guestsignal for what each signal means."""
+        self._require_running(task_id)
+        task = self.get(task_id)
+        outcome = await signal_guest(self.agent(task_id), sig,
+                                     powerdown=lambda: self.supervisor.qmp(task.id, "system_powerdown"))
+        self.events.emit(task, outcome.describe(), signal=outcome.signal)
+        return outcome
+
+    def _require_running(self, task_id: str) -> None:
+        info = self.info(task_id)
+        if info.result is not None:
+            raise StateError(f"of task {self.get(task_id).name!r}", "exited", "running")
+
+    def ensure_metrics(self) -> None:
+        """Serve metrics on the host config's ``metrics_address`` (once; none if empty)."""
+        addr = self.supervisor.host.metrics_address
+        if not addr or self.metrics is not None:
+            return
+        metrics = VmMetrics()
+        host, port = metrics.serve(addr)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        self.metrics = metrics
+        self._metrics_poller = asyncio.create_task(
+            metrics.poll(self.supervisor, self._task_name), name="metrics poller")
+
+    def _task_name(self, vm_id: str) -> str:
+        task = self.find(vm_id)
+        return task.name if task else vm_id
 
     def describe(self) -> dict[str, Any]:
         """A summary for logs."""

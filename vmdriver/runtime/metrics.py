@@ -62,7 +62,6 @@ class _Poll:
 
     process: ProcessSampler | None = None
     guest: GuestStatsSampler | None = None
-    counted_exit: bool = False
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -158,10 +157,7 @@ class VmMetrics(Collector):
             snap = self._vms.setdefault(vm_id, VmSnapshot(task))
             snap.state = info.state
         if info.result is not None:
-            if not poll.counted_exit:
-                poll.counted_exit = True
-                self.stopped(info.result.kind)
-            return
+            return  # the face counts the outcome (stopped()); nothing left to sample
         if info.pid is not None:
             with contextlib.suppress(psutil.Error):
                 poll.process = poll.process or ProcessSampler(info.pid)
