@@ -160,3 +160,22 @@ def test_full_pool_fails_the_create_and_leaves_it_as_it_was(
         assert pool_state(admin, FULL_POOL) == before
     finally:
         admin.shutdown()
+
+
+def test_keyring_free_whatever_the_environment_says(ceph_cluster: Cluster, work: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # librados parses CEPH_ARGS and friends when a client is created; the pool's own
+    # values (monitors, key, no keyring) must win, in the bindings and in qemu-img.
+    bogus = work / "bogus"
+    bogus.write_text("[global]\nmon_host = 127.0.0.1:1\n")
+    monkeypatch.setenv("CEPH_CONF", str(bogus))
+    monkeypatch.setenv("CEPH_KEYRING", str(bogus))
+    monkeypatch.setenv("CEPH_ARGS", f"--mon-host 127.0.0.1:1 --keyring {bogus} --id nobody")
+    src = make_image(work / "s.raw", "raw", 2 * MIB, b"data", 0)
+    alloc = secrets.token_hex(4)
+    with RbdPool(pool_config(ceph_cluster), timeout=5) as pool, \
+            SourceImage.open(src, fmt="raw", where="disk[0].source.image") as img:
+        req = pool.volume_request(DiskRequest(source=DiskSource(image="x")), alloc_id=alloc,
+                                  task="t", index=0, image=img)
+        assert pool.create_volume(req).size == 2 * MIB  # qemu-img wrote it through cephx
+        assert pool.remove_task_volumes(alloc, "t") == [f"{alloc}-t-0"]

@@ -2,7 +2,8 @@
 
 A path is allowed when, after resolving ``..`` and every symlink, it lies in:
 
-the task dir, the alloc dir or an ``image_paths`` entry. A relative path is
+the task dir, the allocation's shared ``alloc/`` dir or an ``image_paths`` entry.
+A sibling task's dir (its ``secrets/``) is not reachable through the alloc dir. A relative path is
 taken from the task dir (QEMU's working directory) and may not climb out of it
 with ``..``; a symlink may lead anywhere allowed, and nowhere else.
 
@@ -57,10 +58,21 @@ class PathPolicy:
     #: Dirs allowed for backing files only: the shared artifact cache. QEMU opens
     #: backing files read-only; a job can never name them as a writable image.
     backing_dirs: tuple[Path, ...] = ()
+    #: Dirs whose images are shared by jobs: never opened read-write (a job writes to a
+    #: per-task overlay instead). Set by :meth:`for_task` with ``shared_read_only``.
+    read_only_dirs: tuple[Path, ...] = ()
 
     @classmethod
-    def for_task(cls, task_dir: Path, alloc_dir: Path, host: HostConfig) -> PathPolicy:
-        """Resolve the task dir, alloc dir and ``image_paths`` once (the operator's symlinks count)."""
+    def for_task(cls, task_dir: Path, alloc_dir: Path, host: HostConfig, *,
+                 volume_dirs: tuple[Path, ...] = (),
+                 shared_read_only: bool = False) -> PathPolicy:
+        """Resolve the task dir, alloc dir and ``image_paths`` once (the operator's symlinks count).
+
+        ``volume_dirs`` are this VM's own image dirs (its pool volumes), writable;
+        with ``shared_read_only``, images under the operator's ``image_paths`` are
+        opened read-only whatever the drive asks.
+        """
+        shared = tuple(Path(os.path.realpath(p)) for p in host.image_paths)
         return cls(
             task_dir=Path(os.path.realpath(task_dir)),
             alloc_dir=Path(os.path.realpath(alloc_dir)),
@@ -81,12 +93,24 @@ class PathPolicy:
 
     def allowed(self) -> str:
         """Where a path may lead, for an error's ``allowed`` part."""
-        return ", ".join(["the task dir", "the alloc dir", *self.image_paths_text])
+        return ", ".join(["the task dir", "the alloc dir's shared alloc/",
+                          *self.image_paths_text])
+
+    @property
+    def shared_dir(self) -> Path:
+        """The allocation's shared ``alloc/`` dir: the only part of the alloc dir a task may name."""
+        return self.alloc_dir / "alloc"
 
     def contains(self, path: Path) -> bool:
-        """True if the resolved ``path`` lies in the task dir, alloc dir or an image path."""
-        bases = (self.task_dir, self.alloc_dir, *self.image_paths)
+        """True if the resolved ``path`` lies in the task dir, ``alloc/`` or an image path."""
+        bases = (self.task_dir, self.shared_dir, *self.image_paths)
         return any(_is_under(path, b) for b in bases)
+
+    def shared_image(self, path: Path) -> bool:
+        """True if ``path`` is an image other jobs boot too (read-only for this one)."""
+        own = (self.task_dir, self.shared_dir)
+        return not any(_is_under(path, b) for b in own) and \
+            any(_is_under(path, b) for b in self.read_only_dirs)
 
 
 def walk(path: Path, *, where: str, value: str) -> Path:
@@ -270,6 +294,10 @@ def _verify_open(image: OpenedImage, policy: PathPolicy, *, writable: bool, wher
         raise PolicyError("image changed while it was being opened", where=where, value=value)
     # O_NONBLOCK only guarded the open against a FIFO swapped in; QEMU wants blocking I/O.
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    if writable and policy.shared_image(Path(real)):
+        raise PolicyError("a shared image under image_paths is never opened for writing",
+                          where=where, value=value,
+                          allowed="a read-only drive, or a per-task overlay on the image")
     if writable:
         try:
             image.rw_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
