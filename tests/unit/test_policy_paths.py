@@ -12,7 +12,13 @@ import pytest
 
 from vmdriver.errors import InputError, PolicyError, SpecError
 from vmdriver.host.config import HostConfig
-from vmdriver.policy import PathPolicy, check_image_path, inspect_image, open_image
+from vmdriver.policy import (
+    PathPolicy,
+    check_image_path,
+    inspect_image,
+    open_image,
+    resolve_allowed,
+)
 from vmdriver.policy.images import checked_image
 
 
@@ -280,3 +286,42 @@ def test_raw_image_that_looks_like_qcow2_is_read_as_declared(tree: dict[str, Pat
     with pytest.raises(PolicyError, match=f"backing file leads outside the allowed dirs .*"
                        f"{tree['secret']}"):
         inspect_image(str(evil), policy, fmt=None, where="w", value="v", base_dir=evil.parent)
+
+
+# Section: allocation isolation and shared images
+
+
+def test_sibling_task_dir_is_not_reachable_through_the_alloc_dir(tmp_path: Path) -> None:
+    alloc = tmp_path / "alloc1"
+    mine, sibling = alloc / "web", alloc / "db"
+    for d in (mine / "local", sibling / "secrets", alloc / "alloc" / "data"):
+        d.mkdir(parents=True)
+    (sibling / "secrets" / "token").write_text("s3cret")
+    host = HostConfig(state_dir=Path("/tmp"))
+    policy = PathPolicy.for_task(mine, alloc, host)
+    for path in (str(sibling / "secrets" / "token"), "../db/secrets/token", str(alloc)):
+        with pytest.raises(PolicyError):
+            resolve_allowed(path, policy, where="w")
+    # A symlink the task plants in its own dir does not lead there either.
+    (mine / "local" / "s").symlink_to(sibling / "secrets" / "token")
+    with pytest.raises(PolicyError, match="outside the allowed dirs"):
+        resolve_allowed("local/s", policy, where="w")
+    assert resolve_allowed(str(alloc / "alloc" / "data"), policy, where="w") == \
+        (alloc / "alloc" / "data").resolve()
+
+
+def test_shared_images_are_never_opened_for_writing(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "base.img").write_bytes(b"\0" * 512)
+    task = tmp_path / "a" / "t"
+    task.mkdir(parents=True)
+    host = HostConfig(image_paths=(str(images),), state_dir=Path("/tmp"))
+    strict = PathPolicy.for_task(task, task.parent, host, shared_read_only=True)
+    with pytest.raises(PolicyError, match="never opened for writing"):
+        open_image(images / "base.img", strict, writable=True, where="w", value="base.img")
+    open_image(images / "base.img", strict, writable=False, where="w", value="b").close()
+    # A VM's own volume dir stays writable.
+    own = PathPolicy.for_task(task, task.parent, HostConfig(state_dir=Path("/tmp")),
+                              volume_dirs=(images,), shared_read_only=True)
+    open_image(images / "base.img", own, writable=True, where="w", value="b").close()
