@@ -13,6 +13,7 @@ from tests.storage_rbd.conftest import MIB, make_image, pool_state, read_image
 from vmdriver.errors import SpecError
 from vmdriver.storage.base import SourceImage, Volume
 from vmdriver.storage.disks import DiskRequest, DiskSource
+from vmdriver.storage.errors import StorageError
 from vmdriver.storage.rbd import RbdPool
 from vmdriver.storage.rbd_ops import BASE_SNAP, bindings, is_base
 
@@ -148,7 +149,7 @@ def test_read_only_and_reuse(rbd_pool: RbdPool, ceph_cluster: Cluster) -> None:
     assert vol.read_only and not vol.reused
     again = rbd_pool.create_volume(req, exist_ok=True)
     assert again.reused and again.name == vol.name
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(StorageError, match="already exists"):
         rbd_pool.create_volume(req)
     rbd_pool.remove_task_volumes(a, "web")
 
