@@ -109,7 +109,7 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
     schema = plugin.driver.TaskConfigSchema(pb.TaskConfigSchemaRequest(), timeout=5)
     assert "image_path" in schema.spec.object.attributes
     caps = plugin.driver.Capabilities(pb.CapabilitiesRequest(), timeout=5).capabilities
-    assert not caps.send_signals and not caps.exec
+    assert caps.send_signals and caps.exec  # through the guest agent (tests/guest)
 
     task, console = alloc.task("vm", guest_config(alloc, guest_dir), memory_mb=256, cpu_shares=700)
     resp = plugin.driver.StartTask(pb.StartTaskRequest(task=task), timeout=60)
@@ -149,10 +149,11 @@ def test_task_lifecycle(start_plugin: Callable[..., Plugin], alloc: Alloc, guest
     plugin.driver.DestroyTask(pb.DestroyTaskRequest(task_id=task.id, force=True), timeout=10)
     plugin.driver.DestroyTask(pb.DestroyTaskRequest(task_id=task.id, force=True), timeout=10)
 
-    messages = [stream_first(events, 5).message for _ in range(2)]
+    messages = [stream_first(events, 5).message for _ in range(3)]
     events.cancel()
     assert messages[0].startswith("VM started (pid"), messages
-    assert messages[1].startswith("VM exited"), messages
+    assert messages[1].startswith("stopping the VM"), messages
+    assert messages[2].startswith("VM exited"), messages
 
 
 def test_vm_survives_plugin_kill_and_shutdown(start_plugin: Callable[..., Plugin], alloc: Alloc,

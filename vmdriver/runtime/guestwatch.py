@@ -24,7 +24,7 @@ from typing import Any
 
 from vmdriver.errors import MonitorError, VmdriverError
 from vmdriver.qemu.agent import GuestAgent
-from vmdriver.runtime.guest_stats import spec_of
+from vmdriver.runtime.guest_stats import host_links, spec_of
 from vmdriver.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,21 @@ class GuestWatch:
 
     def __init__(self, sup: Supervisor, vm_id: str, emit: GuestEventSink) -> None:
         self.sup, self.vm_id, self.emit = sup, vm_id, emit
-        self.agent: GuestAgent | None = sup.agent(vm_id) if spec_of(sup, vm_id).guest_agent else None
-        self.ready = self.connected = self.ip_known = False
+        spec = spec_of(sup, vm_id)
+        self.agent: GuestAgent | None = sup.agent(vm_id) if spec.guest_agent else None
+        #: Tap NICs: the supervisor's discovery finds the addresses.
+        self.taps = bool(host_links(vm_id, spec))
+        self.ready = self.connected = False
+        #: A VM without NICs has no IP to wait for.
+        self.ip_known = all(nic.kind == "none" for nic in spec.nics)
 
     def _since_start(self) -> float:
         return max(0.0, time.time() - self.sup.info(self.vm_id).started_at)
 
     async def run(self, interval: float = WATCH_INTERVAL_S, limit: float = WATCH_LIMIT_S) -> None:
         """Poll until ready, connected (with an agent) and the IP are known, or the VM ends."""
+        if self.agent is None and not self.taps:
+            return  # nothing in this VM can tell us about its guest
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline and not self._done():
             try:
