@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.e2e.guest import READY, free_port, guest_spec, request
@@ -43,6 +44,8 @@ def test_boot_serve_agent_and_graceful_stop(host: HostConfig, guest_dir: Path) -
         req = request(host, "a/web", guest_spec("web", host_port=port, guest_agent=True), guest_dir)
         vm = await sup.start(req)
         assert vm.state is VMState.RUNNING
+        # Jailed (this host can build jails): QEMU runs as a uid of its own, no root.
+        assert vm.pid is not None and psutil.Process(vm.pid).uids().real >= 200000
         # The control plane lives in the runtime dir, outside the task dir.
         assert req.dirs.record.exists() and req.dirs.qmp_socket.exists()
         assert not list(req.dirs.task.path.rglob("*.sock"))
@@ -103,10 +106,12 @@ def test_qemu_crash_is_reported_with_exit_code(host: HostConfig) -> None:
         sup = Supervisor(host)
         vm = await sup.start(request(host, "a/crash", bare_spec("crash"), None))
         assert vm.pid is not None
-        os.kill(vm.pid, signal.SIGSEGV)
+        # SIGKILL: a jailed QEMU is its pid namespace's init, which the kernel shields
+        # from every other signal it has no handler for.
+        os.kill(vm.pid, signal.SIGKILL)
         result = await asyncio.wait_for(sup.wait("a/crash"), 30)
         assert result.kind is ExitKind.CRASHED
-        assert (result.exit_code, result.signal) == (128 + signal.SIGSEGV, signal.SIGSEGV)
+        assert (result.exit_code, result.signal) == (128 + signal.SIGKILL, signal.SIGKILL)
         assert not result.successful
 
     asyncio.run(main())
@@ -114,7 +119,8 @@ def test_qemu_crash_is_reported_with_exit_code(host: HostConfig) -> None:
 
 def test_qemu_failing_at_start_reports_exit_code_and_stderr(host: HostConfig) -> None:
     async def main() -> None:
-        sup = Supervisor(host)
+        # The operator allows -device: the bad driver gets to QEMU, which refuses it.
+        sup = Supervisor(host.model_copy(update={"args_allowlist": ("-device",)}))
         spec = VMSpec(name="bad", args=("-device", "no-such-device"))
         req = request(host, "a/bad", spec, None)
         with pytest.raises(LaunchError) as exc:
@@ -131,13 +137,14 @@ def test_reattach_after_supervisor_loss(host: HostConfig) -> None:
     async def main() -> None:
         first = Supervisor(host)
         vm = await first.start(request(host, "a/keep", bare_spec("keep"), None))
-        record, pid = first.record("a/keep"), vm.pid
+        # record.pid is the process this supervisor spawned (a jail's monitor, if jailed).
+        record, pid = first.record("a/keep"), first.record("a/keep").pid
         await first.detach_all()  # the supervisor goes away; QEMU must not
         assert pid is not None
         os.kill(pid, 0)
         second = Supervisor(host)
         again = await second.recover(record)
-        assert again.pid == pid
+        assert again.pid == vm.pid
         assert (await second.qmp("a/keep", "query-status"))["status"] == "running"
         result = await second.stop("a/keep")
         assert result.kind is ExitKind.STOPPED

@@ -104,6 +104,10 @@ class HostConfig(BaseModel):
     #: Accelerator of virt tasks (which have no field for it): ``auto`` uses KVM only
     #: where the KVM probe booted a kernel.
     virt_accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    #: QEMU in a jail (its own uid, no capabilities, a mount namespace of its own files):
+    #: ``required`` refuses to start a VM where this host cannot build one, ``preferred``
+    #: starts it unjailed with a warning, ``off`` never jails (and says so).
+    jail: Literal["required", "preferred", "off"] = "preferred"
     #: ``HOST:PORT`` of a Prometheus endpoint with the VMs' metrics (docs/metrics.md);
     #: empty: none.
     metrics_address: str = ""

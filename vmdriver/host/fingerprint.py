@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vmdriver.host.emulators import Emulator, emulator_version, find_emulators, normalize_emulator
 from vmdriver.host.kvm import KvmVerdict, cached_probe
+from vmdriver.jail.probe import probe
 
 
 @dataclass(frozen=True)
@@ -67,4 +68,7 @@ def fingerprint(
             "driver.qemu.emulators": ",".join(archs),
             "driver.qemu.kvm": kvm.usable,
         }
+        # What this host can confine QEMU with (jail, cgroups, seccomp), never silently.
+        jail = probe(str(found[archs[0]]))
+        attributes.update({f"driver.qemu.{k}": v for k, v in jail.as_dict().items()})
     return Fingerprint(emulators, kvm, attributes)

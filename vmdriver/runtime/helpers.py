@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -54,12 +55,18 @@ class Helper:
 
 
 async def start_helpers(specs: tuple[HelperSpec, ...], runtime_dir: Path,
-                        env: Mapping[str, str]) -> list[Helper]:
-    """Start every helper and wait until each is ready; on failure stop those started."""
+                        env: Mapping[str, str], *, owner: int | None = None) -> list[Helper]:
+    """Start every helper and wait until each is ready; on failure stop those started.
+
+    ``owner``: the jailed VM's uid, given each helper's socket once it is ready (the
+    helpers run as root and make their sockets private; QEMU must still connect).
+    """
     started: list[Helper] = []
     try:
         for spec in specs:
             started.append(await start_helper(spec, runtime_dir, env))
+            if owner is not None and spec.ready_socket is not None:
+                os.chown(spec.ready_socket, owner, owner)
     except BaseException:
         await stop_helpers(started)
         raise

@@ -232,12 +232,12 @@ def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: 
         opener.close()
         raise
     ctx = RenderContext(
-        binary=binary, accelerator=accel, runtime_dir=dirs.runtime, qmp_socket=dirs.qmp_socket,
+        binary=binary, accelerator=accel, runtime_dir=dirs.sockets, qmp_socket=dirs.qmp_socket,
         qga_socket=dirs.qga_socket, drives=drives, nic_fds=_preview_taps(spec) if preview else {},
         share_paths=shares, qmp_fd=None,
         sandbox=host.sandbox and supports_sandbox(binary, SANDBOX_ARG),
     )
-    helpers = helpers_for(spec, dirs.runtime, dirs.data, shares)
+    helpers = helpers_for(spec, dirs.sockets, dirs.data, shares)
     return Prepared(spec, ctx, helpers, reason, tuple(opener.created))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vmdriver.runtime.helpers import HelperRecord
+from vmdriver.runtime.jailing import JailRecord
 
 #: Format version, bumped on incompatible changes.
 RECORD_VERSION = 2
@@ -43,6 +44,9 @@ class VMRecord(BaseModel):
     cgroups_created: list[str] = []
     #: The face removes the task dir when the VM ends (`vmdriver run`).
     remove_task_dir: bool = False
+    #: QEMU's own pid when jailed (``pid`` is then the jail's monitor, which dies with it).
+    qemu_pid: int | None = None
+    jail: JailRecord | None = None
 
     def save(self, path: Path) -> None:
         """Write atomically (temp + fsync + rename): a crash never leaves half a record."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -29,10 +30,13 @@ from vmdriver.qemu.argv import render_argv
 from vmdriver.qemu.context import NicFds
 from vmdriver.runtime import cgroup
 from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
+from vmdriver.runtime.jailing import Jail, JailRecord, plan_jail
+from vmdriver.runtime.jailing import release as release_jail
 from vmdriver.runtime.prepare import Prepared, prepare
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord, records_under
 from vmdriver.runtime.request import LaunchRequest
+from vmdriver.runtime.snapshots import plan_start
 from vmdriver.runtime.state import ExitResult, VMState
 from vmdriver.runtime.vm import VM
 from vmdriver.spec import MacvtapNic, StopSignal, TapNic, VMSpec
@@ -46,6 +50,12 @@ log = logging.getLogger(__name__)
 
 #: The only environment variables of vmdriver's own that reach QEMU and helpers.
 _HOST_ENV = ("PATH", "LANG", "LC_ALL")
+
+
+def _unlink(paths: tuple[Path, ...]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _remove_unused_dirs(req: LaunchRequest) -> None:
@@ -83,9 +93,11 @@ class _Owned:
     """One VM and what the supervisor holds for it."""
 
     def __init__(self, vm: VM, helpers: list[Helper], accelerator: str,
-                 warnings: tuple[str, ...] = (), links: VmLinks | None = None) -> None:
+                 warnings: tuple[str, ...] = (), links: VmLinks | None = None,
+                 jail: Jail | None = None) -> None:
         self.vm, self.helpers, self.accelerator, self.warnings = vm, helpers, accelerator, warnings
         self.links = links
+        self.jail: Jail | JailRecord | None = jail or vm.jail
         #: The guest's addresses once found (tap NICs), for Nomad's DriverNetwork and `ps`.
         self.addresses: tuple[str, ...] = ()
         self.finished: asyncio.Task[None] | None = None
@@ -201,6 +213,8 @@ class Supervisor:
             req.dirs.create()
         pending: list[Prepared] = []
         try:
+            # From a snapshot, or resuming a suspended task: disks, -incoming, the loader.
+            reqs = [await asyncio.to_thread(plan_start, r, self.host) for r in reqs]
             for req in reqs:
                 pending.append(await self.prepare(req))
             out = []
@@ -218,48 +232,38 @@ class Supervisor:
                 prep.close()
 
     async def _launch(self, req: LaunchRequest, prep: Prepared) -> VMInfo:
+        """Networks, jail, helpers, QEMU: each undone if a later step fails."""
         env = self._env(req.env)
         vm = VM(req.vm_id, prep.spec, req.dirs)
         vm.remove_task_dir = req.remove_task_dir
-        links: VmLinks | None = None
-        nic_fds: dict[str, NicFds] = {}
-        if _has_taps(prep.spec):
-            links, nic_fds = await self.networks.attach(req.vm_id, prep.spec)
-        ctx = dataclasses.replace(prep.ctx, nic_fds=nic_fds)
-        try:
-            helpers = await start_helpers(prep.helpers, req.dirs.runtime, env)
-        except BaseException:
-            close_fds(ctx.pass_fds)
-            if links is not None:
-                await self.networks.detach(req.vm_id, links)
-            raise
-        vm.helpers = [h.record() for h in helpers]
-        warnings: list[str] = []
-
-        def confine(pid: int) -> None:
-            if req.confinement is None or not req.confinement.available():
-                return
-            c = req.confinement
-            placement = cgroup.apply(pid, c.limits(prep.spec, prep.ctx.accelerator), c.scope,
-                                     parent=c.parent, cpuset_cgroup=c.cpuset_cgroup)
-            vm.cgroup_paths, vm.cgroups_created = placement.paths, placement.created
-            warnings.extend(placement.warnings)
-            for helper in helpers:
-                cgroup.join(helper.proc.pid, placement.paths)
-
-        try:
-            await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr, on_spawn=confine)
-        except BaseException:
-            await stop_helpers(helpers)
-            if links is not None:
-                await self.networks.detach(req.vm_id, links)
-            cgroup.remove(vm.cgroups_created)
-            for path in prep.created:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            req.dirs.remove_runtime()
-            raise
-        owned = _Owned(vm, helpers, prep.ctx.accelerator, tuple(warnings), links)
+        vm.incoming = req.incoming
+        async with contextlib.AsyncExitStack() as undo:
+            undo.callback(req.dirs.remove_runtime)
+            undo.callback(_unlink, prep.created)
+            links: VmLinks | None = None
+            nic_fds: dict[str, NicFds] = {}
+            if _has_taps(prep.spec):
+                links, nic_fds = await self.networks.attach(req.vm_id, prep.spec)
+                undo.push_async_callback(self.networks.detach, req.vm_id, links)
+            ctx = dataclasses.replace(prep.ctx, nic_fds=nic_fds)
+            undo.callback(close_fds, ctx.pass_fds)  # launch closes them too; twice is harmless
+            jail, warnings = await asyncio.to_thread(
+                plan_jail, self.host, req.vm_id, prep, req.dirs, tuple(map(str, req.image_paths)))
+            if jail is not None:
+                undo.callback(release_jail, jail)
+                vm.jail = jail.record()
+            helpers = await start_helpers(prep.helpers, req.dirs.runtime, env,
+                                          owner=jail.spec.uid if jail else None)
+            undo.push_async_callback(stop_helpers, helpers)
+            vm.helpers = [h.record() for h in helpers]
+            placed: list[str] = list(warnings)
+            undo.callback(lambda: cgroup.remove(vm.cgroups_created))
+            await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr,
+                            on_spawn=functools.partial(self._confine, req, prep, vm, helpers, placed),
+                            jail=jail.spec if jail else None)
+            undo.pop_all()
+        owned = _Owned(vm, helpers, prep.ctx.accelerator, tuple(placed), links,
+                       jail)
         if links is not None:
             self._watch_addresses(owned)
         return self._own(owned)
@@ -272,6 +276,22 @@ class Supervisor:
             owned.addresses = tuple(str(a) for a in addrs.addresses)
 
         self.networks.watch_vm(owned.links, owned.vm, found)
+
+    @staticmethod
+    def _confine(req: LaunchRequest, prep: Prepared, vm: VM, helpers: list[Helper],
+                 warnings: list[str], pid: int) -> None:
+        """QEMU (and a jail's monitor) and its helpers into the VM's cgroup, while paused."""
+        if req.confinement is None or not req.confinement.available():
+            return
+        c = req.confinement
+        placement = cgroup.apply(pid, c.limits(prep.spec, prep.ctx.accelerator), c.scope,
+                                 parent=c.parent, cpuset_cgroup=c.cpuset_cgroup)
+        vm.cgroup_paths, vm.cgroups_created = placement.paths, placement.created
+        warnings.extend(placement.warnings)
+        # QEMU was forked inside the jail before its monitor moved: it joins by itself.
+        for other in (vm.qemu_pid, *(h.proc.pid for h in helpers)):
+            if other is not None:
+                cgroup.join(other, placement.paths)
 
     def _own(self, owned: _Owned) -> VMInfo:
         self._vms[owned.vm.id] = owned
@@ -286,6 +306,8 @@ class Supervisor:
         await stop_helpers(owned.helpers)
         if owned.links is not None or _has_taps(vm.spec):
             await self.networks.detach(vm.id, owned.links)
+        if owned.jail is not None:
+            await asyncio.to_thread(release_jail, owned.jail)
         cgroup.remove(vm.cgroups_created)
         vm.dirs.remove_runtime()
         if vm.remove_task_dir:

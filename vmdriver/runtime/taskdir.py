@@ -7,8 +7,10 @@
     <alloc_dir>/alloc/logs/<task>.stdout.0   serial console (QEMU's stdout)
     <alloc_dir>/alloc/logs/<task>.stderr.0   QEMU's own messages
 
-    <runtime dir>/                           sockets, seeds, the VM record: removed
+    <runtime dir>/                           seeds, helper logs, the VM record: removed
                                              when the VM ends; outside anything a job names
+    <runtime dir>/vm/                        QMP, guest agent, TPM and virtiofs sockets: the
+                                             one part a jailed QEMU may write (never the record)
     <data dir>/                              UEFI vars, TPM state, volumes: kept as long as
                                              the face wants (a restart finds them again)
 
@@ -96,10 +98,12 @@ class VMDirs:
     runtime: Path
     #: Persistent state (UEFI vars, TPM): kept unless the face removes it.
     data: Path
-    #: Names of the QMP and guest-agent sockets in the runtime dir (the runner uses
-    #: VM-Operator's ``monitor.sock`` for an operator's own QMP client, so ours differs).
+    #: Names of the QMP and guest-agent sockets (the runner uses VM-Operator's names).
     qmp_name: str = "qmp.sock"
     qga_name: str = "qga.sock"
+    #: Where QEMU's sockets go; ``None``: ``<runtime>/vm``. It must not hold the
+    #: record: a jailed QEMU may write here.
+    socket_dir: Path | None = None
 
     @classmethod
     def under(cls, state_dir: Path, vm_id: str, task: TaskDir) -> VMDirs:
@@ -108,14 +112,19 @@ class VMDirs:
         return cls(task, state_dir / "run" / key, state_dir / "data" / key)
 
     @property
+    def sockets(self) -> Path:
+        """The dir of QEMU's sockets (and its helpers')."""
+        return self.socket_dir or self.runtime / "vm"
+
+    @property
     def qmp_socket(self) -> Path:
         """QMP unix socket, for re-attaching."""
-        return self.runtime / self.qmp_name
+        return self.sockets / self.qmp_name
 
     @property
     def qga_socket(self) -> Path:
         """Guest agent socket."""
-        return self.runtime / self.qga_name
+        return self.sockets / self.qga_name
 
     @property
     def record(self) -> Path:
@@ -124,7 +133,7 @@ class VMDirs:
 
     def check_socket_paths(self) -> None:
         """Refuse before launch if a socket path would not fit in sun_path."""
-        for sock in (self.qmp_socket, self.qga_socket, self.runtime / "vfs-xxxxxxxxxxxxxxx.sock"):
+        for sock in (self.qmp_socket, self.qga_socket, self.sockets / "vfs-xxxxxxxxxxxxxxx.sock"):
             if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
                 raise SpecError(
                     f"socket path is {len(os.fsencode(sock))} bytes, longer than the "
@@ -135,10 +144,13 @@ class VMDirs:
     def create(self) -> None:
         """Make the task dir, and the runtime and data dirs private to the owner."""
         self.task.create()
-        for d in (self.runtime, self.data):
+        for d in (self.runtime, self.data, self.sockets):
             d.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             d.mkdir(exist_ok=True, mode=0o700)
 
     def remove_runtime(self) -> None:
         """Remove the runtime dir and everything in it (the VM has ended)."""
         shutil.rmtree(self.runtime, ignore_errors=True)
+        if self.socket_dir is not None:
+            for name in (self.qmp_name, self.qga_name):
+                (self.socket_dir / name).unlink(missing_ok=True)

@@ -12,21 +12,25 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import EventListener
 
 from vmdriver.errors import LaunchError, MonitorError, StateError
+from vmdriver.jail.plan import LAUNCH_ENV, JailSpec, catches, decode_exit, filter_env, jailed_pid, wrap_argv
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
 from vmdriver.runtime.helpers import HelperRecord
+from vmdriver.runtime.jailing import JailRecord
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord
+from vmdriver.runtime.snapshots import suspend
 from vmdriver.runtime.state import ExitResult, VMState, classify
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import StopSignal, VMSpec
@@ -75,6 +79,11 @@ class VM:
         self.cgroup_paths: tuple[str, ...] = ()
         self.cgroups_created: tuple[str, ...] = ()
         self.remove_task_dir = False
+        #: Loads a saved state into a QEMU started with ``spec.incoming``, before ``cont``.
+        self.incoming: Callable[[Monitor], Awaitable[None]] | None = None
+        #: QEMU's pid inside a jail (the tracked process is then the jail's monitor).
+        self.qemu_pid: int | None = None
+        self.jail: JailRecord | None = None
         self._proc: ManagedProcess | None = None
         self._monitor: Monitor | None = None
         self._listener: EventListener | None = None
@@ -90,8 +99,8 @@ class VM:
 
     @property
     def pid(self) -> int | None:
-        """QEMU's pid while it is known."""
-        return self._proc.pid if self._proc else None
+        """QEMU's own pid while it is known (inside a jail: not the tracked monitor's)."""
+        return self.qemu_pid or (self._proc.pid if self._proc else None)
 
     @property
     def result(self) -> ExitResult | None:
@@ -106,11 +115,14 @@ class VM:
         stdout: Path | None = None,
         stderr: Path | None = None,
         on_spawn: Callable[[int], None] | None = None,
+        jail: JailSpec | None = None,
     ) -> None:
         """Start QEMU paused, connect QMP, watch it, then let the guest run.
 
         ``on_spawn(pid)`` runs right after QEMU is spawned, while it is still
-        paused (the Nomad plugin puts it into the task's cgroups there).
+        paused (the supervisor puts it into its cgroups there). With ``jail``,
+        the spawned process is the jail's monitor and QEMU its only child
+        (:attr:`qemu_pid`); killing the monitor kills QEMU.
         """
         self._require(VMState.DEFINED, "defined")
         self.state = VMState.LAUNCHING
@@ -120,12 +132,16 @@ class VM:
             theirs.set_inheritable(True)
             ctx = dataclasses.replace(ctx, qmp_fd=theirs.fileno())
             self.argv = render_argv(self.spec, ctx)
+            pass_fds = (theirs.fileno(), *ctx.pass_fds)
+            argv, env = self.argv, dict(env)
+            if jail is not None:
+                jail = dataclasses.replace(jail, fds=pass_fds, env=filter_env(env)[0])
+                argv, env = wrap_argv(self.argv, jail), dict(LAUNCH_ENV)
             # fork+exec blocks for tens of ms on a busy host: keep the event loop (and
             # the QMP handshakes of VMs launched alongside) going meanwhile.
             spawning = asyncio.ensure_future(asyncio.to_thread(
-                ManagedProcess.spawn, self.argv, cwd=self.dirs.task.path, env=env,
-                stdout=self.stdout, stderr=self.stderr,
-                pass_fds=(theirs.fileno(), *ctx.pass_fds),
+                ManagedProcess.spawn, argv, cwd=self.dirs.task.path, env=env,
+                stdout=self.stdout, stderr=self.stderr, pass_fds=pass_fds,
             ))
             try:
                 self._proc = await asyncio.shield(spawning)
@@ -138,12 +154,16 @@ class VM:
             theirs.close()
             close_fds(ctx.pass_fds)
             self.started_at = time.time()
+            if jail is not None:
+                self.qemu_pid = await asyncio.to_thread(jailed_pid, self._proc.pid)
             if on_spawn is not None:
                 on_spawn(self._proc.pid)
             await self._connect(ours)
             self._watcher = asyncio.create_task(self._watch(), name=f"watcher of VM {self.id}")
             self.save_record()
             assert self._monitor is not None
+            if self.incoming is not None:
+                await self.incoming(self._monitor)
             await self._monitor.execute("cont")
         except BaseException:
             theirs.close()
@@ -158,13 +178,14 @@ class VM:
         spec = VMSpec.model_validate(record.spec)
         dirs = VMDirs(TaskDir(Path(record.alloc_dir), record.task), Path(record.runtime_dir),
                       Path(record.data_dir), Path(record.qmp_socket).name,
-                      Path(record.qga_socket).name)
+                      Path(record.qga_socket).name, Path(record.qmp_socket).parent)
         vm = cls(record.id, spec, dirs)
         vm.argv, vm.started_at = tuple(record.argv), record.started_at
         vm.stdout, vm.stderr = Path(record.stdout), Path(record.stderr)
         vm.helpers = list(record.helpers)
         vm.cgroup_paths, vm.cgroups_created = tuple(record.cgroup_paths), tuple(record.cgroups_created)
         vm.remove_task_dir = record.remove_task_dir
+        vm.qemu_pid, vm.jail = record.qemu_pid, record.jail
         proc = ManagedProcess.attach(record.pid, record.pid_start_time)
         if proc is None:
             raise StateError(vm.id, "gone (its QEMU process no longer exists)", "running")
@@ -233,7 +254,7 @@ class VM:
             spec=self.spec.model_dump(mode="json"), started_at=self.started_at,
             stdout=str(self.stdout), stderr=str(self.stderr), helpers=self.helpers,
             cgroup_paths=list(self.cgroup_paths), cgroups_created=list(self.cgroups_created),
-            remove_task_dir=self.remove_task_dir,
+            remove_task_dir=self.remove_task_dir, qemu_pid=self.qemu_pid, jail=self.jail,
         )
 
     # Section: launch helpers
@@ -304,6 +325,8 @@ class VM:
                 code, sig = await self._watch_events(self._monitor)
             self._cleanup_files()
             self.state = VMState.EXITED
+            if self.qemu_pid and sig == 0:
+                code, sig = decode_exit(code)  # the monitor reports QEMU's death by N as 128+N
             self._result.set_result(classify(
                 self._events, code, sig, stop_requested=self._stop_requested, forced=self._forced,
                 child=bool(self._proc and self._proc.child), stderr_tail=tail(self.stderr)))
@@ -350,6 +373,13 @@ class VM:
         sig = (signal or policy.signal).number
         self._stop_requested = True
         self.state = VMState.STOPPING
+        if self.spec.suspend_to and self._monitor and self._monitor.connected \
+                and await suspend(self._monitor, self.spec, self.dirs):
+            # Saved (runtime.snapshots): QEMU may end; the next start resumes the guest.
+            with contextlib.suppress(MonitorError):
+                await self._monitor.execute("quit")
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(self.wait(), timeout)
         if policy.graceful and self._monitor and self._monitor.connected:
             if await self._ask_guest():
                 with contextlib.suppress(TimeoutError):
@@ -359,12 +389,24 @@ class VM:
             grace = min(SIGNAL_GRACE_S, max(timeout, 1.0))
         else:
             grace = timeout
-        self._proc.send_signal(sig)
+        self._signal(sig)
         with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(self.wait(), grace)
         self._forced = True
         self._proc.kill_group()
         return await self.wait()
+
+    def _signal(self, sig: int) -> None:
+        """Send ``sig`` to QEMU itself; in a jail QEMU is its pid namespace's init, which
+        only receives signals it handles, so an unhandled one becomes SIGKILL."""
+        assert self._proc is not None
+        if self.qemu_pid is None:
+            self._proc.send_signal(sig)
+        elif catches(self.qemu_pid, sig):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.qemu_pid, sig)
+        else:
+            self._proc.kill_group()
 
     async def _ask_guest(self) -> bool:
         """The guest agent's ``guest-shutdown`` when asked for and answering, else ACPI."""

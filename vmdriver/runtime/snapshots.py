@@ -1,0 +1,379 @@
+"""Memory snapshots, suspend/resume: save a running VM, start VMs from what was saved.
+
+**Save** (:func:`take_snapshot`, :func:`suspend`): the guest is paused, each
+writable file disk is frozen (the image file moves into the snapshot's
+``disks/``, QEMU keeps it open; a fresh qcow2 overlay takes its old path and
+is pushed on top with ``blockdev-snapshot``), the RAM and device state is
+streamed into a file vmdriver opened, then the guest continues (or ends).
+Disk and memory are taken at the same paused instant, so they agree.
+
+**Start** (:func:`plan_start`, called by the supervisor for every request):
+a spec with ``snapshot = NAME`` becomes a VM with ``-incoming defer``, its
+disks new overlays on the snapshot's frozen disks, a fresh vmgenid; the state
+is loaded through an fd before ``cont``. A spec with ``suspend`` resumes a
+saved state of the same task if there is one (then the state file goes: a
+state may be loaded once, the disks move on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from vmdriver.errors import LaunchError, MonitorError, SpecError
+from vmdriver.host.config import HostConfig
+from vmdriver.host.emulators import emulator_version, find_emulator
+from vmdriver.qemu import migration
+from vmdriver.qemu.monitor import Monitor
+from vmdriver.runtime.record import VMRecord
+from vmdriver.runtime.request import LaunchRequest
+from vmdriver.runtime.snapstore import (
+    DiskBase,
+    SnapshotDir,
+    SnapshotError,
+    SnapshotMeta,
+    SnapshotStore,
+    device_signature,
+    file_crc32,
+    file_drives,
+    image_path,
+)
+from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
+from vmdriver.spec import FileMedium, VMSpec
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Monitor], Awaitable[None]]
+
+
+def save_timeout(spec: VMSpec) -> float:
+    """Seconds a save or load may take: generous for a slow disk (20 MiB/s) plus a minute."""
+    res = spec.resources
+    return 60.0 + (res.max_memory_mib or res.memory_mib) / 20
+
+
+# Section: saving
+
+
+@dataclasses.dataclass
+class _Frozen:
+    """Disks moved so far, to report (and undo on the drive that failed)."""
+
+    bases: list[DiskBase] = dataclasses.field(default_factory=list)
+
+
+async def _machine(monitor: Monitor, asked: str) -> tuple[str, str]:
+    """The versioned machine type behind ``asked`` and its alias."""
+    for m in await monitor.execute("query-machines"):
+        if asked in (m.get("name"), m.get("alias")):
+            return str(m["name"]), str(m.get("alias") or "")
+    return asked, ""
+
+
+async def _qemu_version(monitor: Monitor) -> str:
+    q = (await monitor.execute("query-version"))["qemu"]
+    return f"{q['major']}.{q['minor']}.{q['micro']}"
+
+
+def _create_overlay(path: Path, base: Path, fmt: str, size: int) -> None:
+    # -u: the base is still open (and locked) by QEMU; size and format are known.
+    out = subprocess.run(("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", fmt, "-b",
+                          str(base), "--", str(path), str(size)), capture_output=True, text=True,
+                         check=False, stdin=subprocess.DEVNULL, timeout=60)
+    if out.returncode != 0:
+        raise SpecError(f"cannot create an overlay: {out.stderr.strip()[:200]}", where=str(path))
+
+
+async def _freeze_disks(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDir,
+                        frozen: _Frozen, *, overlays: bool) -> None:
+    """Move each writable disk into ``snap``; with ``overlays``, the VM goes on on new ones."""
+    tops = await migration.drive_tops(monitor)
+    moves = []
+    for drive_id, medium in file_drives(spec):
+        src = image_path(medium.path, dirs.task.path)
+        top = tops.get(drive_id)
+        if top is None:
+            raise SpecError("QEMU shows no medium for this drive", where=f"drive {drive_id}")
+        dest = snap.disks_dir / f"{drive_id}.{top.format}"
+        if src != dest and os.stat(src).st_dev != os.stat(snap.disks_dir).st_dev:
+            raise SpecError("the disk is on another file system than the state dir; it cannot "
+                            "be frozen in place", where=f"drive {drive_id}", value=str(src))
+        moves.append((drive_id, src, dest, top))
+    for drive_id, src, dest, top in moves:
+        if src != dest:
+            os.rename(src, dest)  # QEMU keeps its open file: nothing is copied
+            _own_base(dest)
+        frozen.bases.append(DiskBase(drive_id=drive_id, file=dest.name, format=top.format,
+                                     virtual_size=top.virtual_size))
+        if overlays:
+            await _push_overlay(monitor, src, dest, top)
+
+
+def _own_base(path: Path) -> None:
+    """A frozen disk is vmdriver's, readable by any VM's uid (a jailed QEMU opens it by path
+    as a backing file), written by none."""
+    with contextlib.suppress(OSError):
+        os.chown(path, os.geteuid(), os.getegid())
+    path.chmod(0o444)
+
+
+async def _push_overlay(monitor: Monitor, path: Path, base: Path,
+                        top: migration.BlockTop) -> None:
+    await asyncio.to_thread(_create_overlay, path, base, top.format, top.virtual_size)
+    ro = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    rw = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        await migration.push_overlay(monitor, top, (ro, rw), migration.new_node_name(top.drive_id))
+    finally:
+        os.close(ro)
+        os.close(rw)
+
+
+async def _save_state(monitor: Monitor, snap: SnapshotDir, spec: VMSpec) -> tuple[int, int, float]:
+    """Stream the state into ``state`` (via a temp name); its size, CRC-32 and seconds."""
+    tmp = snap.state_file.with_name(".state.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        stats = await migration.migrate_out(monitor, fd, timeout=save_timeout(spec))
+        await asyncio.to_thread(os.fsync, fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    tmp.replace(snap.state_file)
+    size = snap.state_file.stat().st_size
+    crc = await asyncio.to_thread(file_crc32, snap.state_file)
+    return size, crc, stats.seconds
+
+
+async def save_vm(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDir, *,
+                  name: str, source: str, overlays: bool, resume: bool) -> SnapshotMeta:
+    """Pause, freeze the disks, save the state into ``snap``; then ``cont`` if ``resume``.
+
+    If the save fails after disks were frozen, the meta data records them
+    without a state (the VM's overlays stand on them) and the error is raised.
+    """
+    version = await _qemu_version(monitor)
+    machine, alias = await _machine(monitor, spec.machine_type)
+    running = (await monitor.execute("query-status"))["status"] == "running"
+    t0 = time.monotonic()
+    await monitor.execute("stop")
+    frozen = _Frozen()
+    meta = SnapshotMeta(name=name, created_at=time.time(), source=source, qemu_version=version,
+                        machine=machine, machine_alias=alias, signature=device_signature(spec),
+                        memory_mib=spec.resources.max_memory_mib or spec.resources.memory_mib,
+                        vmgenid=spec.vmgenid is not None)
+    try:
+        await _freeze_disks(monitor, spec, dirs, snap, frozen, overlays=overlays)
+        size, crc, seconds = await _save_state(monitor, snap, spec)
+        meta = meta.model_copy(update={"disks": tuple(frozen.bases), "state_size": size,
+                                       "state_crc32": crc, "save_seconds": round(seconds, 3)})
+    except BaseException:
+        if frozen.bases:
+            snap.save(meta.model_copy(update={"disks": tuple(frozen.bases)}))
+        if running and resume:
+            with contextlib.suppress(MonitorError):
+                await monitor.execute("cont")
+        raise
+    if running and resume:
+        await monitor.execute("cont")
+    meta = meta.model_copy(update={"downtime_ms": int((time.monotonic() - t0) * 1000)})
+    snap.save(meta)
+    return meta
+
+
+async def take_snapshot(monitor: Monitor, spec: VMSpec, dirs: VMDirs, host: HostConfig,
+                        name: str, *, source: str, stop: bool = False) -> SnapshotMeta:
+    """``vmdriver snapshot TASK NAME``: save into the store; the VM goes on (or ends)."""
+    bad = [d.id for d in spec.drives if d.writable and not isinstance(d.medium, FileMedium)]
+    if bad:
+        raise SpecError("only file images can be frozen in a snapshot", where=f"drive {bad[0]}")
+    snap = SnapshotStore(host.state_dir).create(name)
+    try:
+        meta = await save_vm(monitor, spec, dirs, snap, name=name, source=source, overlays=True,
+                             resume=not stop)
+    except BaseException:
+        if not snap.exists():
+            import shutil
+
+            shutil.rmtree(snap.path, ignore_errors=True)
+        raise
+    if stop:
+        with contextlib.suppress(MonitorError):
+            await monitor.execute("quit")
+    return meta
+
+
+# Section: starting from a saved state
+
+
+def state_loader(snap: SnapshotDir, stderr: Path, timeout: float,
+                 after: Callable[[], None] | None = None) -> Loader:
+    """Load ``snap``'s state through an fd; QEMU's refusal becomes a one-line LaunchError."""
+    async def load(monitor: Monitor) -> None:
+        fd = os.open(snap.state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            seconds = await migration.migrate_in(monitor, fd, timeout=timeout)
+        except MonitorError as exc:
+            await asyncio.sleep(0.3)  # QEMU's last words reach its stderr log
+            raise LaunchError(f"{snap.what}: QEMU could not load the saved state ({exc})",
+                              stderr_tail=_tail(stderr)) from exc
+        finally:
+            os.close(fd)
+        log.info("%s loaded in %.3fs", snap.what, seconds)
+        if after is not None:
+            after()
+
+    return load
+
+
+def _tail(path: Path) -> str:
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 2000))
+        return f.read().decode(errors="replace")
+    return ""
+
+
+def _qemu_version_of(spec: VMSpec) -> str | None:
+    return emulator_version(find_emulator(spec.emulator))
+
+
+def _check(snap: SnapshotDir, meta: SnapshotMeta, spec: VMSpec) -> None:
+    snap.check_fits(meta, spec, _qemu_version_of(spec))
+    snap.verify(meta)
+
+
+def _stderr(req: LaunchRequest) -> Path:
+    return req.stderr or req.dirs.task.stderr
+
+
+def from_snapshot(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
+    """A clone of snapshot ``spec.snapshot``: new overlays on its disks, a fresh vmgenid."""
+    spec = req.spec
+    assert spec.snapshot is not None
+    snap, meta = SnapshotStore(host.state_dir).load(spec.snapshot)
+    _check(snap, meta, spec)
+    bases = {b.drive_id: b for b in meta.disks}
+    drives = []
+    for drive in spec.drives:
+        base = bases.get(drive.id)
+        if base is None:
+            drives.append(drive)
+            continue
+        overlay = req.dirs.task.local / f"{drive.id}.from-{spec.snapshot}.qcow2"
+        # A restart starts from the snapshot again: an old overlay holds later writes.
+        overlay.unlink(missing_ok=True)
+        medium = FileMedium(path=str(overlay), format="qcow2",
+                            overlay_on=str(snap.disks_dir / base.file))
+        drives.append(drive.model_copy(update={"medium": medium}))
+    spec = spec.model_copy(update={
+        "drives": tuple(drives), "incoming": True, "machine_type": meta.machine,
+        # A clone must not share its template's generation id (RNG reseed in the guest).
+        "vmgenid": str(uuid.uuid4()) if meta.vmgenid else None})
+    return dataclasses.replace(req, spec=spec, incoming=state_loader(
+        snap, _stderr(req), save_timeout(spec)))
+
+
+def suspend_dir(req: LaunchRequest, host: HostConfig) -> SnapshotDir:
+    """Where a task's suspended state lives: keyed by job, group and task, not by alloc."""
+    env = req.env
+    if "NOMAD_JOB_NAME" in env:
+        key = vm_key(f"{env['NOMAD_JOB_NAME']}/{env.get('NOMAD_GROUP_NAME', '')}/{req.spec.name}")
+    else:
+        key = vm_key(req.vm_id)
+    return SnapshotDir(host.state_dir / "suspend" / key, f"suspended task {req.spec.name!r}")
+
+
+def with_suspend(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
+    """A task that suspends on stop: resume its saved state, or boot with its kept disks."""
+    snap = suspend_dir(req, host)
+    spec = req.spec.model_copy(update={"suspend_to": str(snap.path)})
+    if not snap.exists():
+        return dataclasses.replace(req, spec=spec)
+    meta = snap.load()
+    if meta.has_state:
+        try:
+            _check(snap, meta, spec)
+        except SnapshotError as exc:
+            raise SnapshotError(f"{exc.message}; start the task unchanged to resume it, or "
+                                f"delete {snap.state_file} to boot it afresh with its disks",
+                                where=exc.where) from None
+    by_id = {b.drive_id: b for b in meta.disks}
+    drives = tuple(d.model_copy(update={"medium": FileMedium(
+        path=str(snap.disks_dir / by_id[d.id].file), format=by_id[d.id].format)})
+        if d.id in by_id else d for d in spec.drives)
+    spec = spec.model_copy(update={"drives": drives})
+    req = dataclasses.replace(req, spec=spec, image_paths=(*req.image_paths, snap.disks_dir))
+    if not meta.has_state:
+        return req
+
+    def loaded() -> None:
+        # Loaded once: from now on the disks move on and the state would be stale.
+        snap.state_file.unlink(missing_ok=True)
+        snap.save(meta.model_copy(update={"state_size": None, "state_crc32": None}))
+
+    spec = spec.model_copy(update={"incoming": True, "machine_type": meta.machine})
+    return dataclasses.replace(req, spec=spec, incoming=state_loader(
+        snap, _stderr(req), save_timeout(spec), loaded))
+
+
+def plan_start(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
+    """The request as it must launch: from a snapshot, resumed, or unchanged."""
+    if req.spec.snapshot and req.spec.suspend:
+        raise SpecError("a task cannot both start from a snapshot and suspend", where=req.where,
+                        allowed="snapshot or suspend")
+    if req.spec.snapshot and req.incoming is None:
+        return from_snapshot(req, host)
+    if req.spec.suspend:
+        return with_suspend(req, host)
+    return req
+
+
+# Section: suspend on stop
+
+
+async def suspend(monitor: Monitor, spec: VMSpec, dirs: VMDirs) -> bool:
+    """Save the VM's state into its suspend dir instead of powering it off.
+
+    Returns True when everything is saved (the caller then ends QEMU); False
+    when the save failed: the VM runs on, its disks where they now are, and
+    the caller goes on with a normal graceful stop.
+    """
+    assert spec.suspend_to is not None
+    snap = SnapshotDir(Path(spec.suspend_to), f"suspended task {spec.name!r}")
+    try:
+        snap.disks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        meta = await save_vm(monitor, spec, dirs, snap, name=spec.name, source=spec.name,
+                             overlays=False, resume=False)
+    except (MonitorError, SpecError, OSError) as exc:
+        log.warning("%s: saving the state failed (%s); stopping it normally", snap.what, exc)
+        with contextlib.suppress(MonitorError):
+            if (await monitor.execute("query-status"))["status"] != "running":
+                await monitor.execute("cont")
+        return False
+    log.info("%s: saved %d MiB in %.2fs", snap.what, (meta.state_size or 0) >> 20,
+             meta.save_seconds)
+    return True
+
+
+async def snapshot_recorded(record: VMRecord, host: HostConfig, name: str, *,
+                            stop: bool = False) -> SnapshotMeta:
+    """Snapshot a VM another supervisor runs, through its QMP socket (`vmdriver snapshot`)."""
+    spec = VMSpec.model_validate(record.spec)
+    dirs = VMDirs(TaskDir(Path(record.alloc_dir), record.task), Path(record.runtime_dir),
+                  Path(record.data_dir))
+    monitor = Monitor(f"{record.task} (snapshot)")
+    await monitor.connect(Path(record.qmp_socket))
+    try:
+        return await take_snapshot(monitor, spec, dirs, host, name, source=record.id, stop=stop)
+    finally:
+        await monitor.disconnect()
