@@ -8,7 +8,7 @@ there too: the test process itself stays outside, as a Nomad client would be.
 Requests (``op`` plus arguments):
 
 - ``start`` ``vms``: ``[{id, nics, boot, agent}]`` → ``{"vms": [{id, pid, stdout}]}``
-- ``addresses`` ``id``, ``timeout`` → ``{"addresses": [...]}`` (waits for the first)
+- ``addresses`` ``id``, ``wait`` → ``{"addresses": [...]}`` (waits for the first)
 - ``exec`` ``id``, ``argv`` → ``{"code", "output"}`` (through the guest agent)
 - ``stop`` / ``wait`` ``id`` → ``{"result"}``
 - ``recover`` → ``{"ids": [...]}`` (every VM recorded under the state dir that still runs)
@@ -68,8 +68,8 @@ class Server:
         infos = await self.sup.start_many(reqs)
         return {"vms": [{"id": i.id, "pid": i.pid, "stdout": str(i.stdout)} for i in infos]}
 
-    async def addresses(self, id: str, timeout: float) -> dict[str, Any]:
-        return {"addresses": list(await self.sup.wait_addresses(id, timeout))}
+    async def addresses(self, id: str, wait: float) -> dict[str, Any]:
+        return {"addresses": list(await self.sup.wait_addresses(id, wait))}
 
     async def exec(self, id: str, argv: list[str], timeout: float = 30) -> dict[str, Any]:
         agent = self.sup.agent(id)
@@ -78,7 +78,8 @@ class Server:
         while time.monotonic() < deadline:
             st = await agent.exec_status(pid)
             if st.exited:
-                return {"code": st.exit_code, "output": (st.stdout + st.stderr).decode(errors="replace")}
+                return {"code": st.exit_code, "signal": st.signal,
+                        "output": (st.stdout + st.stderr).decode(errors="replace")}
             await asyncio.sleep(0.3)
         raise TimeoutError(f"{argv} did not finish in {timeout}s")
 

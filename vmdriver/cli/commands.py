@@ -25,6 +25,7 @@ from vmdriver.jobfile.model import load_job
 from vmdriver.jobfile.plan import TaskPlan, plan_job, provision, release
 from vmdriver.qemu.argv import display
 from vmdriver.runtime.console import follow
+from vmdriver.runtime.netconfig import saved_addresses
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.runloop import RunHooks, run_vms
 from vmdriver.runtime.supervisor import Supervisor, VMInfo
@@ -189,14 +190,17 @@ def cmd_fingerprint(args: argparse.Namespace, host: HostConfig) -> int:
 
 def cmd_ps(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver ps`."""
+    known = Supervisor.known(host.state_dir)
+    # Written by the supervisor's discovery (tap and macvtap NICs).
+    ips = {rec.id: list(saved_addresses(Path(rec.runtime_dir))) for rec, _ in known}
     rows = [{"id": rec.id, "task": rec.task, "pid": rec.pid, "running": running,
-             "started_at": rec.started_at} for rec, running in Supervisor.known(host.state_dir)]
+             "started_at": rec.started_at, "addresses": ips[rec.id]} for rec, running in known]
     if args.json:
         print_json(rows)
     else:
-        for r in rows:
-            sys.stdout.write(f"{r['id']}  {r['task']}  pid {r['pid']}  "
-                             f"{'running' if r['running'] else 'gone'}\n")
+        for rec, running in known:
+            sys.stdout.write(f"{rec.id}  {rec.task}  pid {rec.pid}  "
+                             f"{'running' if running else 'gone'}  ip {','.join(ips[rec.id]) or '-'}\n")
     return 0
 
 
