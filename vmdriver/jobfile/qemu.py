@@ -72,6 +72,12 @@ class QemuTaskConfig(BaseModel):
     #: Labels of ports to forward to their ``to`` port (like the docker driver's ``ports``).
     ports: list[str] = []
     args: list[str] = []
+    #: Start from this memory snapshot (``vmdriver snapshot``; docs/snapshots.md).
+    snapshot: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    #: A stop saves the guest's state; the next start of the task resumes it.
+    suspend: bool = False
+    #: A vmgenid device, so clones of this VM's snapshots get a fresh generation id.
+    vmgenid: bool = False
     # Seed-era keys (Nomad 0.1), accepted with a deprecation warning.
     image_source: str | None = None
     checksum: str | None = None
@@ -202,4 +208,7 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
         guest_agent=cfg.guest_agent,
         balloon=cfg.balloon,
         args=tuple(cfg.args),
+        snapshot=cfg.snapshot,
+        suspend=cfg.suspend,
+        vmgenid="auto" if cfg.vmgenid or cfg.suspend else None,
     )

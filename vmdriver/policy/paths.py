@@ -78,8 +78,10 @@ class PathPolicy:
             alloc_dir=Path(os.path.realpath(alloc_dir)),
             image_paths=tuple(Path(os.path.realpath(p)) for p in host.image_paths),
             image_paths_text=host.image_paths,
-            # Where vmdriver.artifacts keeps its cache (artifacts.cache.default_cache_dir).
-            backing_dirs=(Path(os.path.realpath(host.state_dir / "cache")),),
+            # Where vmdriver.artifacts keeps its cache (artifacts.cache.default_cache_dir),
+            # and the memory snapshots' frozen disks (runtime.snapstore).
+            backing_dirs=(Path(os.path.realpath(host.state_dir / "cache")),
+                          Path(os.path.realpath(host.state_dir / "snapshots"))),
         )
 
     def for_backing(self) -> PathPolicy:

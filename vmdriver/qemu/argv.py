@@ -70,6 +70,8 @@ def render_argv(spec: VMSpec, ctx: RenderContext) -> tuple[str, ...]:
     argv += dev.tpm_args(spec, ctx)
     argv += dev.share_args(spec, ctx)
     argv += dev.misc_devices(spec)
+    if spec.vmgenid:
+        argv += ["-device", f"vmgenid,guid={spec.vmgenid},id=vmgenid0"]
     argv += spec.args
     argv += dev.render_nics(spec, ctx)
     if ctx.accelerator == "kvm":
@@ -113,6 +115,9 @@ def _control_args(spec: VMSpec, ctx: RenderContext) -> list[str]:
         out.append("-no-user-config")
     if ctx.sandbox:
         out += ["-sandbox", SANDBOX_ARG]
+    if spec.incoming:
+        # The state comes later, through an fd passed over QMP (migrate-incoming).
+        out += ["-incoming", "defer"]
     if ctx.qmp_fd is not None:
         out += ["-chardev", f"socket,id={QMP_FD_ID},fd={ctx.qmp_fd}"]
         out += ["-mon", f"chardev={QMP_FD_ID},mode=control"]

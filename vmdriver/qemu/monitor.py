@@ -51,6 +51,16 @@ class Monitor:
         except (QMPError, OSError, TimeoutError) as exc:
             raise MonitorError(f"QMP {cmd} on {self.name}: {exc or type(exc).__name__}") from exc
 
+    async def execute_with_fd(self, cmd: str, args: dict[str, Any], fd: int,
+                              timeout: float = 10.0) -> Any:
+        """Send ``fd`` over the socket (SCM_RIGHTS), then run ``cmd`` that takes it
+        (``getfd``, ``add-fd``): QEMU uses a file vmdriver opened, under ``-sandbox``."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError, AssertionError) as exc:
+            raise MonitorError(f"QMP {cmd} on {self.name}: cannot pass the fd: {exc}") from exc
+        return await self.execute(cmd, args, timeout)
+
     @contextlib.asynccontextmanager
     async def events(self, *names: str) -> AsyncIterator[EventListener]:
         """A listener for the named events (all events if none are named)."""

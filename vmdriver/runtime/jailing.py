@@ -25,7 +25,7 @@ from vmdriver.jail.plan import SETPRIV, JailSpec
 from vmdriver.jail.probe import JailMode, decide, probe
 from vmdriver.runtime.prepare import Prepared
 from vmdriver.runtime.taskdir import VMDirs
-from vmdriver.spec import UserNic
+from vmdriver.spec import RbdMedium, UserNic
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def _spec(host: HostConfig, prep: Prepared, dirs: VMDirs, uid: int,
     # slirp binds forwarded ports (and reaches out) in QEMU's own network namespace;
     # QEMU's default NIC (no NICs given) is a user-mode one too.
     share_net = not spec.nics or any(isinstance(n, UserNic) for n in spec.nics)
+    # Ceph's monitors and OSDs are reached from QEMU itself.
+    share_net = share_net or any(isinstance(d.medium, RbdMedium) for d in spec.drives)
     devices = ("/dev/kvm",) if prep.ctx.accelerator == "kvm" else ()
     return JailSpec(uid=uid, gid=uid, ro_paths=tuple(p for p in ro if os.path.exists(p)),
                     rw_paths=tuple(rw), devices=devices, share_net=share_net,

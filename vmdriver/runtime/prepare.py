@@ -33,7 +33,7 @@ from vmdriver.policy import (
     resolve_allowed,
 )
 from vmdriver.policy.images import checked_image
-from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RenderContext
+from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RbdSource, RenderContext
 from vmdriver.qemu.blockdev import is_q35
 from vmdriver.qemu.sidecars import HelperSpec, helpers_for
 from vmdriver.runtime.process import close_fds
@@ -49,6 +49,8 @@ from vmdriver.spec import (
     VMSpec,
 )
 from vmdriver.spec.devices import derive_mac
+from vmdriver.storage.config import CephPoolConfig, parse_storage_pools
+from vmdriver.storage.rbd import RbdPool
 
 
 @dataclass(frozen=True)
@@ -107,13 +109,13 @@ class _Opener:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def source(self, index: int, drive: Drive) -> DriveSource | None:
+    def source(self, index: int, drive: Drive) -> DriveSource | RbdSource | None:
         medium = drive.medium
         if medium is None:
             return None
         field_name = f"{self.prefix}{drive.origin or f'drive[{index}] ({drive.id})'}"
         if isinstance(medium, RbdMedium):
-            raise HostError(f"{field_name}: Ceph RBD drives are not available in this build")
+            return self._rbd(drive, medium, field_name)
         if self.preview:
             return self._preview(medium, field_name)
         if medium.overlay_on:
@@ -124,6 +126,27 @@ class _Opener:
         block = stat.S_ISBLK(os.fstat(image.ro_fd).st_mode)
         return DriveSource(path=f"/dev/fdset/{index + 1}", format=fmt, fds=image.fds,
                            fdset=index + 1, block_device=block)
+
+    def _rbd(self, drive: Drive, medium: RbdMedium, where: str) -> RbdSource:
+        """An RBD image: its blockdev options, and its key in a 0600 file QEMU reads.
+
+        The key comes from the operator's pool config (``secret_ref`` names the pool);
+        it never enters the spec, the argv or the record.
+        """
+        pools = parse_storage_pools(self.host.storage_pools, "host config: storage_pools") \
+            if self.host.storage_pools is not None else None
+        config = next((p for p in pools.pools if p.name == medium.secret_ref), None) \
+            if pools is not None else None
+        if not isinstance(config, CephPoolConfig):
+            raise HostError(f"{where}: no ceph storage pool named {medium.secret_ref!r} "
+                            "in the host config")
+        pool = RbdPool.from_config(config)
+        secret = self.dirs.sockets / f"{drive.id}.key"
+        if not self.preview:
+            secret.unlink(missing_ok=True)  # a restart writes it afresh
+            pool.write_secret_file(secret)
+            self.created.append(secret)
+        return RbdSource(options=pool.protocol(medium.image), secret_file=secret)
 
     def _preview(self, medium: FileMedium, where: str) -> DriveSource:
         shown = check_image_path(medium.path, self.dirs.task.path, self.dirs.task.alloc_dir,

@@ -210,6 +210,18 @@ class VMSpec(Frozen):
     shutdown: ShutdownPolicy = ShutdownPolicy()
     #: Extra QEMU arguments, verbatim, appended after vmdriver's own (checked by policy).
     args: tuple[str, ...] = ()
+    #: A ``vmgenid`` device with this generation id (``auto``: QEMU makes a fresh one each
+    #: start). A guest kernel reseeds its RNG when the id changes: what a clone of a memory
+    #: snapshot needs (see docs/snapshots.md).
+    vmgenid: str | None = Field(default=None, pattern=r"^(auto|[0-9a-fA-F-]{36})$")
+    #: Start from this memory snapshot of the snapshot store (its disks, RAM and devices).
+    snapshot: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    #: A graceful stop saves the VM's state; the next start of the same task resumes it.
+    suspend: bool = False
+    #: Where a suspend saves to (decided by the runtime from ``suspend``; a host path).
+    suspend_to: str | None = None
+    #: Start with ``-incoming defer``: the runtime loads the state over QMP before ``cont``.
+    incoming: bool = False
 
     @model_validator(mode="after")
     def _unique(self) -> VMSpec:
