@@ -7,14 +7,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from typing import TYPE_CHECKING
 
 from vmdriver.runtime import cgroup
 from vmdriver.runtime.taskdir import VMDirs
 from vmdriver.spec import VMSpec
-
-if TYPE_CHECKING:
-    from vmdriver.qemu.monitor import Monitor
 
 if TYPE_CHECKING:
     from vmdriver.qemu.monitor import Monitor
@@ -74,9 +70,6 @@ class LaunchRequest:
     #: Host dirs this VM's drives may come from besides the host config's ``image_paths``
     #: (a face's own storage, e.g. the pool volumes it made for the task).
     image_paths: tuple[Path, ...] = ()
-    #: Loads the VM's state (a snapshot, a suspend, a live migration) into a QEMU started
-    #: with ``spec.incoming``, before ``cont`` (see :mod:`vmdriver.runtime.snapshots`).
-    incoming: Callable[[Monitor], Awaitable[None]] | None = None
     #: Loads the VM's state (a snapshot, a suspend, a live migration) into a QEMU started
     #: with ``spec.incoming``, before ``cont`` (see :mod:`vmdriver.runtime.snapshots`).
     incoming: Callable[[Monitor], Awaitable[None]] | None = None
