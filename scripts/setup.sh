@@ -54,6 +54,8 @@ rm -f "$log"
 
 echo "setup: building the test guest" >&2
 bash guest/build.sh >/dev/null
+echo "setup: building the Debian cloud guest (debootstrap; cached by content)" >&2
+bash guest/cloud/build.sh >/dev/null
 
 if [ "$demo" = 1 ]; then
     echo "setup: booting the demo VM (Ctrl-C stops it gracefully); try: curl http://127.0.0.1:8080/" >&2
