@@ -1,9 +1,12 @@
 """Archives and compressed files: tar (plain, gz, bz2, xz, zst), zip, and single files
 compressed with gz, bz2, xz or zst.
 
-Unpacking refuses, before writing anything, entries that would land outside the
-destination: absolute names, ``..``, links pointing out, device files. tarfile's
-``data`` filter runs as well, as a second line of defence.
+Unpacking refuses entries that would land outside the destination: absolute
+names, ``..``, links pointing out, device files. Every entry is then written
+through a confined walk (:mod:`vmdriver.artifacts.beneath`): no symlink on the way
+is followed, so a link planted by an earlier entry cannot redirect a later write.
+Sizes, the ratio to the archive and the entry count are bounded
+(:mod:`vmdriver.artifacts.limits`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import bz2
 import contextlib
 import gzip
 import lzma
+import os
 import posixpath
 import shutil
 import stat
@@ -25,7 +29,9 @@ from typing import BinaryIO, cast
 
 import zstandard
 
-from vmdriver.artifacts.transfer import CountingReader, ProgressFn, Sink, check_cancel, copy_stream
+from vmdriver.artifacts import beneath
+from vmdriver.artifacts.limits import ArtifactLimits, Budget
+from vmdriver.artifacts.transfer import CHUNK, CountingReader, ProgressFn, Sink, check_cancel
 from vmdriver.errors import ArtifactError
 
 
@@ -111,15 +117,26 @@ _CORRUPT = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, tarfile.TarE
             zipfile.BadZipFile)
 
 
+def _copy(src: BinaryIO, sink: Sink, budget: Budget, cancel: threading.Event | None) -> None:
+    while True:
+        check_cancel(cancel)
+        data = src.read(CHUNK)
+        if not data:
+            return
+        budget.add(len(data))
+        sink.write(data)
+
+
 def decompress(src: Path, dest: Path, kind: ArchiveKind, display: str, *,
-               progress: ProgressFn | None = None,
-               cancel: threading.Event | None = None) -> None:
+               progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+               limits: ArtifactLimits | None = None) -> None:
     """Write the single file compressed in ``src`` to ``dest`` (holes kept)."""
     sink = Sink(dest, None)
+    budget = Budget(limits or ArtifactLimits(), src.stat().st_size)
     try:
         with open(src, "rb") as raw, _decompressed(
                 cast(BinaryIO, CountingReader(raw, progress, cancel)), kind.compression) as f:
-            copy_stream(f, sink, cancel=cancel)
+            _copy(f, sink, budget, cancel)
         sink.close()
     except _CORRUPT as exc:
         sink.abort()
@@ -132,21 +149,22 @@ def decompress(src: Path, dest: Path, kind: ArchiveKind, display: str, *,
 
 
 def unpack(src: Path, dest: Path, kind: ArchiveKind, display: str, *,
-           progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> None:
+           progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+           limits: ArtifactLimits | None = None) -> None:
     """Unpack a tar or zip archive into the empty directory ``dest``."""
+    budget = Budget(limits or ArtifactLimits(), src.stat().st_size)
     try:
         if kind.container == "zip":
-            _unzip(src, dest, display, progress, cancel)
+            _unzip(src, dest, display, progress, cancel, budget)
             return
         with open(src, "rb") as raw, _decompressed(
                 cast(BinaryIO, CountingReader(raw, progress, cancel)), kind.compression) as f, \
-                tarfile.open(fileobj=f, mode="r|") as tar:
+                tarfile.open(fileobj=f, mode="r|") as tar, beneath.root_fd(str(dest)) as root:
             for member in tar:
                 check_cancel(cancel)
+                budget.entry()
                 _check_tar_member(member, display)
-                tar.extract(member, dest, set_attrs=False, filter="data")
-    except tarfile.FilterError as exc:
-        raise ArtifactError(display, f"unsafe archive entry refused: {exc}") from None
+                _write_member(tar, member, root, display, budget, cancel)
     except _CORRUPT as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
@@ -175,10 +193,45 @@ def _check_tar_member(m: tarfile.TarInfo, display: str) -> None:
                                      f"{m.linkname!r}, outside the destination")
 
 
+def _write_member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: int, display: str,
+                  budget: Budget, cancel: threading.Event | None) -> None:
+    """Write one checked tar entry below ``root``, following no symlink on the way."""
+    parts = beneath.components(m.name, display)
+    if not parts or m.isdir():
+        with beneath.open_dir(root, parts, display):
+            return
+    with beneath.open_dir(root, parts[:-1], display) as parent:
+        name = parts[-1]
+        if m.issym():
+            beneath.clear(parent, name)
+            os.symlink(m.linkname, name, dir_fd=parent)
+        elif m.islnk():
+            target = beneath.components(m.linkname, display)
+            with beneath.open_dir(root, target[:-1], display, create=False) as there:
+                beneath.clear(parent, name)
+                os.link(target[-1], name, src_dir_fd=there, dst_dir_fd=parent,
+                        follow_symlinks=False)
+        elif m.isreg():
+            fd = beneath.create_file(parent, name, 0o755 if m.mode & 0o111 else 0o644)
+            sink = Sink(Path(m.name), None, fd=fd)
+            try:
+                data = tar.extractfile(m)
+                assert data is not None
+                _copy(cast(BinaryIO, data), sink, budget, cancel)
+                sink.close()
+            finally:
+                sink.abort()
+        else:
+            raise ArtifactError(display, f"archive entry {m.name!r} is not a file, directory "
+                                         "or link; refused")
+
+
 def _unzip(src: Path, dest: Path, display: str, progress: ProgressFn | None,
-           cancel: threading.Event | None) -> None:
+           cancel: threading.Event | None, budget: Budget) -> None:
     with zipfile.ZipFile(src) as zf:
         infos = zf.infolist()
+        for _ in infos:
+            budget.entry()
         for info in infos:  # check all first: nothing is written from a hostile archive
             mode = info.external_attr >> 16
             if not _inside(info.filename) or ":" in info.filename.split("/")[0]:
@@ -190,25 +243,29 @@ def _unzip(src: Path, dest: Path, display: str, progress: ProgressFn | None,
             if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
                 raise ArtifactError(display, f"archive entry {info.filename!r} is a device or "
                                              "fifo; refused")
-        for info in infos:
-            check_cancel(cancel)
-            path = dest / posixpath.normpath(info.filename)
-            if info.is_dir():
-                path.mkdir(parents=True, exist_ok=True)
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sink = Sink(path, None)
-            try:
-                with zf.open(info) as f:
-                    copy_stream(cast(BinaryIO, f), sink, cancel=cancel)
-                sink.close()
-            except BaseException:
-                sink.abort()
-                raise
-            if (info.external_attr >> 16) & 0o111:
-                path.chmod(0o755)
-            if progress:
-                progress(info.compress_size)
+        with beneath.root_fd(str(dest)) as root:
+            for info in infos:
+                check_cancel(cancel)
+                _unzip_one(zf, info, root, display, budget, cancel)
+                if progress:
+                    progress(info.compress_size)
+
+
+def _unzip_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: int, display: str,
+               budget: Budget, cancel: threading.Event | None) -> None:
+    parts = beneath.components(info.filename, display)
+    if info.is_dir() or not parts:
+        with beneath.open_dir(root, parts, display):
+            return
+    with beneath.open_dir(root, parts[:-1], display) as parent:
+        mode = 0o755 if (info.external_attr >> 16) & 0o111 else 0o644
+        sink = Sink(Path(info.filename), None, fd=beneath.create_file(parent, parts[-1], mode))
+        try:
+            with zf.open(info) as f:
+                _copy(cast(BinaryIO, f), sink, budget, cancel)
+            sink.close()
+        finally:
+            sink.abort()
 
 
 def move_tree(src: Path, dest: Path) -> list[Path]:

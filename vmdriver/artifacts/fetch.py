@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
 
-from vmdriver.artifacts.archive import decompress, move_tree, unpack
+from vmdriver.artifacts import beneath
+from vmdriver.artifacts.archive import decompress, unpack
 from vmdriver.artifacts.cache import ArtifactCache, Entry, cache_key
 from vmdriver.artifacts.http import HttpSettings, download
+from vmdriver.artifacts.limits import ArtifactLimits
 from vmdriver.artifacts.place import place_file
 from vmdriver.artifacts.progress import Phase, ProgressCallback, ProgressEvent
 from vmdriver.artifacts.source import Source, parse_source
-from vmdriver.artifacts.transfer import Cancelled, DiskFull, Sink, copy_stream
+from vmdriver.artifacts.transfer import Cancelled, DiskFull, Sink, TooLarge, copy_stream
 from vmdriver.errors import ArtifactError
+from vmdriver.host.config import HostConfig
 from vmdriver.spec import ArtifactSpec
 
 
@@ -31,11 +35,17 @@ class _Job:
     """One artifact being fetched: its source and how to report on it."""
 
     def __init__(self, src: Source, progress: ProgressCallback | None,
-                 cancel: threading.Event | None, http: HttpSettings | None) -> None:
+                 cancel: threading.Event | None, http: HttpSettings | None,
+                 limits: ArtifactLimits) -> None:
         self.src = src
         self.progress = progress
         self.cancel = cancel
         self.http = http
+        self.limits = limits
+
+    def sink(self, path: Path) -> Sink:
+        """Where the artifact's bytes go, at most ``artifact_max_size`` of them."""
+        return Sink(path, self.src.checksum, limit=self.limits.max_size)
 
     def emit(self, phase: Phase, done: int = 0, total: int | None = None, *,
              finished: bool = False, message: str = "") -> None:
@@ -75,7 +85,7 @@ class _Job:
 
     def fill(self, tmp: Path) -> dict[str, object]:
         """Fill a new cache entry: the verified blob, and its decompressed form."""
-        sink = Sink(tmp / "blob", self.src.checksum)
+        sink = self.sink(tmp / "blob")
         try:
             self.obtain(sink)
         finally:
@@ -89,23 +99,38 @@ class _Job:
         assert self.src.archive is not None
         total = blob.stat().st_size
         decompress(blob, out, self.src.archive, self.src.display,
-                   progress=self.counter("unpack", total), cancel=self.cancel)
+                   progress=self.counter("unpack", total), cancel=self.cancel, limits=self.limits)
         self.emit("unpack", total, total, finished=True)
 
     def materialize(self, blob: Path, data: Path | None, work: Path,
-                    entry: tuple[ArtifactCache, Entry] | None) -> list[Path]:
-        """Put the verified ``blob`` (or its ``data``) where the artifact says."""
+                    entry: tuple[ArtifactCache, Entry] | None, task_dir: Path) -> list[Path]:
+        """Put the verified ``blob`` (or its ``data``) where the artifact says.
+
+        The destination is walked from the task dir now, as it is written,
+        following no symlink (an earlier artifact may have planted one).
+        """
         src = self.src
+        root = task_dir.resolve()
         if src.archive is not None and not src.archive.single:
             stage = work / "tree"
             stage.mkdir()
             total = blob.stat().st_size
             unpack(blob, stage, src.archive, src.display, progress=self.counter("unpack", total),
-                   cancel=self.cancel)
+                   cancel=self.cancel, limits=self.limits)
             self.emit("unpack", total, total, finished=True)
-            return move_tree(stage, src.target)
+            names = sorted(p.name for p in stage.iterdir())
+            parts = beneath.components(str(src.target.relative_to(root)), src.display)
+            with beneath.root_fd(str(root)) as rfd, beneath.open_dir(rfd, parts, src.display) \
+                    as dst, beneath.root_fd(str(stage)) as sfd:
+                beneath.move_into(sfd, dst)
+            return [src.target / n for n in names]
         dest = src.target / src.file_name if src.is_dir else src.target
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        parts = beneath.components(str(dest.parent.relative_to(root)), src.display)
+        with beneath.root_fd(str(root)) as rfd, beneath.open_dir(rfd, parts, src.display) as dfd:
+            # No link on the way now; none may sit where the file or its temporary goes.
+            for name in (dest.name, f".{dest.name}.vmdriver-part"):
+                if os.path.islink(dest.parent / name):
+                    beneath.clear(dfd, name)
         if dest.is_dir():
             raise ArtifactError(src.display, f"destination {dest} is a directory")
         file = blob
@@ -139,19 +164,27 @@ class _Job:
                     if not filled:
                         self.emit("cached", message=f"in the cache ({src.checksum.algorithm} "
                                                     "matches); nothing downloaded")
-                    return self.materialize(entry.blob, entry.data, work, (cache, entry))
+                    return self.materialize(entry.blob, entry.data, work, (cache, entry),
+                                            task_dir)
             if src.kind == "file" and not src.checksum:
                 if not src.local_path.is_file():
                     raise ArtifactError(src.display, f"no such file: {src.local_path}")
-                return self.materialize(src.local_path, None, work, None)
-            sink = Sink(work / "blob", src.checksum)
+                if src.local_path.stat().st_size > self.limits.max_size:
+                    raise ArtifactError(src.display, f"too large: more than "
+                                                     f"{self.limits.max_size} bytes (the host's "
+                                                     "artifact limits)")
+                return self.materialize(src.local_path, None, work, None, task_dir)
+            sink = self.sink(work / "blob")
             try:
                 self.obtain(sink)
             finally:
                 sink.abort()
-            return self.materialize(work / "blob", None, work, None)
+            return self.materialize(work / "blob", None, work, None, task_dir)
         except Cancelled:
             raise ArtifactError(src.display, "cancelled") from None
+        except TooLarge as exc:
+            raise ArtifactError(src.display, f"too large: {exc.what} (the host's artifact "
+                                             "limits)") from None
         except DiskFull as exc:
             raise ArtifactError(src.display, str(exc.strerror)) from None
         except OSError as exc:
@@ -164,30 +197,36 @@ class _Job:
 def fetch_artifacts(artifacts: tuple[ArtifactSpec, ...], task_dir: Path, job_dir: Path, *,
                     cache: ArtifactCache | None = None, progress: ProgressCallback | None = None,
                     cancel: threading.Event | None = None,
-                    http: HttpSettings | None = None) -> list[Path]:
+                    http: HttpSettings | None = None, host: HostConfig | None = None) -> list[Path]:
     """Fetch each artifact into ``task_dir``; return the paths placed (files or top entries).
 
     ``job_dir`` anchors relative sources. With a ``cache``, artifacts that carry a
     checksum are fetched once per host and shared. ``progress`` may be called from
     this thread at any time; setting ``cancel`` stops the fetch at the next chunk.
     Raises :class:`~vmdriver.errors.ArtifactError` naming the artifact and the cause.
+    ``host`` gives the operator's ``image_paths`` (where local sources may lie besides
+    ``job_dir``), ``artifact_getters`` and the size limits; defaults without it.
     """
+    host = host or HostConfig()
+    limits = ArtifactLimits.from_host(host)
     task_dir.mkdir(parents=True, exist_ok=True)
-    sources = [parse_source(spec, task_dir, job_dir) for spec in artifacts]
+    sources = [parse_source(spec, task_dir, job_dir, image_paths=tuple(map(Path, host.image_paths)),
+                            getters=host.artifact_getters) for spec in artifacts]
     placed: list[Path] = []
     for src in sources:
-        placed += _Job(src, progress, cancel, http).run(task_dir, cache)
+        placed += _Job(src, progress, cancel, http, limits).run(task_dir, cache)
     return placed
 
 
 async def fetch_artifacts_async(artifacts: tuple[ArtifactSpec, ...], task_dir: Path,
                                 job_dir: Path, *, cache: ArtifactCache | None = None,
                                 progress: ProgressCallback | None = None,
-                                http: HttpSettings | None = None) -> list[Path]:
+                                http: HttpSettings | None = None,
+                                host: HostConfig | None = None) -> list[Path]:
     """:func:`fetch_artifacts` in a worker thread; cancelling this stops the worker too."""
     cancel = threading.Event()
     call = functools.partial(fetch_artifacts, artifacts, task_dir, job_dir, cache=cache,
-                             progress=progress, cancel=cancel, http=http)
+                             progress=progress, cancel=cancel, http=http, host=host)
     fut = asyncio.get_running_loop().run_in_executor(None, call)
     try:
         return await asyncio.shield(fut)

@@ -9,7 +9,9 @@ as it is).
 
 from __future__ import annotations
 
+import os
 import posixpath
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -17,12 +19,16 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from vmdriver.artifacts.archive import ArchiveKind, kind_from_name, kind_from_option, strip_suffix
 from vmdriver.artifacts.checksum import Checksum, ChecksumSyntaxError, parse_checksum
-from vmdriver.errors import ArtifactError
+from vmdriver.errors import ArtifactError, InputError
+from vmdriver.policy.paths import MAGIC_ROOTS, walk
 from vmdriver.spec import ArtifactSpec
 
 #: Options an artifact may carry (in ``options {}`` or the URL's query).
 OPTIONS = ("checksum", "archive")
 SCHEMES = ("http", "https", "file")
+#: A header name (RFC 9110 token) and value (visible ASCII and spaces: no CR, LF or NUL).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$", re.ASCII)
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]{0,8192}$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -79,19 +85,65 @@ def _options(spec: ArtifactSpec, query: list[tuple[str, str]], display: str) -> 
 
 
 def _target(spec: ArtifactSpec, task_dir: Path, display: str) -> Path:
-    """The destination, which must stay inside the task dir once ``..`` and links resolve."""
-    if Path(spec.destination).is_absolute():
+    """The destination, read lexically: it must stay inside the task dir.
+
+    Links are not resolved here: the destination is walked when it is written, and
+    a symlink on the way (planted by an earlier artifact) is refused then.
+    """
+    if Path(spec.destination).is_absolute() or "\x00" in spec.destination:
         raise ArtifactError(display, f"destination {spec.destination!r} must be relative to the "
                                      "task dir")
     root = task_dir.resolve()
-    target = (root / spec.destination).resolve()
-    if target != root and root not in target.parents:
-        raise ArtifactError(display, f"destination {spec.destination!r} leaves the task dir")
+    target = Path(os.path.normpath(root / spec.destination))
+    # Checked now (nothing fetched for a bad one) and walked again as it is written.
+    for seen in (target, (root / spec.destination).resolve()):
+        if seen != root and root not in seen.parents:
+            raise ArtifactError(display, f"destination {spec.destination!r} leaves the task dir")
     return target
 
 
-def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path) -> Source:
-    """Check an artifact block and decide everything about it that needs no network."""
+def _text_ok(spec: ArtifactSpec) -> None:
+    """URLs and headers are ASCII without control characters (httpx would raise on them)."""
+    shown = spec.source.encode("ascii", "backslashreplace").decode()[:200]
+    if not spec.source.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in spec.source):
+        raise ArtifactError(shown, "source holds non-ASCII or control characters "
+                                   "(percent-encode them)")
+    for name, value in spec.headers:
+        if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
+            raise ArtifactError(shown, f"header {name[:64]!r} is not a valid HTTP header "
+                                       "(ASCII name; value without CR, LF, NUL or non-ASCII)")
+
+
+def confine_local(path: Path, display: str, dirs: tuple[Path, ...]) -> Path:
+    """The resolved ``path`` if it lies in one of ``dirs`` (the job file's dir, ``image_paths``).
+
+    Resolved the way the kernel would, link by link, refusing ``/proc``, ``/sys``
+    and ``/dev/fd`` anywhere on the way: a job file may not read host files
+    outside the places its author and the operator put there.
+    """
+    try:
+        resolved = walk(path if path.is_absolute() else Path.cwd() / path, where=display,
+                        value=str(path))
+    except InputError as exc:
+        raise ArtifactError(display, exc.message) from None
+    if any(resolved == m or m in resolved.parents for m in MAGIC_ROOTS):
+        raise ArtifactError(display, "a file source may not read /proc, /sys or /dev/fd")
+    roots = [Path(os.path.realpath(d)) for d in dirs]
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise ArtifactError(display, f"file source {str(path)!r} lies outside the job file's "
+                                     "dir and image_paths")
+    return resolved
+
+
+def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path, *,
+                 image_paths: tuple[Path, ...] = (),
+                 getters: tuple[str, ...] = ("http", "https")) -> Source:
+    """Check an artifact block and decide everything about it that needs no network.
+
+    A local file must lie in ``job_dir`` or ``image_paths``; a URL's scheme must
+    be one of ``getters`` (the operator's ``artifact_getters``).
+    """
+    _text_ok(spec)
     raw = spec.source.strip()
     if "::" in raw.split("/", 1)[0]:  # go-getter's forced getter, e.g. "git::https://..."
         forced, _, raw = raw.partition("::")
@@ -111,6 +163,9 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path) -> Source:
     query = parse_qsl(parts.query, keep_blank_values=True)
     opts = _options(spec, query, display)
     rest = [(k, v) for k, v in query if k not in OPTIONS]
+    if scheme in ("http", "https") and scheme not in getters:
+        raise ArtifactError(display, f"scheme {scheme!r} is not allowed on this host "
+                                     f"(artifact_getters: {', '.join(getters) or 'none'})")
     if scheme in ("http", "https"):
         if not parts.hostname:
             raise ArtifactError(display, "URL has no host")
@@ -120,7 +175,8 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path) -> Source:
     else:
         kind = "file"
         path = Path(unquote(parts.path) if scheme == "file" else raw.split("?", 1)[0])
-        location = str(path if path.is_absolute() else (job_dir / path).resolve())
+        location = str(confine_local(path if path.is_absolute() else job_dir / path, display,
+                                     (job_dir, *image_paths)))
         name = path.name
     try:
         checksum = parse_checksum(opts["checksum"]) if opts.get("checksum") else None

@@ -30,6 +30,14 @@ class DiskFull(OSError):
     """No space was left for the bytes being written."""
 
 
+class TooLarge(Exception):
+    """More bytes than the operator allows one artifact (``artifact_max_size`` and friends)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(what)
+
+
 def check_cancel(cancel: threading.Event | None) -> None:
     """Raise :class:`Cancelled` if ``cancel`` is set."""
     if cancel is not None and cancel.is_set():
@@ -43,16 +51,23 @@ class Sink:
     and the task's sparse copy small. ``reset`` starts over (a server that ignored a Range).
     """
 
-    def __init__(self, path: Path, checksum: Checksum | None) -> None:
+    def __init__(self, path: Path, checksum: Checksum | None, *, fd: int | None = None,
+                 limit: int | None = None) -> None:
         self.path = path
         self.checksum = checksum
         self.size = 0
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        #: Most bytes this sink takes (:class:`TooLarge` past it).
+        self.limit = limit
+        # ``fd``: a file opened by a confined walk (artifacts.beneath), never by path.
+        self._file: BinaryIO = (os.fdopen(fd, "wb") if fd is not None
+                                else open(path, "wb"))  # noqa: SIM115 - closed in close()
         self._hash: hashlib._Hash | None = checksum.hasher() if checksum else None
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``."""
         view = memoryview(data)
+        if self.limit is not None and self.size + len(view) > self.limit:
+            raise TooLarge(f"more than {self.limit} bytes")
         if self._hash is not None:
             self._hash.update(view)
         off = 0
