@@ -7,6 +7,7 @@ import pytest
 from vmdriver.errors import SpecError
 from vmdriver.hclfile import loads
 from vmdriver.storage import DiskRequest, parse_disks
+from vmdriver.storage.directory import DirectoryPool
 
 
 def disks(text: str) -> tuple[DiskRequest, ...]:
@@ -81,8 +82,6 @@ def test_devnames_beyond_z() -> None:
     ('disk {\n size = 1\n devname = "a/b"\n}', "disk[0].devname: expected 1-20 letters"),
     ('disk {\n size = 1\n colour = "red"\n}', "disk[0].colour: unknown field"),
     ('disk { chained = true }', "disk[0].chained: chained cannot be enabled without a source"),
-    ('disk {\n chained = true\n format = "raw"\n source { image = "a" }\n}',
-     "disk[0].format: a chained disk is a qcow2 overlay"),
     ('disk {\n chained = true\n sparse = false\n source { image = "a" }\n}',
      "disk[0].sparse: a chained disk is thin"),
     ('disk { source {\n image = "a"\n volume = "b"\n} }',
@@ -108,3 +107,19 @@ def test_devnames_beyond_z() -> None:
 ])
 def test_errors_name_disk_and_field(text: str, expected: str) -> None:
     assert error(text).startswith(expected)
+
+
+def test_chained_raw_is_the_pools_to_refuse(pool: DirectoryPool) -> None:
+    # A ceph pool's chained disk is a raw RBD clone: the parser leaves format to the pool.
+    (d,) = disks('disk {\n chained = true\n format = "raw"\n source { image = "a" }\n}')
+    assert d.chained and d.format == "raw"
+    (default,) = disks('disk {\n chained = true\n source { image = "a" }\n}')
+    assert default.format is None
+    with pytest.raises(SpecError) as info:
+        pool.volume_request(d.model_copy(update={"source": None}), alloc_id="00000000",
+                            task="t", index=0)
+    assert str(info.value).startswith("disk[0].format: a chained disk in a directory pool is a "
+                                      "qcow2 overlay (got 'raw'")
+    req = pool.volume_request(default.model_copy(update={"source": None}), alloc_id="00000000",
+                              task="t", index=0)
+    assert req.format == "qcow2" and req.chained

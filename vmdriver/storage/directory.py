@@ -33,7 +33,7 @@ from vmdriver.storage.base import (
     volume_name,
 )
 from vmdriver.storage.config import DirectoryPoolConfig
-from vmdriver.storage.disks import DiskFormat
+from vmdriver.storage.disks import DiskFormat, DiskRequest
 from vmdriver.storage.errors import StorageError
 
 META = ".vmdriver"
@@ -85,6 +85,17 @@ class DirectoryPool(Pool):
         self.memo = basestore.StatMemo(
             self._keep(fsutil.open_dir("memo", dir_fd=meta, create=True)))
         self._sweep_tmp()
+
+    def volume_request(self, disk: DiskRequest, *, alloc_id: str, task: str, index: int,
+                       image: SourceImage | None = None, where: str = "") -> VolumeRequest:
+        """As :meth:`Pool.volume_request`; a chained disk here is a qcow2 overlay, never raw."""
+        where = where or f"disk[{index}]"
+        if disk.chained and disk.format == "raw":
+            raise SpecError("a chained disk in a directory pool is a qcow2 overlay",
+                            where=f"{where}.format", value="raw",
+                            allowed="qcow2, or chained = false, or a ceph pool")
+        return super().volume_request(disk, alloc_id=alloc_id, task=task, index=index,
+                                      image=image, where=where)
 
     @classmethod
     def from_config(cls, config: DirectoryPoolConfig) -> DirectoryPool:

@@ -3,7 +3,8 @@
 Every field of nomad-driver-virt's ``disk`` block is here. Errors name the disk
 by its 0-based position (``disk[1].size``), the position volumes are named by.
 Defaults that depend on the pool (format, sparse) are left ``None`` here and
-filled by :func:`vmdriver.storage.base.Pool.volume_request`.
+filled by :func:`vmdriver.storage.base.Pool.volume_request`; so is what a chained
+disk may be (a directory pool's is a qcow2 overlay, a ceph pool's a raw RBD clone).
 """
 
 from __future__ import annotations
@@ -123,9 +124,6 @@ def _check_one(disk: DiskRequest, where: str) -> DiskRequest:
                         allowed="source.image or source.volume")
     if disk.chained and src is None:
         raise SpecError("chained cannot be enabled without a source", where=f"{where}.chained")
-    if disk.chained and disk.format == "raw":
-        raise SpecError("a chained disk is a qcow2 overlay", where=f"{where}.format",
-                        value="raw", allowed="qcow2, or chained = false")
     if disk.chained and disk.sparse is False:
         raise SpecError("a chained disk is thin: it cannot be preallocated",
                         where=f"{where}.sparse", value=False, allowed="true, or chained = false")
@@ -230,8 +228,6 @@ def _settle_defaults(disk: DiskRequest) -> DiskRequest:
         update["read_only"] = True
         if "bus_type" not in disk.model_fields_set:
             update["bus_type"] = "ide"
-    if disk.chained and disk.format is None:
-        update["format"] = "qcow2"
     return disk.model_copy(update=update) if update else disk
 
 

@@ -75,7 +75,8 @@ class Pools:
             if disk.volume is not None:
                 continue  # a Nomad block volume: no pool involved
             pool = self.get(disk.pool, where=f"{where}[{i}].pool")
-            pool.volume_request(disk.model_copy(update={"source": None, "chained": False}),
+            # chained stays: whether a chained disk may be raw is the pool's to say.
+            pool.volume_request(disk.model_copy(update={"source": None}),
                                 alloc_id="00000000", task="check", index=i,
                                 where=f"{where}[{i}]")
 
