@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="driver name jobs use in driver = \"...\" (default: vmdriver)")
 
     from vmdriver.cli.runner import add_parser as add_runner
+    from vmdriver.cli.snapshot import add_parsers as add_snapshot_parsers
+
+    add_snapshot_parsers(sub, common)
 
     add_runner(sub)
     return p
@@ -108,12 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vmdriver.cli.runner import cmd_runner
 
         return cmd_runner(args)
-    from vmdriver.cli import commands, guest
+    from vmdriver.cli import commands, guest, snapshot
 
     handler = {
         "run": commands.cmd_run, "argv": commands.cmd_argv, "fingerprint": commands.cmd_fingerprint,
         "stop": commands.cmd_stop, "ps": commands.cmd_ps,
-        "exec": guest.cmd_exec, "signal": guest.cmd_signal,
+        "exec": guest.cmd_exec, "signal": guest.cmd_signal, **snapshot.HANDLERS,
     }[args.command]
     try:
         host = load_host(args)

@@ -102,14 +102,25 @@ async def migrate_in(monitor: Monitor, fd: int, *, timeout: float) -> float:
     ``cont``. A stream QEMU cannot load makes it exit: that surfaces here as a
     :class:`MonitorError` (the caller adds QEMU's own last words).
     """
+    t0 = time.monotonic()
+    await start_incoming(monitor, fd)
+    await wait_incoming(monitor, timeout=timeout)
+    return time.monotonic() - t0
+
+
+async def start_incoming(monitor: Monitor, fd: int) -> None:
+    """Hand ``fd`` to a QEMU waiting with ``-incoming defer``; it starts reading at once."""
     # Images are activated (locked for writing) at `cont`, not when the stream ends:
     # the source of a live migration still holds them until then.
     await monitor.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "late-block-activate", "state": True}]})
     await monitor.execute_with_fd("getfd", {"fdname": STREAM_FD}, fd)
-    t0 = time.monotonic()
     await monitor.execute("migrate-incoming", {"uri": f"fd:{STREAM_FD}"})
-    deadline = t0 + timeout
+
+
+async def wait_incoming(monitor: Monitor, *, timeout: float) -> None:
+    """Wait until the incoming stream is loaded (QEMU leaves ``inmigrate``)."""
+    deadline = time.monotonic() + timeout
     while True:
         status = (await monitor.execute("query-status"))["status"]
         if status != "inmigrate":
@@ -121,7 +132,6 @@ async def migrate_in(monitor: Monitor, fd: int, *, timeout: float) -> float:
     if info.get("status") == "failed" or status not in ("paused", "prelaunch", "running"):
         raise MonitorError(f"loading the state failed (QEMU status {status}): "
                            f"{info.get('error-desc', 'no reason given')}")
-    return time.monotonic() - t0
 
 
 # Section: disks

@@ -226,7 +226,7 @@ def state_loader(snap: SnapshotDir, stderr: Path, timeout: float,
         except MonitorError as exc:
             await asyncio.sleep(0.3)  # QEMU's last words reach its stderr log
             raise LaunchError(f"{snap.what}: QEMU could not load the saved state ({exc})",
-                              stderr_tail=_tail(stderr)) from exc
+                              stderr_tail=log_tail(stderr)) from exc
         finally:
             os.close(fd)
         log.info("%s loaded in %.3fs", snap.what, seconds)
@@ -236,7 +236,8 @@ def state_loader(snap: SnapshotDir, stderr: Path, timeout: float,
     return load
 
 
-def _tail(path: Path) -> str:
+def log_tail(path: Path) -> str:
+    """The end of QEMU's stderr log (its reason for exiting)."""
     with contextlib.suppress(OSError), path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 2000))
         return f.read().decode(errors="replace")
@@ -331,7 +332,9 @@ def plan_start(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
     if req.spec.snapshot and req.spec.suspend:
         raise SpecError("a task cannot both start from a snapshot and suspend", where=req.where,
                         allowed="snapshot or suspend")
-    if req.spec.snapshot and req.incoming is None:
+    if req.incoming is not None:
+        return req  # a live migration brings its own state
+    if req.spec.snapshot:
         return from_snapshot(req, host)
     if req.spec.suspend:
         return with_suspend(req, host)
