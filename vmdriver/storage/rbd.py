@@ -34,7 +34,7 @@ import secrets
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -242,9 +242,7 @@ class RbdPool(Pool):
         The runtime resolves the ref to this pool and calls :meth:`write_secret_file`
         for the drive's ``-object secret``.
         """
-        return RbdMedium(pool=self.config.pool, image=image,
-                         monitors=tuple(str(m) for m in self.monitors), user=self.user,
-                         secret_ref=self.name)
+        return volume_medium(self.name, self.protocol(image))
 
     def write_secret_file(self, path: Path) -> Path:
         """Write the key (``format=base64`` for ``-object secret``) to a new 0600 file."""
@@ -369,4 +367,18 @@ class RbdPool(Pool):
             yield ["--object", f"secret,id={secret_id},file={key},format=base64"], opts
 
 
-__all__ = ["Monitor", "RbdPool", "parse_monitors"]
+def volume_medium(pool_name: str, protocol: Mapping[str, object]) -> RbdMedium:
+    """The spec's medium for an RBD volume from its ``-blockdev`` node (:meth:`RbdPool.protocol`).
+
+    What :func:`vmdriver.storage.attach.drive_for` uses: a :class:`Volume` carries
+    its pool's name and protocol node, so the face needs no pool object to attach it.
+    """
+    servers = protocol.get("server")
+    if protocol.get("driver") != "rbd" or not isinstance(servers, list):
+        raise StorageError("not an RBD volume", where=f"storage pool {pool_name!r}")
+    monitors = tuple(str(Monitor(str(s["host"]), int(s["port"]))) for s in servers)
+    return RbdMedium(pool=str(protocol["pool"]), image=str(protocol["image"]), monitors=monitors,
+                     user=str(protocol["user"]), secret_ref=pool_name)
+
+
+__all__ = ["Monitor", "RbdPool", "parse_monitors", "volume_medium"]
