@@ -22,11 +22,13 @@ from vmdriver.errors import InputError
 from vmdriver.host.fingerprint import fingerprint
 from vmdriver.nomad import execstream, hclspec
 from vmdriver.nomad.base import PluginState
+from vmdriver.nomad.netoverride import driver_network, follow_changes
 from vmdriver.nomad.proto import driver_pb2 as pb
 from vmdriver.nomad.proto import driver_pb2_grpc, structs_pb2
 from vmdriver.nomad.status import rpc, stream
 from vmdriver.nomad.taskconfig import plan_start
 from vmdriver.runtime.guest_stats import GuestMemory, GuestStatsSampler, spec_of
+from vmdriver.runtime.netconfig import address_wait
 from vmdriver.runtime.state import ExitResult
 from vmdriver.runtime.stats import ProcessSample, ProcessSampler
 
@@ -178,7 +180,15 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         log.info("task %s started: pid %s", task.id, tasks.info(task.id).pid)
         handle = pb.TaskHandle(version=HANDLE_VERSION, config=request.task, state=pb.RUNNING,
                                driver_state=tasks.driver_state(task))
-        return pb.StartTaskResponse(result=pb.StartTaskResponse.SUCCESS, handle=handle)
+        try:
+            # A VM on a tap/macvtap NIC: its own address for Nomad (bounded wait).
+            network = self.state.loop.call(driver_network(
+                tasks.supervisor, self.state.events, task, address_wait(self.state.host)))
+        except Exception:
+            log.exception("task %s: no DriverNetwork (the VM runs)", task.id)
+            network = None
+        return pb.StartTaskResponse(result=pb.StartTaskResponse.SUCCESS, handle=handle,
+                                    network_override=network)
 
     @rpc
     def RecoverTask(self, request: pb.RecoverTaskRequest,
@@ -186,7 +196,9 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         """Re-attach to a VM an earlier plugin process started (Nomad sends only the handle)."""
         task_id = request.handle.config.id or request.task_id
         task = self.state.loop.call(self.state.tasks.recover(task_id, request.handle.driver_state))
-        log.info("task %s recovered: pid %s", task.id, self.state.tasks.info(task.id).pid)
+        info = self.state.tasks.info(task.id)
+        log.info("task %s recovered: pid %s", task.id, info.pid)
+        follow_changes(self.state.tasks.supervisor, self.state.events, task, info.addresses)
         return pb.RecoverTaskResponse()
 
     @rpc

@@ -245,8 +245,9 @@ class Networks:
         while True:
             found = await asyncio.to_thread(self.host.discover, links.vmnet, links.first_index,
                                             agent)
-            if _changed(links.addresses, found):
-                await self._apply(links, found)
+            learned = learn(links.addresses, found)
+            if learned is not None:
+                await self._apply(links, learned)
             if not links.addresses and not warned and time.monotonic() > deadline:
                 warned = True
                 log.warning("VM %s: no guest address within %.0fs; ports are published "
@@ -296,12 +297,19 @@ class Networks:
         return {name: self.host.state_dir / name for name in self.settings.networks}
 
 
-def _changed(old: GuestAddresses, new: GuestAddresses) -> bool:
-    """True if ``new`` should replace ``old``: a look-up where the agent did not
-    answer this once (leases: IPv4 only) does not take addresses away."""
-    if not new or set(new.addresses) == set(old.addresses):
-        return False
-    return not (new.source != old.source and set(new.addresses) < set(old.addresses))
+def learn(old: GuestAddresses, new: GuestAddresses) -> GuestAddresses | None:
+    """The addresses known so far plus what ``new`` adds; None if it adds nothing.
+
+    Each family is learned once, then locked, as libvirt's IP learning does: the
+    agent's answer and the neighbour table are the guest's word, and the
+    anti-spoofing guard and the published ports follow these addresses, so a
+    guest that claims another address later gets neither. A family first seen
+    later (IPv6 after the DHCP lease) is added.
+    """
+    v4, v6 = old.ipv4 or new.ipv4, old.ipv6 or new.ipv6
+    if (v4, v6) == (old.ipv4, old.ipv6):
+        return None
+    return GuestAddresses(v4, v6, old.source or new.source, (*v4, *v6))
 
 
 def address_file(runtime_dir: Path) -> Path:
