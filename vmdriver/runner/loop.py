@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 TERMINATE_GRACE_S = 5.0
 #: Seconds between guest agent pings while the guest boots.
 BOOT_POLL_S = 1.0
+#: Seconds the status follows the balloon after a change.
+BALLOON_FOLLOW_S = 60.0
 #: The supervisor's own ladder never ends a stop before the runner's deadline does.
 _NO_TIMEOUT = 10.0 * 365 * 86400
 
@@ -256,27 +258,47 @@ class Runner:
         if changes.cpus is not None:
             count = await apply.set_cpus(self._qmp, changes.cpus)
             log.info("vCPUs: %d (wanted %d)", count, changes.cpus)
-            await self._online_vcpus()
+            self._spawn(self._online_vcpus(count))
             self.status = self.status.model_copy(update={"cpus": count})
         for cd, image in changes.media.items():
             self.media.change(cd, image)
         if changes.ram is not None:
-            self.status = self.status.model_copy(update={"ram": await self._ram()})
+            self._spawn(self._follow_balloon(changes.ram))
 
-    async def _online_vcpus(self) -> None:
+    async def _follow_balloon(self, target: int) -> None:
+        """The status's ``ram`` as the guest gives memory back or takes it (VM-Operator
+        reads BALLOON_CHANGE events; the supervisor passes faces none, so: poll)."""
+        deadline = time.monotonic() + BALLOON_FOLLOW_S
+        while True:
+            ram = await self._ram()
+            if ram != self.status.ram:
+                self.status = self.status.model_copy(update={"ram": ram})
+                self._publish()
+            if ram == target or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(BOOT_POLL_S)
+
+    async def _online_vcpus(self, target: int) -> None:
         """Bring hot-plugged vCPUs online through the guest agent, if it answers.
 
         A guest with udev onlines them itself; a minimal guest leaves them offline.
+        The guest sees a new CPU only once it handled the ACPI hotplug event: retry
+        until it has ``target`` online, for a while.
         """
-        if not self.request.spec.guest_agent or self.status.state != RunState.BOOTED:
+        if not self.request.spec.guest_agent:
             return
         agent = self.sup.agent(self.vm_id)
-        with contextlib.suppress(MonitorError):
-            vcpus = await agent.call("guest-get-vcpus")
-            offline = [{"logical-id": v["logical-id"], "online": True} for v in vcpus
-                       if not v.get("online") and v.get("can-offline", True)]
-            if offline:
-                await agent.call("guest-set-vcpus", {"vcpus": offline})
+        deadline = time.monotonic() + BALLOON_FOLLOW_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(MonitorError):
+                vcpus = await agent.call("guest-get-vcpus")
+                offline = [{"logical-id": v["logical-id"], "online": True} for v in vcpus
+                           if not v.get("online") and v.get("can-offline", True)]
+                if offline:
+                    await agent.call("guest-set-vcpus", {"vcpus": offline})
+                elif len(vcpus) >= target:
+                    return
+            await asyncio.sleep(BOOT_POLL_S)
 
     # Section: stopping
 
