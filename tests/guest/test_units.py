@@ -154,3 +154,23 @@ def test_metrics_forget_vms_the_supervisor_forgot() -> None:
     m.started("a/vm/1", "vm", 0.5)
     asyncio.run(m.poll_once(Sup(), str))  # type: ignore[arg-type]
     assert "a/vm/1" not in generate_latest(m.registry).decode()
+
+
+def test_dashboard_queries_only_series_we_export() -> None:
+    import json
+    import re
+
+    dash = json.loads((Path(__file__).parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"vmdriver_[a-z_]+", e)}
+    m = VmMetrics()
+    m.started("a/vm/1", "vm", 0.5)
+    m.booted("a/vm/1", 1.0)
+    from vmdriver.runtime.guest_stats import GuestMemory
+
+    with m._lock:
+        m._vms["a/vm/1"].guest = GuestStats(0.0, GuestMemory(4, 1, 2, 1, 1.0), IOCounters(),
+                                            IOCounters(), "agent")
+    text = generate_latest(m.registry).decode()
+    exported = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert used and used <= exported, used - exported
