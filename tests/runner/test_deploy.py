@@ -147,9 +147,8 @@ def test_image_entrypoint_is_the_runner(image: str) -> None:
                               image), capture_output=True, text=True, check=True)
     assert inspect.stdout.strip() == '["vmdriver","runner"]'
     helped = podman_run(image, "--help")
-    if "invalid choice: 'runner'" in helped.stderr:
-        pytest.skip("`vmdriver runner` is not wired into the CLI yet (the lead's part)")
     assert helped.returncode == 0 and "-c" in helped.stdout, missing_module(helped.stderr)
+    assert "/etc/opt/vmrunner/config.yaml" in helped.stdout
 
 
 def test_readiness_probe_reads_the_status_file(tmp_path: Path) -> None:
