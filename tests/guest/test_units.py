@@ -174,3 +174,21 @@ def test_dashboard_queries_only_series_we_export() -> None:
     text = generate_latest(m.registry).decode()
     exported = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     assert used and used <= exported, used - exported
+
+
+def test_qemu_task_options_for_agent_shutdown_and_balloon(tmp_path: Path) -> None:
+    from vmdriver.jobfile.model import load_job
+    from vmdriver.jobfile.plan import plan_job
+
+    def spec(config: str) -> VMSpec:
+        job = tmp_path / "j.hcl"
+        job.write_text('job "j" { group "g" { task "vm" { driver = "qemu"\n'
+                       f'config {{ image_path = "local/d.qcow2"\n{config} }} }} }} }}\n')
+        return plan_job(load_job(job), tmp_path, check_ports=False)[0].spec
+
+    on = spec("graceful_shutdown = true\nguest_agent = true\nguest_agent_shutdown = true\n"
+              "balloon = true")
+    assert on.shutdown.graceful and on.shutdown.via_agent and on.balloon
+    # Without an agent, the ACPI button it is.
+    assert not spec("guest_agent_shutdown = true").shutdown.via_agent
+    assert not spec("").balloon

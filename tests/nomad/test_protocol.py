@@ -134,7 +134,10 @@ def test_unknown_tasks(start_plugin: Callable[..., Plugin]) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "a/b/c" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         plugin.driver.SignalTask(pb.SignalTaskRequest(task_id="a/b/c", signal="SIGHUP"), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # signals are supported (tests/guest)
+    with pytest.raises(grpc.RpcError) as err:
+        plugin.driver.ExecTask(pb.ExecTaskRequest(task_id="a/b/c", command=["true"]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     bad = pb.TaskHandle(version=1, config=pb.TaskConfig(id="x/y/z"), driver_state=b"{not json")
     with pytest.raises(grpc.RpcError) as err:
         plugin.driver.RecoverTask(pb.RecoverTaskRequest(handle=bad), timeout=5)
