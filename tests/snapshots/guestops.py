@@ -61,9 +61,14 @@ def read_mark(image: Path, length: int) -> bytes:
                          capture_output=True, text=True, check=True, timeout=30)
     data = b""
     for line in out.stdout.splitlines():
-        if ":" in line and line[:8].strip().isalnum():
-            hexpart = line.split(":", 1)[1][:48]
-            data += bytes.fromhex(hexpart.replace(" ", ""))
+        addr, sep, rest = line.partition(":  ")
+        if not sep or not all(c in "0123456789abcdef" for c in addr):
+            continue
+        # "00001000:  41 41 ... 41  AAAA": up to 16 hex bytes, then the text column.
+        for token in rest.split(" ")[:16]:
+            if len(token) != 2:
+                break
+            data += bytes.fromhex(token)
     return data[:length]
 
 

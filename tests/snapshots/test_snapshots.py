@@ -41,6 +41,49 @@ def _set_crc(snap: Path) -> None:
     (snap / "meta.json").write_text(json.dumps(meta))
 
 
+async def _check_clones(sup: Supervisor, ports: list[int], template_gen: str) -> None:
+    """Each clone serves HTTP, carries the template's running counter, has its own vmgenid."""
+    gens = {template_gen}
+    for i, p in enumerate(ports):
+        assert await http_ok(p), f"clone {i} does not serve HTTP"
+        clone_agent = sup.agent(f"c/clone{i}")
+        first = await counter(clone_agent)
+        assert first > 0  # the template's counter came along in RAM ...
+        await asyncio.sleep(0.6)
+        assert await counter(clone_agent) > first  # ... and runs on in each clone
+        gens.add((await sup.qmp(f"c/clone{i}", "query-vm-generation-id"))["guid"])
+        # The guest kernel found the generation id device (ACPI QEMUVGID).
+        assert b"QEMUVGID" in await sh(clone_agent, "ls /sys/bus/acpi/devices/")
+    assert len(gens) == len(ports) + 1, gens  # every clone has its own generation id
+
+
+async def _check_refusals(sup: Supervisor, host: HostConfig, store: SnapshotStore) -> None:
+    """Another device set, a truncated or a damaged state: a clear error and no VM."""
+    before = qemu_processes(str(host.state_dir))
+    bigger = spec("big", snapshot="snap1")
+    bigger = bigger.model_copy(update={"resources": bigger.resources.model_copy(
+        update={"memory_mib": 512})})
+    with pytest.raises(SnapshotError, match=r"other hardware.*memory_mib"):
+        await sup.start(request(host, "c/big", bigger, None))
+    trunc = _copy_snapshot(store, "snap1", "trunc")
+    with (trunc / "state").open("r+b") as f:
+        f.truncate((trunc / "state").stat().st_size // 2)
+    with pytest.raises(SnapshotError, match="truncated"):
+        await sup.start(request(host, "c/trunc", spec("trunc", snapshot="trunc"), None))
+    bad = _copy_snapshot(store, "snap1", "bad")
+    with (bad / "state").open("r+b") as f:
+        f.seek(64)
+        f.write(b"\xde\xad\xbe\xef" * 64)
+    with pytest.raises(SnapshotError, match="damaged"):
+        await sup.start(request(host, "c/bad", spec("bad", snapshot="bad"), None))
+    # Damage that passes the CRC is QEMU's to find: a clear error, no VM.
+    _set_crc(bad)
+    with pytest.raises(LaunchError, match="could not load the saved state"):
+        await sup.start(request(host, "c/bad2", spec("bad2", snapshot="bad"), None))
+    assert "c/bad2" not in sup.ids() or sup.info("c/bad2").state is not VMState.RUNNING
+    assert qemu_processes(str(host.state_dir)) == before
+
+
 def test_snapshot_clones_serve_with_own_vmgenid_and_bad_ones_are_refused(
         host: HostConfig, guest_dir: Path) -> None:
     host = host.model_copy(update={"image_paths": (str(guest_dir),)})
@@ -51,70 +94,27 @@ def test_snapshot_clones_serve_with_own_vmgenid_and_bad_ones_are_refused(
         port = free_port()
         vm = await sup.start(request(host, "t/tmpl", spec("tmpl", port), guest_dir))
         await wait_for_line(vm.stdout, READY, BOOT_TIMEOUT)
-        agent = sup.agent("t/tmpl")
-        await start_counter(agent)
+        await start_counter(sup.agent("t/tmpl"))
         await asyncio.sleep(1)
         meta = await snapshot_recorded(sup.record("t/tmpl"), host, "snap1")
         assert meta.has_state and meta.disks and meta.vmgenid
         assert meta.machine.startswith("pc-i440fx-") and meta.machine_alias == "pc"
         # The template runs on, on a fresh overlay over the frozen disk.
-        assert sup.info("t/tmpl").state is VMState.RUNNING
+        assert (await sup.qmp("t/tmpl", "query-status"))["status"] == "running"
         assert await http_ok(port)
-        base = store.root / "snap1" / "disks" / "disk0.qcow2"
-        assert base.exists() and not (await sup.qmp("t/tmpl", "query-status"))["status"] != "running"
+        assert (store.root / "snap1" / "disks" / "disk0.qcow2").exists()
         template_gen = (await sup.qmp("t/tmpl", "query-vm-generation-id"))["guid"]
 
         ports = [free_port() for _ in range(3)]
-        reqs = [request(host, f"c/clone{i}", spec(f"clone{i}", p, snapshot="snap1"), None)
-                for i, p in enumerate(ports)]
         t0 = time.monotonic()
-        await sup.start_many(reqs)
-        started = time.monotonic() - t0
-        gens = {template_gen}
-        for i, p in enumerate(ports):
-            assert await http_ok(p), f"clone {i} does not serve HTTP"
-            clone_agent = sup.agent(f"c/clone{i}")
-            first = await counter(clone_agent)
-            assert first > 0  # the template's counter came along in RAM ...
-            await asyncio.sleep(0.6)
-            assert await counter(clone_agent) > first  # ... and runs on in each clone
-            gens.add((await sup.qmp(f"c/clone{i}", "query-vm-generation-id"))["guid"])
-            # The guest kernel found the generation id device (ACPI QEMUVGID).
-            assert b"QEMUVGID" in await sh(clone_agent, "ls /sys/bus/acpi/devices/")
-        assert len(gens) == 4, gens  # every clone has its own generation id
-        assert started < 3 * 10, started
-
-        listing = {m.name: used for m, used in store.listing()}
-        assert listing == {"snap1": True}
+        await sup.start_many([request(host, f"c/clone{i}", spec(f"clone{i}", p, snapshot="snap1"),
+                                      None) for i, p in enumerate(ports)])
+        assert time.monotonic() - t0 < 30
+        await _check_clones(sup, ports, template_gen)
+        assert {m.name: used for m, used in store.listing()} == {"snap1": True}
         with pytest.raises(SnapshotError, match="in use"):
             store.remove("snap1")
-
-        # A different device set (RAM size) is refused before QEMU starts.
-        before = qemu_processes(str(host.state_dir))
-        bigger = spec("big", snapshot="snap1")
-        bigger = bigger.model_copy(update={"resources": bigger.resources.model_copy(
-            update={"memory_mib": 512})})
-        with pytest.raises(SnapshotError, match="other hardware.*memory_mib"):
-            await sup.start(request(host, "c/big", bigger, None))
-        # A truncated state file is refused by its size.
-        trunc = _copy_snapshot(store, "snap1", "trunc")
-        with (trunc / "state").open("r+b") as f:
-            f.truncate((trunc / "state").stat().st_size // 2)
-        with pytest.raises(SnapshotError, match="truncated"):
-            await sup.start(request(host, "c/trunc", spec("trunc", snapshot="trunc"), None))
-        # A damaged one by its CRC ...
-        bad = _copy_snapshot(store, "snap1", "bad")
-        with (bad / "state").open("r+b") as f:
-            f.seek(64)
-            f.write(b"\xde\xad\xbe\xef" * 64)
-        with pytest.raises(SnapshotError, match="damaged"):
-            await sup.start(request(host, "c/bad", spec("bad", snapshot="bad"), None))
-        # ... and damage that passes the CRC is QEMU's to find: a clear error, no VM.
-        _set_crc(bad)
-        with pytest.raises(LaunchError, match="could not load the saved state"):
-            await sup.start(request(host, "c/bad2", spec("bad2", snapshot="bad"), None))
-        assert "c/bad2" not in sup.ids() or sup.info("c/bad2").state is not VMState.RUNNING
-        assert qemu_processes(str(host.state_dir)) == before
+        await _check_refusals(sup, host, store)
 
         await sup.stop_all(timeout=20)
         store.remove("snap1")
