@@ -179,10 +179,15 @@ def test_qemu_accepts_the_standard_argv(state_dir: Path) -> None:
         "drives": (), "accelerator": "tcg"})})
     paths = make_paths(state_dir)
     spec = runner_spec(config, paths, FACTS)
-    from vmdriver.runner import tpm
+    from vmdriver.qemu.sidecars import swtpm as swtpm_helper
 
-    swtpm = subprocess.Popen(tpm.swtpm_argv(tpm.prepare_state_dir(paths.data_dir),
-                                            paths.runtime_dir / "swtpm.sock"), stderr=subprocess.DEVNULL)
+    helper = swtpm_helper("2.0", paths.runtime_dir, paths.data_dir)
+    for d in helper.state_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    swtpm = subprocess.Popen(helper.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + helper.start_timeout_s  # a first start runs swtpm_setup
+    while helper.ready_socket and not helper.ready_socket.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     ctx = context(spec, paths.runtime_dir)
     ctx = RenderContext(**{**ctx.__dict__, "qmp_fd": None, "sandbox": False})
     argv = render_argv(spec, ctx)

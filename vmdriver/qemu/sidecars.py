@@ -51,20 +51,53 @@ def helpers_for(spec: VMSpec, runtime_dir: Path, data_dir: Path,
     return tuple(out)
 
 
+#: The file swtpm keeps a TPM 2.0's state in (``--tpmstate dir=``).
+TPM2_STATE_FILE = "tpm2-00.permall"
+#: Extra seconds a first start may take: swtpm_setup makes the EK and its certificate.
+TPM_SETUP_TIMEOUT_S = 30.0
+
+# First start of a TPM 2.0, then swtpm itself (exec: the helper's pid stays swtpm's).
+# A state VM-Operator kept in the data dir itself is moved into tpm/, so a migrated
+# data dir keeps what the guest sealed with its TPM; else swtpm_setup manufactures
+# the TPM as libvirt does (EK and platform certificates from swtpm's local CA, NVRAM
+# locked). It is optional: without swtpm-tools, or where it fails (no writable local
+# CA for this user), swtpm starts on an empty state, a TPM without EK certificate.
+_FIRST_START = f"""data=$1 state=$2; shift 2
+if [ ! -e "$state/{TPM2_STATE_FILE}" ]; then
+    if [ -f "$data/{TPM2_STATE_FILE}" ]; then
+        mv "$data/{TPM2_STATE_FILE}" "$state/{TPM2_STATE_FILE}" || exit 1
+    elif command -v swtpm_setup >/dev/null 2>&1; then
+        swtpm_setup --tpm2 --tpmstate "$state" --create-ek-cert --create-platform-cert \\
+            --lock-nvram --not-overwrite \\
+            || {{ echo "swtpm_setup failed: the TPM has no EK certificate" >&2;
+                 rm -f "$state/{TPM2_STATE_FILE}"; }}
+    fi
+fi
+exec "$@"
+"""
+
+
 def swtpm(version: str, runtime_dir: Path, data_dir: Path) -> HelperSpec:
     """swtpm serving QEMU's ``-tpmdev emulator`` on a control socket; state in the data dir.
 
-    ``--terminate`` ends it when QEMU closes the connection; ``--flags
-    startup-clear`` initialises a fresh TPM so no ``swtpm_setup`` run is needed.
+    ``--terminate`` ends it when QEMU closes the connection (even a SIGKILLed QEMU
+    takes its swtpm along); ``--flags startup-clear`` starts the TPM itself, so a
+    guest whose firmware does not works too. A TPM 2.0's first start runs
+    :data:`_FIRST_START` before swtpm: VM-Operator's state moved in, or swtpm_setup.
     """
     state = data_dir / "tpm"
     sock = runtime_dir / TPM_SOCKET
     argv = ["swtpm", "socket", "--tpmstate", f"dir={state},mode=0600",
             "--ctrl", f"type=unixio,path={sock},mode=0600", "--terminate",
             "--log", f"file={runtime_dir / 'swtpm.log'},level=1"]
-    if version == "2.0":
-        argv += ["--tpm2", "--flags", "startup-clear"]
-    return HelperSpec("swtpm", tuple(argv), sock, state_dirs=(state,))
+    if version != "2.0":
+        return HelperSpec("swtpm", tuple(argv), sock, state_dirs=(state,))
+    argv += ["--tpm2", "--flags", "startup-clear"]
+    first = not (state / TPM2_STATE_FILE).exists()
+    return HelperSpec("swtpm", ("/bin/sh", "-c", _FIRST_START, "swtpm", str(data_dir), str(state),
+                                *argv), sock,
+                      start_timeout_s=START_TIMEOUT_S + (TPM_SETUP_TIMEOUT_S if first else 0),
+                      state_dirs=(state,))
 
 
 def virtiofsd(tag: str, path: str, runtime_dir: Path, *, read_only: bool) -> HelperSpec:
