@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import qemu_processes
 from tests.e2e.guest import free_port, stderr_until
 
 pytestmark = pytest.mark.e2e
@@ -102,7 +103,9 @@ def run(guest_dir: Path) -> Iterator[Run]:
                 proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+        leaked = qemu_processes(str(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
+    assert not leaked, f"QEMU processes left behind: {sorted(leaked)}"
 
 
 def test_run_prints_guest_events(run: Run) -> None:

@@ -22,7 +22,7 @@ import pytest
 from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import READY
+from tests.conftest import READY, qemu_processes
 from tests.nomad.conftest import PLUGIN_ARGV, Alloc
 from tests.nomad.nomadsim import Plugin
 from vmdriver.nomad.proto import driver_pb2 as pb
@@ -107,8 +107,10 @@ def booted(guest_dir: Path) -> Iterator[Booted]:
     finally:
         plugin.close()
         alloc.close()
+        leaked = qemu_processes(str(state_dir))  # its sockets are in the runtime dir there
         shutil.rmtree(alloc.root, ignore_errors=True)
         shutil.rmtree(state_dir, ignore_errors=True)
+    assert not leaked, f"QEMU processes left behind: {sorted(leaked)}"
 
 
 def test_capabilities_say_exec_and_signals(booted: Booted) -> None:
