@@ -393,3 +393,46 @@ def test_runner_help() -> None:
     out = subprocess.run((*VMDRIVER, "runner", "--help"),
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and "/etc/opt/vmrunner/config.yaml" in out.stdout
+
+
+# Section: a guest that shuts itself down
+
+POWEROFF = """{% extends "standard.j2" %}
+{% block extra_args %}
+  - -fw_cfg
+  - name=opt/vmdriver/mode,string=poweroff
+{% endblock %}
+"""
+
+
+def test_guest_shutdown_stops_keeps_the_runner_stopped_until_term(guest_dir: Path) -> None:
+    """guestShutdownStops: the guest's own power-off is not followed by a pod restart
+    (VM-Operator sets the VM's state to Stopped): the runner stays, STOPPED."""
+    directory = tempfile_dir()
+    templates = directory / "templates"
+    templates.mkdir()
+    (templates / "off.j2").write_text(POWEROFF)
+    shutil.copyfile(guest_dir / "disk.raw", directory / "disk.raw")
+    config = {"/Runner": {
+        "dataDir": str(directory / "data"), "runtimeDir": str(directory / "run"), "template": "off.j2",
+        "guestShutdownStops": True,
+        "vm": {"name": "off", "firmware": "bios", "accelerator": "tcg", "cpuModel": "max",
+               "maximumRam": "256 MiB", "network": [{"type": "user"}],
+               "drives": [{"type": "raw", "resource": str(directory / "disk.raw"), "bootindex": 0}]}}}
+    run = start_runner(directory, config, "--template-dir", str(templates))
+    try:
+        wait_until("STOPPED", lambda: (run.runtime / "status.json").exists()
+                   and run.status()["state"] == "STOPPED", run, timeout=240)
+        assert "mode=poweroff" in run.console.read_text(errors="replace")
+        assert run.status()["exit_code"] == 0 and run.status()["cpus"] == 0
+        time.sleep(2)
+        assert run.proc.poll() is None, "the runner ended although guestShutdownStops is set"
+        assert "staying stopped" in run.text()
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(30) == 0
+        assert not run.runtime.exists()
+    finally:
+        stop(run)
+        for p in processes("qemu-system-x86_64", str(directory)):
+            p.kill()
+        shutil.rmtree(directory, ignore_errors=True)
