@@ -123,8 +123,7 @@ async def cmd_receive(args: argparse.Namespace, host: HostConfig) -> int:
 
     listener = livemigrate.listen(args.listen)
     _out(f"listening on {args.listen}")
-    conn, _ = await asyncio.to_thread(listener.accept)
-    listener.close()
+    conn = await asyncio.to_thread(livemigrate.accept_one, listener)
     try:
         header = await asyncio.to_thread(livemigrate.receive_message, conn, 30.0)
         req = livemigrate.incoming_request(header, conn, host, uuid.uuid4().hex[:8])

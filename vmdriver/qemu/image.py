@@ -83,7 +83,10 @@ def qemu_img_info(name: str, *, fmt: str | None, where: str, value: str,
     ``-f fmt`` when the format is known, so a raw image is never probed.
     Errors name ``where`` and ``value`` (how the user wrote the image).
     """
-    cmd = ["qemu-img", "info", "--output=json"]
+    # -U: read the header without taking QEMU's image locks. The image of a VM that is being
+    # live-migrated here is still locked by the source QEMU; QEMU's own locks still guard
+    # writers when it opens (or activates) the image.
+    cmd = ["qemu-img", "info", "-U", "--output=json"]
     if fmt:
         cmd += ["-f", fmt]
     try:

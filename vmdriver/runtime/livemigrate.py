@@ -198,6 +198,17 @@ def listen(address: str) -> socket.socket:
     return sock
 
 
+def accept_one(listener: socket.socket) -> socket.socket:
+    """The first connection; the listener (and its socket file) goes: one VM per receive."""
+    conn, _ = listener.accept()
+    path = listener.getsockname() if listener.family == socket.AF_UNIX else None
+    listener.close()
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return conn
+
+
 def _free_port(port: int) -> int:
     with socket.socket() as s:
         try:
