@@ -102,7 +102,7 @@ class Run:
 
     def qga(self) -> Path:
         """The guest agent socket of the run's only VM."""
-        socks = list((self.state / "run").glob("*/qga.sock"))
+        socks = list((self.state / "run").rglob("qga.sock"))
         assert len(socks) == 1, socks
         return socks[0]
 

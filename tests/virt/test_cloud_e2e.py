@@ -144,8 +144,7 @@ def test_key_login_is_the_default_user(booted: Booted) -> None:
 def test_password_hash_in_shadow_and_plain_text_nowhere_on_the_host(booted: Booted) -> None:
     entry = booted.out("sudo -n getent shadow debian").strip().split(":")
     assert entry[1].startswith("$6$") and verify_password(PASSWORD, entry[1])
-    run_dirs = list((booted.state / "s" / "run").glob("*"))
-    (seed,) = [p for d in run_dirs for p in d.glob("cidata.*")]
+    (seed,) = list((booted.state / "s" / "run").rglob("cidata.*"))
     data = seed.read_bytes()
     assert entry[1].encode() in data  # the search works: the hash is on the seed
     assert PASSWORD.encode() not in data

@@ -15,8 +15,9 @@ artifacts:
 
 :func:`release` removes a task's volumes (DestroyTask, the end of `vmdriver run`).
 The VM's drives are pool files: :class:`~vmdriver.jobfile.placement.Provisioned`
-names the pool roots so the runtime's path policy accepts them for this VM only.
-A virt task has no ``args``, so no other job-given path can reach those roots.
+names exactly the task's volumes and their bases, so the runtime's path policy
+(and a jail's read-only binds) admit those for this VM only, never the rest of
+the pool (other tasks' volumes).
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ from vmdriver.spec import (
     UserNic,
     VMSpec,
 )
-from vmdriver.storage import DiskRequest, Pools, SourceImage
+from vmdriver.storage import DiskRequest, Pools, SourceImage, Volume
 from vmdriver.storage.attach import drive_for
+from vmdriver.storage.directory import META
 from vmdriver.storage.pools import backend
 
 #: A user_data file larger than this is refused (the seed holds at most 16 MiB).
@@ -185,7 +187,7 @@ def provision(cfg: VirtConfig, inputs: TaskInputs, spec: VMSpec, at: Placement) 
             fields: dict[str, Any] = {k: getattr(spec, k) for k in VMSpec.model_fields}
             fields.update(drives=drives, seed=seed, shares=_spec_shares(shares, at.task_dir),
                           accelerator=Accelerator(at.host.virt_accelerator))
-            return Provisioned(VMSpec(**fields), pools.local_roots())
+            return Provisioned(VMSpec(**fields), _volume_files(cfg.disks, volumes))
         except BaseException:
             pools.remove_task_volumes(at.alloc_id, inputs.name)
             raise
@@ -220,10 +222,25 @@ def _check_local(pools: Pools, disks: Sequence[DiskRequest], base: str) -> None:
         except KeyError:
             raise SpecError("unknown storage pool", where=where, value=disk.pool,
                             allowed=pools.config.names) from None
-        if cfg.kind != "directory":
+        if cfg.kind not in ("directory", "ceph"):  # what storage.attach.drive_for attaches
             backend(cfg.kind, cfg.name)  # the registry's own error when the backend is missing
             raise HostError(f"{where}: {cfg.name!r} is a {cfg.kind} pool; this version of "
-                            "vmdriver attaches only directory pool volumes to VMs")
+                            "vmdriver attaches only directory and ceph pool volumes to VMs")
+
+
+def _volume_files(disks: Sequence[DiskRequest],
+                  volumes: Sequence[Volume | None]) -> tuple[Path, ...]:
+    """The files QEMU opens for this task: its volumes and their bases, nothing else of the pool."""
+    out: list[Path] = []
+    for disk, vol in zip(disks, volumes, strict=True):
+        if vol is None or vol.path is None:
+            continue
+        out.append(vol.path)
+        if vol.backing is not None:
+            chained_on_image = disk.source is not None and disk.source.image is not None
+            base_dir = vol.path.parent / META / "bases" if chained_on_image else vol.path.parent
+            out.append(base_dir / vol.backing)
+    return tuple(out)
 
 
 def _spec_shares(shares: tuple[GuestShare, ...], task_dir: TaskDir) -> tuple[Share, ...]:
