@@ -54,7 +54,7 @@ async def _fetch_artifacts(plans: list[TaskPlan], host: HostConfig, job_dir: Pat
         if plan.artifacts:
             with progress_display(err_console) as on_progress:
                 await fetch_artifacts_async(plan.artifacts, plan.task_dir.path, job_dir,
-                                            cache=cache, progress=on_progress)
+                                            cache=cache, progress=on_progress, host=host)
 
 
 def _remove_allocs(plans: list[TaskPlan]) -> None:
