@@ -436,3 +436,51 @@ def test_guest_shutdown_stops_keeps_the_runner_stopped_until_term(guest_dir: Pat
         for p in processes("qemu-system-x86_64", str(directory)):
             p.kill()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# Section: UEFI
+
+
+def test_uefi_boot_keeps_its_efi_variables_across_two_runs(guest_dir: Path) -> None:
+    """OVMF boots the guest's kernel (the disk images boot with a BIOS only); the guest
+    powers itself off; the vars OVMF wrote are what the second run starts with."""
+    from vmdriver.host.config import HostConfig
+    from vmdriver.host.firmware import find_firmware
+
+    fw = find_firmware("uefi-4m")
+    if fw is None or not fw.code.exists():
+        pytest.skip("OVMF is not installed")
+    directory = tempfile_dir()
+    templates = directory / "templates"
+    templates.mkdir()
+    cmdline = (guest_dir / "cmdline").read_text().strip() + " vmdriver.mode=poweroff"
+    (templates / "kernel.j2").write_text(
+        '{% extends "standard.j2" %}\n{% block extra_args %}\n'
+        f"  - -kernel\n  - {json.dumps(str(guest_dir / 'vmlinuz'))}\n"
+        f"  - -initrd\n  - {json.dumps(str(guest_dir / 'initrd.img'))}\n"
+        f"  - -append\n  - {json.dumps(cmdline)}\n{{% endblock %}}\n")
+    # The kernel is not a drive: the operator's image_paths admit it.
+    host = directory / "host.hcl"
+    jail = 'jail = "off"\n' if "jail" in HostConfig.model_fields else ""
+    host.write_text(f'image_paths = ["{guest_dir.resolve()}"]\n{jail}')
+    config = {"/Runner": {
+        "dataDir": str(directory / "data"), "runtimeDir": str(directory / "run"), "template": "kernel.j2",
+        "vm": {"name": "efi", "firmware": "uefi-4m", "accelerator": "tcg", "cpuModel": "max",
+               "maximumRam": "256 MiB", "network": [{"type": "user"}]}}}
+    vars_file = directory / "data" / "fw-vars.fd"
+    hashes: list[bytes] = []
+    try:
+        for n in (1, 2):
+            before = vars_file.read_bytes() if vars_file.exists() else None
+            run = start_runner(directory, config, "--template-dir", str(templates),
+                               "--host-config", str(host), log=f"runner{n}.log")
+            assert run.proc.wait(300) == 0, run.text()[-1500:]
+            assert run.console.read_text(errors="replace").count(READY) == n
+            if before is not None:
+                assert before == hashes[-1]  # the second run started from the first run's vars
+            hashes.append(vars_file.read_bytes())
+        assert hashes[0] != fw.vars_template.read_bytes(), "OVMF did not write the VM's vars"
+    finally:
+        for p in processes("qemu-system-x86_64", str(directory)):
+            p.kill()
+        shutil.rmtree(directory, ignore_errors=True)
