@@ -68,8 +68,10 @@ def check_record(handle: pb.TaskHandle, task_id: str, pid: int, state_dir: Path)
     """driver_state is the VM record: what a new plugin process needs to re-attach, with
     the control plane in the runtime dir under the plugin's state dir, not the task dir."""
     record = VMRecord.model_validate(json.loads(handle.driver_state)["record"])
-    assert record.id == task_id and record.pid == pid
-    assert Path(record.qmp_socket).parent == Path(record.runtime_dir)
+    # In a jail, ``pid`` is the jail's monitor (what re-attaching watches), QEMU its child.
+    assert record.id == task_id and (record.qemu_pid or record.pid) == pid
+    # QEMU's sockets sit in the one dir of the runtime dir it may write; the record does not.
+    assert Path(record.qmp_socket).parent == Path(record.runtime_dir) / "vm"
     assert Path(record.runtime_dir).parent == state_dir / "run"
     assert Path(record.qmp_socket).is_socket()
     return record

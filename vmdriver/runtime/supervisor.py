@@ -256,7 +256,9 @@ class Supervisor:
                                           owner=jail.spec.uid if jail else None)
             undo.push_async_callback(stop_helpers, helpers)
             vm.helpers = [h.record() for h in helpers]
-            placed: list[str] = list(warnings)
+            for warning in warnings:  # also in `vmdriver fingerprint`
+                log.warning("VM %s: %s", req.vm_id, warning)
+            placed: list[str] = []
             undo.callback(lambda: cgroup.remove(vm.cgroups_created))
             await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr,
                             on_spawn=functools.partial(self._confine, req, prep, vm, helpers, placed),
