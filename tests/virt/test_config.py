@@ -14,12 +14,12 @@ from vmdriver.jobfile.dialects import DIALECTS, dialect_for_plugin
 from vmdriver.jobfile.hostcheck import check_host
 from vmdriver.jobfile.inputs import AllocatedPort, TaskInputs
 from vmdriver.jobfile.placement import Placement
-from vmdriver.jobfile.virt import build_spec, provision
+from vmdriver.jobfile.virt import build_spec, provision, release
 from vmdriver.jobfile.virt_config import host_arch, parse_config
 from vmdriver.nomad.codec import decode_config
 from vmdriver.nomad.hclspec import host_config_spec, task_config_spec, without_nulls
 from vmdriver.runtime.taskdir import TaskDir
-from vmdriver.spec import Accelerator, MacvtapNic, TapNic, UserNic
+from vmdriver.spec import Accelerator, FileMedium, MacvtapNic, TapNic, UserNic
 
 #: One config as python-hcl2 reads it from a job file: every block a list of bodies.
 HCL_SHAPE: dict[str, Any] = {
@@ -145,3 +145,40 @@ def test_agent_config_blocks_decode_into_the_host_config(tmp_path: Path) -> None
     host = host_config_from_mapping(data, "cfg")
     pools = check_host(host).storage
     assert pools.default == "local" and pools.names == ("local",)
+
+
+def test_provision_makes_volumes_seed_and_shares(tmp_path: Path, guest_dir: Path) -> None:
+    pool = tmp_path / "pool"
+    host = HostConfig(state_dir=tmp_path, image_paths=(str(guest_dir),), virt_accelerator="tcg",
+                      storage_pools=[{"directory": [{"local": [{"path": str(pool)}]}]}])
+    cfg = parse_config({"disk": [{"primary": True, "chained": True,
+                                  "source": [{"image": str(guest_dir / "disk.qcow2")}]},
+                                 {"size": "64MiB"}],
+                        "default_user_password": "plain-Secret"}, "t")
+    task_dir = TaskDir(tmp_path / "alloc", "web")
+    task_dir.create()
+    alloc = "0123abcd-0000-0000-0000-000000000000"
+    env = {"NOMAD_ALLOC_ID": alloc, "NOMAD_ALLOC_DIR": str(task_dir.shared)}
+    spec = build_spec(cfg, inputs(env=env))
+    made = provision(cfg, inputs(env=env), spec, Placement(host, alloc, task_dir))
+    try:
+        s = made.spec
+        assert s.accelerator is Accelerator.TCG  # from virt_accelerator
+        assert [d.id for d in s.drives] == ["disk0", "disk1"]
+        assert s.drives[0].boot_index == 1 and s.drives[0].serial == "vda"
+        # Exactly this task's files are admitted: its two volumes and the primary's base.
+        files_of = {Path(d.medium.path).name for d in s.drives if isinstance(d.medium, FileMedium)}
+        bases = {p.name for p in (pool / ".vmdriver" / "bases").iterdir()}
+        assert {p.name for p in made.image_paths} == files_of | bases
+        assert {(sh.tag, sh.path) for sh in s.shares} == {
+            ("local", str(task_dir.local)), ("alloc", str(task_dir.shared)),
+            ("secrets", str(task_dir.secrets))}
+        assert all(sh.read_only for sh in s.shares)
+        assert s.seed is not None
+        files = dict(s.seed.files)
+        assert "local-hostname: web-0123abcd" in files["meta-data"]
+        assert "plain-Secret" not in "".join(files.values())
+        assert "$6$" in files["user-data"] and "NOMAD_ALLOC_DIR=/alloc\n" in files["user-data"]
+    finally:
+        release(host, alloc, "web")
+    assert not any(p.name != ".vmdriver" for p in pool.iterdir())
