@@ -182,3 +182,19 @@ def test_provision_makes_volumes_seed_and_shares(tmp_path: Path, guest_dir: Path
     finally:
         release(host, alloc, "web")
     assert not any(p.name != ".vmdriver" for p in pool.iterdir())
+
+
+def test_preview_shows_the_drives_and_makes_nothing(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    host = HostConfig(state_dir=tmp_path, virt_accelerator="tcg",
+                      storage_pools=[{"directory": [{"local": [{"path": str(pool)}]}]}])
+    cfg = parse_config({"disk": [{"primary": True, "source": [{"image": "local/missing.qcow2"}]},
+                                 {"kind": "cdrom", "source": [{"image": "local/x.iso"}]}],
+                        "default_user_password": "pw", "user_data": "local/not-yet"}, "t")
+    spec = build_spec(cfg, inputs())
+    task_dir = TaskDir(tmp_path / "alloc", "web")
+    made = provision(cfg, inputs(), spec, Placement(host, "0123abcd-x", task_dir, preview=True))
+    paths = [d.medium.path for d in made.spec.drives if isinstance(d.medium, FileMedium)]
+    assert paths == [str(pool / "0123abcd-web-0.qcow2"), str(pool / "0123abcd-web-1.raw")]
+    assert made.spec.seed is not None and made.spec.shares
+    assert not pool.exists() and not task_dir.path.exists()

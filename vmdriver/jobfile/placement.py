@@ -22,6 +22,8 @@ class Placement:
     host: HostConfig
     alloc_id: str
     task_dir: TaskDir
+    #: Only show what would be made (`vmdriver argv`): nothing is created or opened.
+    preview: bool = False
 
 
 @dataclass(frozen=True)

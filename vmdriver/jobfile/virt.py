@@ -54,6 +54,7 @@ from vmdriver.qemu.sidecars import VIRTIOFSD
 from vmdriver.runtime.taskdir import TaskDir
 from vmdriver.spec import (
     Accelerator,
+    FileMedium,
     MacvtapNic,
     Nic,
     PortForward,
@@ -63,9 +64,11 @@ from vmdriver.spec import (
     UserNic,
     VMSpec,
 )
-from vmdriver.storage import DiskRequest, Pools, SourceImage, Volume
+from vmdriver.storage import DirectoryPoolConfig, DiskRequest, Pools, SourceImage, Volume
 from vmdriver.storage.attach import drive_for
+from vmdriver.storage.base import volume_name
 from vmdriver.storage.directory import META
+from vmdriver.storage.disks import DiskFormat
 from vmdriver.storage.pools import backend
 
 #: A user_data file larger than this is refused (the seed holds at most 16 MiB).
@@ -174,8 +177,10 @@ def provision(cfg: VirtConfig, inputs: TaskInputs, spec: VMSpec, at: Placement) 
     pools = Pools(check_host(at.host).storage)
     try:
         _check_local(pools, cfg.disks, base)
-        pools.check(cfg.disks, where=f"{base}.disk")
         shares = task_shares(_share_fs())
+        if at.preview:
+            return _preview(cfg, inputs, spec, at, pools, shares)
+        pools.check(cfg.disks, where=f"{base}.disk")
         seed = _seed(cfg, inputs, at, shares)
         with _source_images(cfg.disks, at, base) as images:
             volumes = pools.create_task_volumes(at.alloc_id, inputs.name, cfg.disks, images,
@@ -193,6 +198,29 @@ def provision(cfg: VirtConfig, inputs: TaskInputs, spec: VMSpec, at: Placement) 
             raise
     finally:
         pools.close()
+
+
+def _preview(cfg: VirtConfig, inputs: TaskInputs, spec: VMSpec, at: Placement, pools: Pools,
+             shares: tuple[GuestShare, ...]) -> Provisioned:
+    """The spec as :func:`provision` would make it, from names alone (nothing opened or made)."""
+    drives = []
+    for i, disk in enumerate(cfg.disks):
+        pool = pools.config.get(disk.pool)
+        if not isinstance(pool, DirectoryPoolConfig):
+            continue
+        fmt: DiskFormat = disk.format or ("raw" if disk.kind == "cdrom" else "qcow2")
+        name = volume_name(at.alloc_id, inputs.name, i, fmt)
+        path = Path(os.path.realpath(pool.path)) / name
+        drives.append(drive_for(disk, Volume(pool.name, name, fmt, disk.size or 0, path), i))
+    # Values only: no password to hash, no user_data file read (it may come with artifacts).
+    req = _seed_request(cfg, inputs, at.alloc_id, password_hash=None, user_data=None,
+                        shares=shares)
+    seed = Seed(files=tuple((n, b.decode()) for n, b in seed_files(req).items()))
+    fields: dict[str, Any] = {k: getattr(spec, k) for k in VMSpec.model_fields}
+    fields.update(drives=tuple(drives), seed=seed, shares=_spec_shares(shares, at.task_dir),
+                  accelerator=Accelerator(at.host.virt_accelerator))
+    return Provisioned(VMSpec(**fields), tuple(Path(d.medium.path) for d in drives
+                                               if isinstance(d.medium, FileMedium)))
 
 
 def release(host: HostConfig, alloc_id: str, task: str) -> list[str]:
