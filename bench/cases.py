@@ -17,6 +17,7 @@ from pathlib import Path
 from bench.client import Worker, cli_boot
 from bench.common import make_overlay, slope
 from bench.libvirt import Libvirt
+from bench.network import bench_network
 from bench.results import Results
 
 
@@ -213,6 +214,7 @@ async def run_all(env: Env, only: set[str], guest_problem: str | None) -> None:
         ("burst", bench_burst(env)),
         ("stats", bench_stats(env)),
         ("scale", bench_scale(env)),
+        ("network", bench_network(env)),
     ]
     for name, coro in plan:
         if name not in only:

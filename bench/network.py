@@ -15,22 +15,36 @@ Prints medians in ms; ``--json`` prints the raw samples too.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2.netns import popns, pushns  # type: ignore[import-untyped]
 
+from bench.common import REPO, tiny_spec
+from bench.results import TARGETS, Target
+from vmdriver.host.config import HostConfig
 from vmdriver.network import HostNetwork, NetworkSettings, NicRequest, PortMap
 from vmdriver.network.nft import chains
+from vmdriver.runtime.request import LaunchRequest
+from vmdriver.runtime.supervisor import Supervisor
+from vmdriver.runtime.taskdir import TaskDir, VMDirs
+from vmdriver.spec import PortForward, TapNic, UserNic
+from vmdriver.spec.devices import Nic
+
+if TYPE_CHECKING:
+    from bench.cases import Env
 
 TARGET_MS = 30.0
 _PORTS = [PortMap(20080, 8080), PortMap(20443, 443)]
@@ -174,6 +188,129 @@ def measure_start(rounds: int = 8) -> dict[str, Any]:
             "samples": {"user": user, "tap": tap}}
 
 
+# --- through vmdriver's supervisor --------------------------------------------------------
+
+_NET = {"bench": {"bridge": "vmdbr0", "subnet": "10.218.0.0/16"}}
+
+
+def _nic(kind: str, i: int) -> Nic:
+    if kind == "user":
+        return UserNic(id="net0")
+    return TapNic(id="net0", bridge="vmdbr0",
+                  forwards=(PortForward(label="http", host_port=20000 + i, guest_port=80),))
+
+
+async def _start_all(sup: Supervisor, state: Path, kind: str, ids: list[int]) -> float:
+    """ms from asking for the VMs (at once, as the burst case does) to all running."""
+    reqs = []
+    for i in ids:
+        vm_id = f"{kind[0]}{i}"
+        dirs = VMDirs.under(state, vm_id, TaskDir(state / f"a-{vm_id}", "t"))
+        spec = tiny_spec("t").model_copy(update={"nics": (_nic(kind, i),)})
+        reqs.append(LaunchRequest(vm_id=vm_id, spec=spec, dirs=dirs))
+    t0 = time.perf_counter()
+    infos = await asyncio.gather(*(sup.start(r) for r in reqs))
+    ms = _ms(t0)
+    await asyncio.gather(*(sup.kill(i.id) for i in infos))
+    for info in infos:
+        await sup.destroy(info.id)
+    return ms
+
+
+async def _supervised(rounds: int, burst: int, burst_rounds: int, state: Path
+                      ) -> dict[str, list[float]]:
+    """Inside the namespace: single starts and bursts, user-mode vs tap, interleaved."""
+    # No jail: this compares NIC kinds, and the jail's own cost is another benchmark's.
+    jail = {"jail": "off"} if "jail" in HostConfig.model_fields else {}
+    sup = Supervisor(HostConfig.model_validate({"state_dir": state, "network": _NET, **jail}))
+    out: dict[str, list[float]] = {"user": [], "tap": [], "burst_user": [], "burst_tap": [],
+                                   "attach": []}
+    try:
+        for kind in ("user", "tap"):  # warm-up: imports, the bridge, dnsmasq, first contexts
+            await _start_all(sup, state, kind, [9999])
+        n = 0
+        for i in range(rounds):
+            for kind in (("user", "tap") if i % 2 == 0 else ("tap", "user")):
+                n += 1
+                out[kind].append(await _start_all(sup, state, kind, [n]))
+        for i in range(rounds):  # the host side alone: what a tap start adds before QEMU
+            spec = tiny_spec("t").model_copy(update={"nics": (_nic("tap", i),)})
+            t0 = time.perf_counter()
+            _, fds = await sup.networks.attach(f"x{i}", spec)
+            out["attach"].append(_ms(t0))
+            for f in fds.values():
+                os.close(f.tap)
+            await sup.networks.detach(f"x{i}", None)
+        for i in range(burst_rounds):
+            for kind in (("user", "tap") if i % 2 == 0 else ("tap", "user")):
+                ids = list(range(n + 1, n + 1 + burst))
+                n += burst
+                out[f"burst_{kind}"].append(await _start_all(sup, state, kind, ids))
+    finally:
+        await sup.close()
+    return out
+
+
+def measure_supervised(rounds: int = 8, burst: int = 32, burst_rounds: int = 3
+                       ) -> dict[str, list[float]]:
+    """VM start through vmdriver's Supervisor with a user-mode NIC vs a tap on a managed
+    bridge, one at a time and ``burst`` at once; run in a namespace this creates."""
+    ns = f"vmdbench{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    state = Path(tempfile.mkdtemp(prefix="vmdnb-", dir="/tmp"))
+    try:
+        # The supervisor's networking acts in its threads' namespace: run it all in there.
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.network", "--inner",
+             json.dumps([rounds, burst, burst_rounds, str(state)])],
+            cwd=REPO, check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"supervised network bench failed: {proc.stderr.strip()[-300:]}")
+        samples: dict[str, list[float]] = json.loads(proc.stdout.splitlines()[-1])
+        return samples
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def added_by_tap(samples: dict[str, list[float]]) -> tuple[list[float], list[float]]:
+    """Per round: ms a tap adds to a start, and a tap burst's wall time over a user-mode one's."""
+    added = [t - u for u, t in zip(samples["user"], samples["tap"], strict=True)]
+    ratio = [t / u for u, t in zip(samples["burst_user"], samples["burst_tap"], strict=True)]
+    return added, ratio
+
+
+#: Metrics of the ``network`` case of ``python -m bench`` and their targets (issue 13).
+ADDED_METRIC = "start: added by a tap on a managed bridge (tap minus user-mode, per round)"
+BURST_METRIC = "VMs on one bridge at once: wall time / the same burst with user-mode NICs"
+BURST_TARGET = 1.3  # the burst case's target, against user-mode NICs as the floor
+TARGETS[("network", ADDED_METRIC)] = Target(f"≤ {TARGET_MS:.0f} ms",
+                                            lambda r, f, _: r.median <= TARGET_MS)
+TARGETS[("network", BURST_METRIC)] = Target(f"≤ {BURST_TARGET}x",
+                                            lambda r, f, _: r.median <= BURST_TARGET)
+
+
+async def bench_network(env: Env) -> None:
+    """network: what a tap NIC adds to a VM's start through vmdriver, alone and in a burst."""
+    from bench.cases import progress
+
+    s, r = env.sizes, env.results
+    rounds, burst_rounds = min(s.start_rounds, 10), min(s.burst_rounds, 3)
+    progress(f"network: {rounds} starts per NIC kind, {burst_rounds} bursts of {s.burst_n}")
+    samples = await asyncio.to_thread(measure_supervised, rounds, s.burst_n, burst_rounds)
+    added, ratio = added_by_tap(samples)
+    for label, key in (("start, user-mode NIC", "user"), ("start, tap on a managed bridge", "tap"),
+                       ("tap set-up in the start path (Networks.attach)", "attach"),
+                       (f"{s.burst_n} VMs at once, user-mode NICs", "burst_user"),
+                       (f"{s.burst_n} VMs at once, taps on one bridge", "burst_tap")):
+        for v in samples[key]:
+            r.add("network", label, "vmdriver", v, "ms")
+    for v in added:
+        r.add("network", ADDED_METRIC, "vmdriver", v, "ms")
+    for v in ratio:
+        r.add("network", BURST_METRIC, "vmdriver", v, "x")
+
+
 def report(r: dict[str, Any]) -> str:
     ok = "within" if r["setup_median_ms"] <= r["target_ms"] else "OVER"
     return "\n".join([
@@ -211,7 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print the raw result as JSON")
     p.add_argument("--start-rounds", type=int, default=8,
                    help="QEMU starts per arm (user-mode vs tap); 0 skips them")
+    p.add_argument("--inner", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.inner:
+        rounds, burst, burst_rounds, state = json.loads(args.inner)
+        print(json.dumps(asyncio.run(_supervised(rounds, burst, burst_rounds, Path(state)))))
+        return
     r = measure(args.rounds, args.burst)
     if args.start_rounds:
         r["start"] = measure_start(args.start_rounds)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from tests.virt.test_plugin import disk
 from vmdriver.jobfile.dialects import DIALECTS
 from vmdriver.nomad.hclspec import task_config_spec
 from vmdriver.nomad.proto import driver_pb2 as pb
+from vmdriver.runtime.netconfig import saved_addresses
+from vmdriver.runtime.supervisor import Supervisor
 
 pytestmark = [pytest.mark.timeout(600)]
 HOST_PORT = 20081
@@ -91,6 +94,17 @@ def configure(plugin: Plugin, place: Path, guest_dir: Path, wait: str) -> None:
     })
 
 
+def supervisor_addresses(state: Path, task_id: str, timeout: float) -> tuple[str, ...]:
+    """The addresses the plugin's supervisor learned for a task (what `vmdriver ps` shows)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec, _ in Supervisor.known(state):
+            if rec.id == task_id and (found := saved_addresses(Path(rec.runtime_dir))):
+                return found
+        time.sleep(0.5)
+    raise AssertionError(f"the supervisor learned no address for {task_id} in {timeout}s")
+
+
 def start(plugin: Plugin, alloc: Alloc, guest_dir: Path, name: str, port: int
           ) -> tuple[pb.TaskConfig, pb.StartTaskResponse]:
     config: dict[str, Any] = {
@@ -112,6 +126,8 @@ def test_start_without_address_then_changes_are_events_then_driver_network(
         assert not resp.HasField("network_override")
         events.wait_for(task.id, "no guest address within 1s", 10)
         events.wait_for(task.id, "IP known", BOOT_S)
+        first = supervisor_addresses(place / "state", task.id, BOOT_S)
+        assert len(first) == 1 and ipaddress.ip_address(first[0]) in ipaddress.ip_network(SUBNET)
         # An address of a family the guest had none of is learned: a task event.
         inspect = plugin.driver.InspectTask(pb.InspectTaskRequest(task_id=task.id), timeout=5)
         agent = Agent(Path(inspect.driver.attributes["qmp_socket"]).with_name("qga.sock"))

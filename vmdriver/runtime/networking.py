@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmdriver.host.config import HostConfig
 from vmdriver.network import nft
-from vmdriver.network.discovery import AgentInterfaces, GuestAddresses
+from vmdriver.network.discovery import GuestAddresses
 from vmdriver.network.manager import HostNetwork, NicRequest, VmNetwork
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.context import NicFds
@@ -40,16 +42,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Polling for a guest's first address, and for changes once it has one.
-_FIRST_POLL_S = 0.5
+#: Polling for a guest's first address (after a first delay), and for changes once it has one.
+_FIRST_DELAY_S = 1.0
+_FIRST_POLL_S = 1.0
 _WATCH_POLL_S = 10.0
 #: After the bound passes without an address, look less often (the guest may
 #: still come up: a slow TCG boot, DHCP retries).
-_LATE_POLL_S = 5.0
+_LATE_POLL_S = 2.0
 #: A guest agent that does not answer this fast is not up yet.
 AGENT_TIMEOUT_S = 2.0
 #: Called with the guest's addresses each time they change.
 AddressListener = Callable[[GuestAddresses], None]
+#: The guest agent's ``guest-network-get-interfaces`` (:meth:`GuestAgent.interfaces`).
+AgentCall = Callable[[], Awaitable[list[dict[str, Any]]]]
 
 
 def nic_requests(spec: VMSpec) -> list[NicRequest]:
@@ -69,23 +74,6 @@ def port_maps(spec: VMSpec) -> list[nft.PortMap]:
     return [nft.PortMap(f.host_port, f.guest_port, f.protocols,
                         ipaddress.ip_address(f.host_ip) if f.host_ip else None)
             for nic in spec.nics if isinstance(nic, TapNic) for f in nic.forwards]
-
-
-def agent_lookup(socket_path: Path, loop: asyncio.AbstractEventLoop) -> AgentInterfaces:
-    """``guest-network-get-interfaces`` as the network layer calls it: synchronously,
-    from a worker thread. The agent client is async and bound to the supervisor's
-    loop (its per-socket lock), so the call runs there; a guest whose agent is not
-    up yet answers nothing within :data:`AGENT_TIMEOUT_S` and counts as no answer."""
-    agent = GuestAgent(socket_path)
-
-    def interfaces() -> list[dict[str, Any]] | None:
-        coro = asyncio.wait_for(agent.interfaces(), AGENT_TIMEOUT_S)
-        try:
-            return asyncio.run_coroutine_threadsafe(coro, loop).result(AGENT_TIMEOUT_S + 1)
-        except Exception:
-            return None
-
-    return interfaces
 
 
 @dataclass
@@ -142,6 +130,7 @@ class Networks:
         self._links: dict[str, VmLinks] = {}
         self._reconciled = False
         self._lock = asyncio.Lock()
+        self._lookups: ThreadPoolExecutor | None = None
 
     async def attach(self, vm_id: str, spec: VMSpec) -> tuple[VmLinks | None, dict[str, NicFds]]:
         """Taps and macvtaps for ``spec``; fds for QEMU (its own copies: close them after spawn).
@@ -159,8 +148,9 @@ class Networks:
             # concurrent start's reconcile could take for a dead VM's.
             if not self._reconciled:
                 await self.reconcile(self.known())
-        for req in reqs:
-            await self._ensure_managed(req.bridge)
+            # Under the lock: VMs started together must not each start a dnsmasq.
+            for req in reqs:
+                await self._ensure_managed(req.bridge)
         vmnet = await asyncio.to_thread(self.host.attach, vm_id, reqs)
         try:
             fds = {nic_id: NicFds(os.dup(tap), os.dup(vhost) if vhost is not None else None)
@@ -179,13 +169,13 @@ class Networks:
         managed networks' dnsmasq is restarted under this supervisor (the leases
         file stays), and the VM's chains keep forwarding until discovery refreshes them.
         """
+        reqs = nic_requests(spec)
         async with self._lock:
             await self.reconcile(self.known())
-        reqs = nic_requests(spec)
+            for req in reqs:
+                await self._ensure_managed(req.bridge)
         if not reqs:
             return None
-        for req in reqs:
-            await self._ensure_managed(req.bridge)
         vmnet = await asyncio.to_thread(self.host.recover, vm_id, reqs)
         links = VmLinks(vmnet, port_maps(spec))
         self._links[vm_id] = links
@@ -218,33 +208,21 @@ class Networks:
         self._dnsmasq[net.name] = await start_helper(spec, logs, {"PATH": os.environ.get("PATH", "")})
 
     def watch_vm(self, links: VmLinks, vm: VM, on_change: AddressListener) -> None:
-        """Watch a launched (or re-attached) VM's addresses: through its guest agent
-        if it has one, then leases and neighbours; written to its runtime dir."""
+        """Look for a launched (or re-attached) VM's addresses for its life, publishing
+        and guarding them as they are learned; written to its runtime dir for `ps`."""
         links.listeners.append(on_change)
-        agent = (agent_lookup(vm.dirs.qga_socket, asyncio.get_running_loop())
-                 if vm.spec.guest_agent else None)
-        self.watch(links, agent, address_file(vm.dirs.runtime))
-
-    def publish_later(self, links: VmLinks, spec: VMSpec, agent: AgentInterfaces | None,
-                      on_found: AddressListener) -> None:
-        """Without a VM object: watch with ``agent`` (ports from ``spec``), nothing written."""
-        links.ports = port_maps(spec)
-        links.listeners.append(on_found)
-        self.watch(links, agent, None)
-
-    def watch(self, links: VmLinks, agent: AgentInterfaces | None, address_file: Path | None
-              ) -> None:
-        """Look for the guest's addresses for the VM's life; publish and guard on each change."""
-        links.address_file = address_file
+        links.address_file = address_file(vm.dirs.runtime)
+        agent = GuestAgent(vm.dirs.qga_socket).interfaces if vm.spec.guest_agent else None
         links.watcher = asyncio.create_task(self._watch(links, agent),
                                             name=f"addresses of {links.vmnet.vm_id}")
 
-    async def _watch(self, links: VmLinks, agent: AgentInterfaces | None) -> None:
+    async def _watch(self, links: VmLinks, agent: AgentCall | None) -> None:
         deadline = time.monotonic() + self.address_bound_s
         warned = False
+        # No guest has an address this early: the start (and a burst of them) goes first.
+        await asyncio.sleep(_FIRST_DELAY_S)
         while True:
-            found = await asyncio.to_thread(self.host.discover, links.vmnet, links.first_index,
-                                            agent)
+            found = await self._discover(links, agent)
             learned = learn(links.addresses, found)
             if learned is not None:
                 await self._apply(links, learned)
@@ -254,6 +232,21 @@ class Networks:
                             "once it has one", links.vmnet.vm_id, self.address_bound_s)
             await asyncio.sleep(_WATCH_POLL_S if links.addresses
                                 else _LATE_POLL_S if warned else _FIRST_POLL_S)
+
+    async def _discover(self, links: VmLinks, agent: AgentCall | None) -> GuestAddresses:
+        """One look-up. The agent (async, on this loop) is asked here, not from the
+        network layer's thread, so no thread waits on a guest whose agent is not up;
+        the look-ups run on threads of their own, so many VMs polling never delay
+        the default pool that VM starts use."""
+        answer: list[dict[str, Any]] | None = None
+        if agent is not None:
+            with contextlib.suppress(Exception):
+                answer = await asyncio.wait_for(agent(), AGENT_TIMEOUT_S)
+        if self._lookups is None:
+            self._lookups = ThreadPoolExecutor(2, thread_name_prefix="vmdriver-addresses")
+        lookup = functools.partial(self.host.discover, links.vmnet, links.first_index,
+                                   (lambda: answer) if answer else None)
+        return await asyncio.get_running_loop().run_in_executor(self._lookups, lookup)
 
     async def _apply(self, links: VmLinks, found: GuestAddresses) -> None:
         vm_id = links.vmnet.vm_id
@@ -290,6 +283,9 @@ class Networks:
         """Stop the managed networks' dnsmasq (bridges stay for the next run)."""
         await stop_helpers(list(self._dnsmasq.values()))
         self._dnsmasq.clear()
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False, cancel_futures=True)
+            self._lookups = None
 
     @property
     def managed(self) -> Mapping[str, Path]:
