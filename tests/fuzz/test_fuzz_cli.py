@@ -4,7 +4,9 @@ Hypothesis generates job files and qemu task configs that each carry at least
 one defect: broken HCL, non-UTF-8 bytes, wrong types, unknown keys, values out
 of bounds, policy escapes (paths, flags, emulators). Every one must end as
 vmdriver's own error: exit status 2, one short ``vmdriver: error:`` line on
-stderr, no traceback, and no QEMU process started. 300 + 250 + 60 examples.
+stderr, no traceback, and no QEMU process started. 300 + 250 + 60 + 120 examples,
+the last with NUL bytes, control and non-ASCII characters where text becomes a URL,
+a header, an env value, a port label or a name.
 """
 
 from __future__ import annotations
@@ -279,3 +281,55 @@ def test_run_refuses_before_any_launch(env: dict[str, Path], data: st.DataObject
     run_cli(env, job_text(config, resources=resources, task_extra=extra).encode(), "run")
     leftovers = list((env["root"] / "state").glob("allocs/*/*/local"))
     assert not leftovers, f"task dirs left behind: {leftovers}"
+
+
+# Section: hostile text in URLs, headers, env values, labels and names
+
+#: Characters that may not appear where each kind of text goes (one is always drawn in).
+_POISON = st.sampled_from(["\x00", "\n", "\r", "\x1b", "\x7f", "é", "\u2028", "\ufeff", "/",
+                           "\\", "😀"])
+
+
+@st.composite
+def poisoned(draw: st.DrawFn, poison: st.SearchStrategy[str] = _POISON) -> str:
+    """Text holding at least one character its place refuses."""
+    head = draw(st.text(string.ascii_letters, max_size=6))
+    return head + draw(poison) + draw(st.text(max_size=6))
+
+
+def _hostile_job(draw: st.DrawFn) -> str:
+    kind = draw(st.integers(0, 5))
+    good = {"image_path": "local/disk.img"}
+    if kind == 0:
+        bad = draw(poisoned(st.sampled_from(["\x00", "\n", "\x1b", "é", "😀"])))
+        art = f"artifact {{\n source = {_raw('http://127.0.0.1:1/' + bad)}\n }}"
+        return job_text(good, task_extra=art)
+    if kind == 1:
+        name, value = (draw(poisoned()), "v") if draw(st.booleans()) else \
+            ("X-A", draw(poisoned(st.sampled_from(["\x00", "\r", "\n", "é", "\x7f"]))))
+        art = (f"artifact {{\n source = \"http://127.0.0.1:1/x\"\n headers {{\n"
+               f" {_raw(name)} = {_raw(value)}\n }}\n }}")
+        return job_text(good, task_extra=art)
+    if kind == 2:
+        value = draw(st.text(max_size=5)) + "\x00" + draw(st.text(max_size=5))
+        return job_text(good, task_extra=f"env {{\n A = {_raw(value)}\n }}")
+    if kind == 3:
+        net = f"network {{\n port {_raw(draw(poisoned()))} {{}}\n }}"
+        return job_text(good, group_extra=net)
+    name = draw(poisoned(st.sampled_from(["\x00", "\n", "/", "\x1b", "\x7f", "\\"])))
+    text = job_text(good)
+    return text.replace('task "t"', f"task {_raw(name)}") if kind == 4 else \
+        text.replace('group "g"', f"group {_raw(name)}")
+
+
+def _raw(text: str) -> str:
+    """An HCL string literal holding ``text`` itself (non-ASCII as is, controls escaped)."""
+    return json.dumps(text, ensure_ascii=False).replace("${", "$${").replace("%{", "%%{")
+
+
+@fuzz_settings(120)
+@given(data=st.data())
+def test_hostile_text_gives_one_line(env: dict[str, Path], data: st.DataObject) -> None:
+    """NUL, control and non-ASCII characters where they cannot go: `vmdriver run` says so."""
+    text = _hostile_job(data.draw)
+    run_cli(env, text.encode("utf-8", "surrogatepass"), "run")

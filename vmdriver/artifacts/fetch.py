@@ -24,7 +24,7 @@ from vmdriver.artifacts.http import HttpSettings, download
 from vmdriver.artifacts.limits import ArtifactLimits
 from vmdriver.artifacts.place import place_file
 from vmdriver.artifacts.progress import Phase, ProgressCallback, ProgressEvent
-from vmdriver.artifacts.source import Source, parse_source
+from vmdriver.artifacts.source import ArtifactRefused, Source, parse_source
 from vmdriver.artifacts.transfer import Cancelled, DiskFull, Sink, TooLarge, copy_stream
 from vmdriver.errors import ArtifactError
 from vmdriver.host.config import HostConfig
@@ -170,9 +170,9 @@ class _Job:
                 if not src.local_path.is_file():
                     raise ArtifactError(src.display, f"no such file: {src.local_path}")
                 if src.local_path.stat().st_size > self.limits.max_size:
-                    raise ArtifactError(src.display, f"too large: more than "
-                                                     f"{self.limits.max_size} bytes (the host's "
-                                                     "artifact limits)")
+                    raise ArtifactRefused(src.display, f"too large: more than "
+                                                       f"{self.limits.max_size} bytes (the "
+                                                       "host's artifact limits)")
                 return self.materialize(src.local_path, None, work, None, task_dir)
             sink = self.sink(work / "blob")
             try:
@@ -183,8 +183,8 @@ class _Job:
         except Cancelled:
             raise ArtifactError(src.display, "cancelled") from None
         except TooLarge as exc:
-            raise ArtifactError(src.display, f"too large: {exc.what} (the host's artifact "
-                                             "limits)") from None
+            raise ArtifactRefused(src.display, f"too large: {exc.what} (the host's artifact "
+                                               "limits)") from None
         except DiskFull as exc:
             raise ArtifactError(src.display, str(exc.strerror)) from None
         except OSError as exc:

@@ -23,6 +23,13 @@ from vmdriver.errors import ArtifactError, InputError
 from vmdriver.policy.paths import MAGIC_ROOTS, walk
 from vmdriver.spec import ArtifactSpec
 
+
+class ArtifactRefused(ArtifactError):
+    """An artifact block refused before anything is fetched: bad input, exit status 2."""
+
+    exit_status = 2
+
+
 #: Options an artifact may carry (in ``options {}`` or the URL's query).
 OPTIONS = ("checksum", "archive")
 SCHEMES = ("http", "https", "file")
@@ -76,9 +83,9 @@ def _options(spec: ArtifactSpec, query: list[tuple[str, str]], display: str) -> 
             merged[key] = value
     for key, value in spec.options:
         if key not in OPTIONS:
-            raise ArtifactError(display, f"unknown option {key!r} (allowed: {', '.join(OPTIONS)})")
+            raise ArtifactRefused(display, f"unknown option {key!r} (allowed: {', '.join(OPTIONS)})")
         if key in merged and merged[key] != value:
-            raise ArtifactError(display, f"option {key!r} is given in the URL and in options "
+            raise ArtifactRefused(display, f"option {key!r} is given in the URL and in options "
                                          "with different values")
         merged[key] = value
     return merged
@@ -91,26 +98,26 @@ def _target(spec: ArtifactSpec, task_dir: Path, display: str) -> Path:
     a symlink on the way (planted by an earlier artifact) is refused then.
     """
     if Path(spec.destination).is_absolute() or "\x00" in spec.destination:
-        raise ArtifactError(display, f"destination {spec.destination!r} must be relative to the "
+        raise ArtifactRefused(display, f"destination {spec.destination!r} must be relative to the "
                                      "task dir")
     root = task_dir.resolve()
     target = Path(os.path.normpath(root / spec.destination))
     # Checked now (nothing fetched for a bad one) and walked again as it is written.
     for seen in (target, (root / spec.destination).resolve()):
         if seen != root and root not in seen.parents:
-            raise ArtifactError(display, f"destination {spec.destination!r} leaves the task dir")
+            raise ArtifactRefused(display, f"destination {spec.destination!r} leaves the task dir")
     return target
 
 
 def _text_ok(spec: ArtifactSpec) -> None:
     """URLs and headers are ASCII without control characters (httpx would raise on them)."""
-    shown = spec.source.encode("ascii", "backslashreplace").decode()[:200]
+    shown = spec.source.encode("unicode_escape").decode()[:200]  # one line, whatever it holds
     if not spec.source.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in spec.source):
-        raise ArtifactError(shown, "source holds non-ASCII or control characters "
+        raise ArtifactRefused(shown, "source holds non-ASCII or control characters "
                                    "(percent-encode them)")
     for name, value in spec.headers:
         if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
-            raise ArtifactError(shown, f"header {name[:64]!r} is not a valid HTTP header "
+            raise ArtifactRefused(shown, f"header {name[:64]!r} is not a valid HTTP header "
                                        "(ASCII name; value without CR, LF, NUL or non-ASCII)")
 
 
@@ -125,12 +132,12 @@ def confine_local(path: Path, display: str, dirs: tuple[Path, ...]) -> Path:
         resolved = walk(path if path.is_absolute() else Path.cwd() / path, where=display,
                         value=str(path))
     except InputError as exc:
-        raise ArtifactError(display, exc.message) from None
+        raise ArtifactRefused(display, exc.message) from None
     if any(resolved == m or m in resolved.parents for m in MAGIC_ROOTS):
-        raise ArtifactError(display, "a file source may not read /proc, /sys or /dev/fd")
+        raise ArtifactRefused(display, "a file source may not read /proc, /sys or /dev/fd")
     roots = [Path(os.path.realpath(d)) for d in dirs]
     if not any(resolved == r or r in resolved.parents for r in roots):
-        raise ArtifactError(display, f"file source {str(path)!r} lies outside the job file's "
+        raise ArtifactRefused(display, f"file source {str(path)!r} lies outside the job file's "
                                      "dir and image_paths")
     return resolved
 
@@ -148,7 +155,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path, *,
     if "::" in raw.split("/", 1)[0]:  # go-getter's forced getter, e.g. "git::https://..."
         forced, _, raw = raw.partition("::")
         if forced not in SCHEMES:
-            raise ArtifactError(redact(spec.source), f"getter {forced!r} is not supported "
+            raise ArtifactRefused(redact(spec.source), f"getter {forced!r} is not supported "
                                                      f"(allowed: {', '.join(SCHEMES)})")
     parts = urlsplit(raw)
     scheme = parts.scheme.lower()
@@ -158,17 +165,17 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path, *,
     display = redact(urlunsplit(parts._replace(query=urlencode(
         [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in OPTIONS]))))
     if scheme and scheme not in SCHEMES:
-        raise ArtifactError(display, f"scheme {scheme!r} is not supported "
+        raise ArtifactRefused(display, f"scheme {scheme!r} is not supported "
                                      f"(allowed: {', '.join(SCHEMES)}, or a path)")
     query = parse_qsl(parts.query, keep_blank_values=True)
     opts = _options(spec, query, display)
     rest = [(k, v) for k, v in query if k not in OPTIONS]
     if scheme in ("http", "https") and scheme not in getters:
-        raise ArtifactError(display, f"scheme {scheme!r} is not allowed on this host "
+        raise ArtifactRefused(display, f"scheme {scheme!r} is not allowed on this host "
                                      f"(artifact_getters: {', '.join(getters) or 'none'})")
     if scheme in ("http", "https"):
         if not parts.hostname:
-            raise ArtifactError(display, "URL has no host")
+            raise ArtifactRefused(display, "URL has no host")
         kind: Literal["http", "file"] = "http"
         location = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), ""))
         name = posixpath.basename(unquote(parts.path))
@@ -181,7 +188,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path, *,
     try:
         checksum = parse_checksum(opts["checksum"]) if opts.get("checksum") else None
     except ChecksumSyntaxError as exc:
-        raise ArtifactError(display, str(exc)) from None
+        raise ArtifactRefused(display, str(exc)) from None
     archive = _archive(opts.get("archive"), name, display)
     target = _target(spec, task_dir, display)
     file_name = strip_suffix(name, archive) if archive and archive.single else name
@@ -197,23 +204,23 @@ def _archive(option: str | None, name: str, display: str) -> ArchiveKind | None:
     try:
         return kind_from_option(option)
     except ValueError as exc:
-        raise ArtifactError(display, str(exc)) from None
+        raise ArtifactRefused(display, str(exc)) from None
 
 
 def _with_mode(spec: ArtifactSpec, src: Source) -> Source:
     """Apply ``mode``: ``file`` writes one file, ``dir`` unpacks, ``any`` decides by the source."""
     unpacks = src.archive is not None and not src.archive.single
     if spec.mode == "dir" and not unpacks:
-        raise ArtifactError(src.display, 'mode "dir" needs an archive (tar or zip) source')
+        raise ArtifactRefused(src.display, 'mode "dir" needs an archive (tar or zip) source')
     if spec.mode == "file":
         if unpacks:
-            raise ArtifactError(src.display, 'mode "file" cannot unpack a tar or zip archive; '
+            raise ArtifactRefused(src.display, 'mode "file" cannot unpack a tar or zip archive; '
                                              'use mode "dir" or archive=false')
         # Nomad's legacy image_source uses destination "local/": a directory for the file.
         as_dir = spec.destination.endswith("/") or src.target.is_dir()
         if not as_dir:
             return replace(src, is_dir=False)
     if not unpacks and not src.file_name:
-        raise ArtifactError(src.display, 'the URL names no file; use mode "file" with a '
+        raise ArtifactRefused(src.display, 'the URL names no file; use mode "file" with a '
                                          "destination file name")
     return src

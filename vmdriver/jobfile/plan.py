@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import socket
 import uuid
@@ -18,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from vmdriver.errors import JobFileError, SpecError
+from vmdriver.errors import HostConfigError, JobFileError, SpecError
 from vmdriver.host.config import HostConfig
 from vmdriver.jobfile.dialects import DIALECTS
 from vmdriver.jobfile.inputs import AllocatedPort, TaskInputs
@@ -167,6 +168,26 @@ def task_env(job: Job, group: Group, task: Task, alloc: TaskDir, alloc_id: str,
     return env
 
 
+def check_state_dir(state_dir: Path) -> None:
+    """Refuse a state dir that cannot hold task dirs, before anything is made in it.
+
+    The dir or its nearest existing parent must be a directory this user can write
+    (``access`` also says no on a read-only file system): a file in the way or a
+    read-only place is one error line, not a traceback halfway through a run.
+    """
+    path = state_dir
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        why = "is not a directory"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        why = "is not writable"
+    else:
+        return
+    raise HostConfigError(f"state dir cannot be used: {path} {why}", where="state_dir",
+                          value=str(state_dir))
+
+
 def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
              new_alloc_id: Callable[[], str] = lambda: str(uuid.uuid4()),
              check_ports: bool = True) -> list[TaskPlan]:
@@ -175,6 +196,7 @@ def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
     ``check_ports=False`` skips checking that static ports are free (for showing
     the argv of a job that may already be running).
     """
+    check_state_dir(state_dir)
     if host_memory_mb is None:
         host_memory_mb = psutil.virtual_memory().total // (1024 * 1024)
     plans: list[TaskPlan] = []
