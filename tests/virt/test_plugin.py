@@ -86,9 +86,13 @@ def test_plugin_named_virt_runs_a_virt_task_and_destroy_removes_its_volumes(
             "disk": [disk(str(guest_dir / "disk.qcow2"), chained=True, primary=True),
                      disk(size="64MiB")],
             "os": None, "network_interface": [], "cmds": None,
+            "default_user_password": "plain-Secret-1",
         })
         pool = place / "pool"
-        plugin.driver.StartTask(pb.StartTaskRequest(task=task), timeout=60)
+        resp = plugin.driver.StartTask(pb.StartTaskRequest(task=task), timeout=60)
+        # Nomad keeps the handle in its client state: the password is not in it.
+        assert resp.handle.driver_state and resp.handle.config.id == task.id
+        assert b"plain-Secret-1" not in resp.handle.SerializeToString()
         names = volumes(pool)
         assert [n.split("-", 1)[1] for n in names] == ["vm-0.qcow2", "vm-1.qcow2"]
         assert names[0].startswith(alloc.id[:8])

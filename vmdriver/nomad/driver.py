@@ -178,7 +178,13 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             self.state.dialect.release(self.state.host, plan.alloc_id, plan.name)
             raise
         log.info("task %s started: pid %s", task.id, tasks.info(task.id).pid)
-        handle = pb.TaskHandle(version=HANDLE_VERSION, config=request.task, state=pb.RUNNING,
+        # The handle's copy of the task config goes without the driver config: Nomad keeps
+        # the handle in its client state, and a virt task's config holds a plain password.
+        # Re-attaching needs only driver_state (the VM record).
+        config = pb.TaskConfig()
+        config.CopyFrom(request.task)
+        config.ClearField("msgpack_driver_config")
+        handle = pb.TaskHandle(version=HANDLE_VERSION, config=config, state=pb.RUNNING,
                                driver_state=tasks.driver_state(task))
         try:
             # A VM on a tap/macvtap NIC: its own address for Nomad (bounded wait).
