@@ -7,11 +7,13 @@ pool (the cluster's pool ``vmd``, user ``client.vmd``); the job has three disks:
 * ``vmd-data``: an empty RBD volume the guest writes to through its agent;
 * ``vmd-twin``: a second chained disk of the same image, so two clones share a base.
 
-While it runs the pool is read with the bindings and every process's argv, the
-VM record and every file of the state dir are searched for the key. The guest is
-stopped with `vmdriver stop` (the run keeps its volumes), the data disk's bytes are
-read back from RBD, and the task is destroyed as DestroyTask does (the face's
-``release``): the pool must be as it was before the run.
+QEMU runs in its jail (the host default): the key file is its uid's, and the
+jail keeps the host network to reach the monitors. While it runs, the pool is
+read with the bindings, and every process's argv, the VM record and every file
+of the state dir are searched for the key. The guest is stopped with `vmdriver
+stop` (the run keeps its volumes), the data disk's bytes are read back from RBD,
+and the task is destroyed as DestroyTask does (the face's ``release``): the pool
+must be as it was before the run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -72,7 +75,6 @@ def host_file(directory: Path, cl: Cluster, *, hosts: str = "", user: str = "",
     path.write_text(f"""
 image_paths      = [{f'"{guest}"' if guest else ""}]
 virt_accelerator = "tcg"
-jail             = "off"
 storage_pools {{
   ceph "remote" {{
     pool  = "{cl.pool}"
@@ -260,6 +262,20 @@ def test_unreachable_monitors_fail_the_run_fast(ceph_cluster: Cluster, guest_dir
     assert "no Ceph monitor reachable" in out and mon in out, out
     assert "Traceback" not in out and ceph_cluster.client_key not in out
     assert pool_state(admin, ceph_cluster.pool) == before
+
+
+def test_a_silent_monitor_fails_the_run_within_the_timeout(ceph_cluster: Cluster,
+                                                          guest_dir: Path, tmp: Path) -> None:
+    # Accepts TCP and never speaks Ceph: librados alone would wait 300 s.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        mon = f"127.0.0.1:{listener.getsockname()[1]}"
+        host = host_file(tmp, ceph_cluster, hosts=mon, guest=guest_dir)
+        code, out, took = _failed_run(tmp, host, guest_dir, timeout=120)
+    assert code != 0 and took < 60, (code, took, out)
+    assert f"monitors {mon} did not accept client.{ceph_cluster.client}" in out, out
+    assert "Traceback" not in out
 
 
 def test_wrong_key_fails_the_run_naming_the_user(ceph_cluster: Cluster, guest_dir: Path,
