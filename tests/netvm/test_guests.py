@@ -201,6 +201,8 @@ def test_kill9_then_recovery_then_stop_leaves_nothing(env: Env) -> None:
     served = Served(env.a, env.config, env.state / "server2.log")
     env.served = served
     assert sorted(served.call("recover")["ids"]) == sorted([WEB, MV])
+    # What the dead supervisor learned is known at once (and stays locked).
+    assert served.call("addresses", id=MV, wait=0)["addresses"] == [env.addrs[MV]]
     # The new supervisor runs the network's dnsmasq now; the old one is gone.
     new_dns = dnsmasq_pid(env.state)
     assert new_dns is not None and new_dns != dns and not alive(dns)

@@ -32,7 +32,7 @@ from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.context import NicFds
 from vmdriver.qemu.sidecars import HelperSpec
 from vmdriver.runtime.helpers import Helper, start_helper, stop_helpers
-from vmdriver.runtime.netconfig import ADDRESSES_FILE, address_wait, network_settings
+from vmdriver.runtime.netconfig import ADDRESSES_FILE, address_wait, network_settings, saved_addresses
 from vmdriver.runtime.process import ManagedProcess
 from vmdriver.runtime.record import records_under
 from vmdriver.spec import MacvtapNic, TapNic, VMSpec
@@ -212,6 +212,12 @@ class Networks:
         and guarding them as they are learned; written to its runtime dir for `ps`."""
         links.listeners.append(on_change)
         links.address_file = address_file(vm.dirs.runtime)
+        saved = saved_addresses(vm.dirs.runtime)
+        if saved and not links.addresses:
+            # Re-attached: what the dead supervisor learned stays learned (and locked);
+            # its chains kept forwarding to these addresses all along.
+            with contextlib.suppress(ValueError):
+                links.update(_from_strings(saved))
         agent = GuestAgent(vm.dirs.qga_socket).interfaces if vm.spec.guest_agent else None
         links.watcher = asyncio.create_task(self._watch(links, agent),
                                             name=f"addresses of {links.vmnet.vm_id}")
@@ -306,6 +312,13 @@ def learn(old: GuestAddresses, new: GuestAddresses) -> GuestAddresses | None:
     if (v4, v6) == (old.ipv4, old.ipv6):
         return None
     return GuestAddresses(v4, v6, old.source or new.source, (*v4, *v6))
+
+
+def _from_strings(values: Sequence[str]) -> GuestAddresses:
+    addrs = [ipaddress.ip_address(v) for v in values]
+    v4 = tuple(a for a in addrs if isinstance(a, ipaddress.IPv4Address))
+    v6 = tuple(a for a in addrs if isinstance(a, ipaddress.IPv6Address))
+    return GuestAddresses(v4, v6, "recovered", (*v4, *v6))
 
 
 def address_file(runtime_dir: Path) -> Path:
