@@ -99,12 +99,17 @@ class Cli:
         path.write_text(job)
         host_file = self.root / "host.hcl"
         host_file.write_text(f'state_dir = "{self.root / "state"}"\n{host}')
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            status = main([command, str(path), "--host-config", str(host_file), "--quiet"]
-                          if command == "run" else [command, str(path), "--host-config",
-                                                    str(host_file)])
-        return status, err.getvalue()
+        err, out = io.StringIO(), io.StringIO()
+        argv = [command, str(path), "--host-config", str(host_file)]
+        if command == "run":
+            argv.append("--quiet")
+        if command == "argv-json":  # stdout is the answer
+            argv[0] = "argv"
+            argv.append("--json")
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            status = main(argv)
+        return status, out.getvalue() if command == "argv-json" and status == 0 \
+            else err.getvalue()
 
     def qemus(self) -> list[int]:
         """QEMU processes started for this state dir."""
