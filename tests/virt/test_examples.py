@@ -49,6 +49,9 @@ def test_every_virt_example_plans(place: tuple[Path, Path]) -> None:
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, f"{job.name}: {out.stderr}"
         assert "qemu-system-x86_64" in out.stdout
+        # The disks as provisioning will make them (nothing made), and the seed.
+        assert "-virt-task-0.qcow2" in out.stdout and "cidata.iso" in out.stdout, job.name
+    assert volumes(state / "pool") == [GOLDEN]
 
 
 @pytest.mark.parametrize("example", sorted(STORAGE))

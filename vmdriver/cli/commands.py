@@ -147,7 +147,8 @@ async def _console(plan: TaskPlan, stdout: Path, prefix: bool, quiet: bool,
 def cmd_argv(args: argparse.Namespace, host: HostConfig) -> int:
     """`vmdriver argv JOB.hcl`: the argv each task would run with."""
     job = load_job(args.job)
-    plans = plan_job(job, host.state_dir, check_ports=False)
+    plans = [provision(p, host, preview=True)
+             for p in plan_job(job, host.state_dir, check_ports=False)]
     sup = Supervisor(host)
     out = [(plan.task.name, sup.argv(plan.request(host.state_dir))) for plan in plans]
     if args.json:

@@ -68,12 +68,16 @@ class TaskPlan:
         )
 
 
-def provision(plan: TaskPlan, host: HostConfig) -> TaskPlan:
-    """The plan with what its dialect makes on the host (volumes, seed): after the artifacts."""
+def provision(plan: TaskPlan, host: HostConfig, *, preview: bool = False) -> TaskPlan:
+    """The plan with what its dialect makes on the host (volumes, seed): after the artifacts.
+
+    ``preview`` only shows it (`vmdriver argv`): nothing is made.
+    """
     if plan.inputs is None:
         return plan
     made = DIALECTS[plan.task.driver].provision(
-        plan.config, plan.inputs, plan.spec, Placement(host, plan.alloc_id, plan.task_dir))
+        plan.config, plan.inputs, plan.spec,
+        Placement(host, plan.alloc_id, plan.task_dir, preview=preview))
     return dataclasses.replace(plan, spec=made.spec, image_paths=made.image_paths)
 
 

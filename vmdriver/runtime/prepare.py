@@ -201,12 +201,14 @@ def _with_seed(spec: VMSpec, dirs: VMDirs, opener: _Opener) -> tuple[VMSpec, Dri
     return spec, DriveSource(path=f"/dev/fdset/{index}", format="raw", fds=(fd,), fdset=index)
 
 
-def _share_paths(spec: VMSpec, policy: PathPolicy, prefix: str) -> dict[str, str]:
+def _share_paths(spec: VMSpec, policy: PathPolicy, prefix: str,
+                 preview: bool = False) -> dict[str, str]:
     out = {}
     for share in spec.shares:
         where = f"{prefix}share {share.tag}"
         path = resolve_allowed(share.path, policy, where=where, what="shared directory")
-        if not path.is_dir():
+        # A preview may come before the task dirs exist: only where the path leads counts.
+        if not path.is_dir() and not (preview and not path.exists()):
             raise SpecError("a shared directory must be a directory", where=where, value=share.path)
         out[share.tag] = str(path)
     return out
@@ -248,7 +250,7 @@ def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: 
         spec, seed = _with_seed(spec, dirs, opener)
         if seed is not None:
             drives["seed"] = seed
-        shares = _share_paths(spec, policy, prefix)
+        shares = _share_paths(spec, policy, prefix, preview)
         if not preview:
             _firmware_vars(spec)
     except BaseException:
