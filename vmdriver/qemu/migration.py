@@ -134,6 +134,18 @@ async def wait_incoming(monitor: Monitor, *, timeout: float) -> None:
                            f"{info.get('error-desc', 'no reason given')}")
 
 
+async def announce(monitor: Monitor) -> None:
+    """Have the NICs announce the guest (RARP, and a gratuitous ARP from a virtio-net guest).
+
+    A restored guest's peers have no ARP entry for it yet: user-mode networking
+    drops the first forwarded SYN while it asks, and the client waits a
+    retransmit (~1 s) for its first answer.
+    """
+    with contextlib.suppress(MonitorError):
+        await monitor.execute("announce-self", {"initial": 50, "max": 550, "rounds": 3,
+                                                "step": 100})
+
+
 # Section: disks
 
 
