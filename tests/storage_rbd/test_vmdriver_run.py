@@ -1,11 +1,12 @@
 """Issue 17 end to end: a virt job on a ceph pool under `vmdriver run`, on the real test cluster.
 
 One boot of the test guest serves the module. Its host config holds only a ceph
-pool (the cluster's pool ``vmd``, user ``client.vmd``); the job has three disks:
+pool (the cluster's pool ``vmd``, user ``client.vmd``); the job has four disks:
 
 * ``vmd-root``: primary, chained on the guest's disk.raw (a raw RBD clone), grown;
 * ``vmd-data``: an empty RBD volume the guest writes to through its agent;
-* ``vmd-twin``: a second chained disk of the same image, so two clones share a base.
+* ``vmd-twin``: a second chained disk of the same image, so two clones share a base;
+* ``vmd-ro``: an empty ``read_only`` RBD volume the guest must not change.
 
 QEMU runs in its jail (the host default): the key file is its uid's, and the
 jail keeps the host network to reach the monitors. While it runs, the pool is
@@ -64,6 +65,11 @@ disk {
   source {
     image = "GUEST/disk.raw"
   }
+}
+disk {
+  size      = "4MiB"
+  read_only = true
+  devname   = "vmd-ro"
 }
 """
 
@@ -135,8 +141,8 @@ def _parent(admin: Any, pool: str, name: str) -> tuple[str, str, str]:
 
 def test_volumes_are_rbd_clones_sharing_one_base(booted: Booted, admin: Any) -> None:
     pool = booted.cluster.pool
-    assert [n.split("-", 1)[1] for n in booted.volumes] == ["vm-0", "vm-1", "vm-2"]
-    root, data, twin = booted.volumes
+    assert [n.split("-", 1)[1] for n in booted.volumes] == ["vm-0", "vm-1", "vm-2", "vm-3"]
+    root, data, twin, _ = booted.volumes
     bases = [n for n in pool_state(admin, pool) if is_base(n) and n not in booted.before]
     assert len(bases) == 1, bases
     # Both chained disks are clones of the one base's protected snapshot, nothing copied.
@@ -160,7 +166,23 @@ def test_guest_sees_the_rbd_disks(booted: Booted) -> None:
     seen = {serial: int(sectors) * 512 for _, serial, sectors in
             (line.split() for line in out.splitlines() if line.strip())}
     assert seen["vmd-root"] == 128 * MIB and seen["vmd-data"] == 16 * MIB, seen
-    assert "vmd-twin" in seen
+    assert "vmd-twin" in seen and seen["vmd-ro"] == 4 * MIB
+
+
+def _device(booted: Booted, serial: str) -> str:
+    find = (f"for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = {serial} ] && "
+            "echo ${d##*/}; done; true")
+    code, dev, err = agent_sh(booted.qga, find)
+    assert code == 0 and dev.strip(), (serial, dev, err)
+    return dev.strip()
+
+
+def test_read_only_disk_refuses_the_guests_writes(booted: Booted) -> None:
+    dev = _device(booted, "vmd-ro")
+    # QEMU offers the device read-only (VIRTIO_BLK_F_RO), so the guest kernel refuses.
+    code, out, err = agent_sh(booted.qga, f"cat /sys/block/{dev}/ro; "
+                                          f"echo x > /dev/{dev} && sync && echo wrote")
+    assert out.split() == ["1"] and "wrote" not in out, (code, out, err)
 
 
 def test_the_key_is_in_no_argv_record_or_log(booted: Booted) -> None:
@@ -186,15 +208,12 @@ def test_the_key_is_in_no_argv_record_or_log(booted: Booted) -> None:
 
 
 def test_guest_writes_reach_the_data_volume(booted: Booted) -> None:
-    find = ("for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = vmd-data ] && "
-            "echo ${d##*/}; done; true")
-    code, dev, err = agent_sh(booted.qga, find)
-    assert code == 0 and dev.strip(), (dev, err)
+    dev = _device(booted, "vmd-data")
     # The pattern goes through the guest's page cache and virtio-blk to librbd; sync
     # makes the guest flush it, the stop below makes QEMU close the image.
     line = PATTERN.decode().splitlines()[0]
     script = (f"i=0; while [ $i -lt 64 ]; do echo {line}; i=$((i + 1)); done "
-              f"> /dev/{dev.strip()} && sync && echo written")
+              f"> /dev/{dev} && sync && echo written")
     code, out, err = agent_sh(booted.qga, script)
     assert (code, out.strip()) == (0, "written"), err
 
@@ -207,11 +226,13 @@ def stopped(booted: Booted, admin: Any) -> dict[str, Any]:
     pool, data = booted.cluster.pool, booted.volumes[1]
     kept = task_volumes(admin, pool)
     read = read_image(admin, pool, data, 0, len(PATTERN)) if data in kept else None
+    ro = booted.volumes[3]
+    ro_bytes = read_image(admin, pool, ro, 0, 4 * MIB) if ro in kept else None
     # What DestroyTask and the end of a run without --keep-volumes do.
     host = load_host_config(run.state.parent / "host.hcl")
     removed = release(host, alloc_id=data.split("-", 1)[0], task="vm")
     return {"code": code, "stderr": "".join(run.stderr), "kept": kept, "data": read,
-            "removed": sorted(removed)}
+            "ro": ro_bytes, "removed": sorted(removed)}
 
 
 def test_data_written_by_the_guest_is_on_rbd_after_the_stop(
@@ -219,6 +240,7 @@ def test_data_written_by_the_guest_is_on_rbd_after_the_stop(
     assert stopped["code"] == 0, stopped["stderr"][-2000:]
     assert stopped["kept"] == booted.volumes
     assert stopped["data"] == PATTERN
+    assert stopped["ro"] == bytes(4 * MIB)  # the read_only volume stayed as it was made
     assert booted.cluster.client_key not in stopped["stderr"]
     assert not list(booted.run.state.rglob("*.key"))  # the runtime dir went with the VM
 
