@@ -112,6 +112,9 @@ def template_context(config: RunnerConfig, paths: RunnerPaths, facts: HostFacts,
     _check_topology(config)
     if vm.display.spice is not None and not facts.spice:
         log.warning("vm.display.spice is set, but this QEMU has no SPICE: the VM gets no display")
+    elif vm.display.spice is not None:
+        log.warning("vm.display.spice: the SPICE display works, its agent channel (clipboard) "
+                    "and usbRedirects do not yet")
     if vm.network and any(n.net for n in vm.network):
         raise SpecError("user network 'net' is not supported yet (vmdriver's user NIC has no "
                         "guest network setting)", where="vm.network")
