@@ -18,6 +18,7 @@ from tests.snapshots.guestops import MARK_OFFSET, counter, http_ok, sh, spec, st
 from vmdriver.errors import MonitorError
 from vmdriver.host.config import HostConfig
 from vmdriver.qemu.agent import GuestAgent
+from vmdriver.qemu.monitor import Monitor
 from vmdriver.runtime.console import wait_for_line
 from vmdriver.runtime.livemigrate import migrate_recorded
 from vmdriver.runtime.record import VMRecord
@@ -58,10 +59,29 @@ async def _guest_state(agent: GuestAgent, before: int) -> None:
     assert got == MARK.encode()
 
 
+async def _generation(rec: VMRecord) -> str:
+    monitor = Monitor("test")
+    await monitor.connect(Path(rec.qmp_socket))
+    try:
+        return str((await monitor.execute("query-vm-generation-id"))["guid"])
+    finally:
+        await monitor.disconnect()
+
+
 def _port(report_forwards: list[str]) -> int:
     match = re.search(r"host:(\d+)", report_forwards[0])
     assert match, report_forwards
     return int(match.group(1))
+
+
+async def _refused(sup: Supervisor, host: HostConfig, refusing: subprocess.Popen[str],
+                   disk: Path) -> None:
+    """A destination whose policy refuses the disk: the source runs on, its disk in place."""
+    with pytest.raises(MonitorError, match="refused"):
+        await migrate_recorded(sup.record("m/mig"), host, f"unix:{host.state_dir}/no.sock")
+    assert refusing.wait(30) != 0
+    assert (await sup.qmp("m/mig", "query-status"))["status"] == "running"
+    assert await asyncio.to_thread(disk.exists)
 
 
 def test_live_migration_keeps_counter_and_disk(host: HostConfig, guest_dir: Path) -> None:
@@ -71,12 +91,9 @@ def test_live_migration_keeps_counter_and_disk(host: HostConfig, guest_dir: Path
     sup = Supervisor(host)
     procs: list[subprocess.Popen[str]] = []
 
-    class _Add:
-        def add(self, proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
-            procs.append(proc)
-            return proc
-
-    receivers = _Add()
+    def receiver(listen: str, image_paths: list[str]) -> subprocess.Popen[str]:
+        procs.append(_receiver(state, listen, image_paths))
+        return procs[-1]
 
     async def main() -> None:
         req = request(host, "m/mig", spec("mig", free_port()), guest_dir)
@@ -86,17 +103,12 @@ def test_live_migration_keeps_counter_and_disk(host: HostConfig, guest_dir: Path
         await write_mark(sup.agent("m/mig"), MARK)
         disk = req.dirs.task.local / "disk.qcow2"
 
-        # A destination whose policy refuses the disk: the source runs on, disk in place.
-        refusing = receivers.add(_receiver(state, f"unix:{state}/no.sock", []))
-        with pytest.raises(MonitorError, match="refused"):
-            await migrate_recorded(sup.record("m/mig"), host, f"unix:{state}/no.sock")
-        assert refusing.wait(30) != 0
-        assert (await sup.qmp("m/mig", "query-status"))["status"] == "running"
-        assert disk.exists()
+        await _refused(sup, host, receiver(f"unix:{state}/no.sock", []), disk)
         before = await counter(sup.agent("m/mig"))
+        generation = (await sup.qmp("m/mig", "query-vm-generation-id"))["guid"]
 
         # Over a unix socket to a second supervisor.
-        first = receivers.add(_receiver(state, f"unix:{state}/in.sock", [str(guest_dir)]))
+        first = receiver(f"unix:{state}/in.sock", [str(guest_dir)])
         report = await migrate_recorded(sup.record("m/mig"), host, f"unix:{state}/in.sock")
         assert report.destination["status"] == "running" and report.downtime_ms < 10_000
         assert report.total_s > 0 and report.ram_mib > 0
@@ -104,10 +116,11 @@ def test_live_migration_keeps_counter_and_disk(host: HostConfig, guest_dir: Path
         moved = _other_vm(state, "m/mig")
         await _guest_state(GuestAgent(Path(moved.qga_socket)), before)
         assert await http_ok(_port(report.destination["forwards"]))
+        assert await _generation(moved) == generation  # the same VM, moved
 
         # From there over TCP on loopback to a third.
         tcp = free_port()
-        second = receivers.add(_receiver(state, f"127.0.0.1:{tcp}", [str(guest_dir)]))
+        second = receiver(f"127.0.0.1:{tcp}", [str(guest_dir)])
         before = await counter(GuestAgent(Path(moved.qga_socket)))
         report = await migrate_recorded(moved, host, f"127.0.0.1:{tcp}")
         assert first.wait(60) == 0  # its VM left: the first receiver is done

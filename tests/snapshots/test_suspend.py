@@ -56,6 +56,7 @@ def test_suspend_then_resume_keeps_memory_and_disk(host: HostConfig, guest_dir: 
         await write_mark(sup.agent("a1/susp"), "suspended-mark")
         await asyncio.sleep(1.5)
         before = await counter(sup.agent("a1/susp"))
+        generation = (await sup.qmp("a1/susp", "query-vm-generation-id"))["guid"]
         result = await sup.stop("a1/susp")
         assert result.kind is not ExitKind.KILLED, result
         assert "powering off" not in vm.stdout.read_text()  # saved, not shut down
@@ -75,6 +76,8 @@ def test_suspend_then_resume_keeps_memory_and_disk(host: HostConfig, guest_dir: 
         assert await _guest_mark(sup, "a2/susp", 14) == b"suspended-mark"
         assert READY not in vm2.stdout.read_text()[seen:]  # no boot: resumed
         assert not saved.state_file.exists()  # a state is loaded once
+        # The same VM again: its generation id stays (only clones get new ones).
+        assert (await sup.qmp("a2/susp", "query-vm-generation-id"))["guid"] == generation
 
         # A save that fails (its temp file cannot be created) falls back to a graceful
         # stop; the disk with its writes stays for the next start.

@@ -35,7 +35,7 @@ from vmdriver.qemu import migration
 from vmdriver.qemu.monitor import Monitor
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.request import LaunchRequest
-from vmdriver.runtime.snapshots import log_tail, save_timeout
+from vmdriver.runtime.snapshots import generation_id, log_tail, save_timeout
 from vmdriver.runtime.snapstore import file_drives, image_path
 from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
 from vmdriver.spec import FileMedium, UserNic, VMSpec
@@ -111,7 +111,8 @@ def _move_task_disks(spec: VMSpec, task: TaskDir, dest: Path) -> list[tuple[Path
     return moves
 
 
-def _header(record: VMRecord, moves: list[tuple[Path, Path]], version: str) -> dict[str, Any]:
+def _header(record: VMRecord, moves: list[tuple[Path, Path]], version: str,
+            generation: str | None) -> dict[str, Any]:
     spec = VMSpec.model_validate(record.spec)
     moved = {str(a): str(b) for a, b in moves}
     drives = []
@@ -123,8 +124,10 @@ def _header(record: VMRecord, moves: list[tuple[Path, Path]], version: str) -> d
             drive = drive.model_copy(update={"medium": drive.medium.model_copy(update={  # noqa: PLW2901
                 "path": moved.get(path, path), "overlay_on": None})})
         drives.append(drive)
+    # The same VM moves: it keeps its generation id (``auto`` would make a new one).
     spec = spec.model_copy(update={"drives": tuple(drives), "snapshot": None, "suspend": False,
-                                   "suspend_to": None, "incoming": False})
+                                   "suspend_to": None, "incoming": False,
+                                   "vmgenid": generation or spec.vmgenid})
     return {"protocol": PROTOCOL, "id": record.id, "task": record.task, "qemu_version": version,
             "spec": spec.model_dump(mode="json")}
 
@@ -142,7 +145,8 @@ async def migrate_recorded(record: VMRecord, host: HostConfig, address: str) -> 
         spec = VMSpec.model_validate(record.spec)
         moves = _move_task_disks(spec, TaskDir(Path(record.alloc_dir), record.task),
                                  host.state_dir / "migrated" / vm_key(record.id))
-        header = _header(record, moves, f"{q['major']}.{q['minor']}.{q['micro']}")
+        header = _header(record, moves, f"{q['major']}.{q['minor']}.{q['micro']}",
+                         await generation_id(monitor, spec))
         t0 = time.monotonic()
         await asyncio.to_thread(send_message, sock, header)
         await _expect(sock, "ready")

@@ -49,7 +49,7 @@ from vmdriver.runtime.snapstore import (
     image_path,
 )
 from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
-from vmdriver.spec import FileMedium, VMSpec
+from vmdriver.spec import FileMedium, MacvtapNic, TapNic, VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,13 @@ async def _machine(monitor: Monitor, asked: str) -> tuple[str, str]:
         if asked in (m.get("name"), m.get("alias")):
             return str(m["name"]), str(m.get("alias") or "")
     return asked, ""
+
+
+async def generation_id(monitor: Monitor, spec: VMSpec) -> str | None:
+    """The VM's current vmgenid (``auto`` resolved), or ``None`` without the device."""
+    if spec.vmgenid is None:
+        return None
+    return str((await monitor.execute("query-vm-generation-id"))["guid"])
 
 
 async def _qemu_version(monitor: Monitor) -> str:
@@ -173,7 +180,8 @@ async def save_vm(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDi
     meta = SnapshotMeta(name=name, created_at=time.time(), source=source, qemu_version=version,
                         machine=machine, machine_alias=alias, signature=device_signature(spec),
                         memory_mib=spec.resources.max_memory_mib or spec.resources.memory_mib,
-                        vmgenid=spec.vmgenid is not None)
+                        vmgenid=spec.vmgenid is not None,
+                        generation_id=await generation_id(monitor, spec))
     try:
         await _freeze_disks(monitor, spec, dirs, snap, frozen, overlays=overlays)
         size, crc, seconds = await _save_state(monitor, snap, spec)
@@ -302,6 +310,13 @@ def from_snapshot(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
     """A clone of snapshot ``spec.snapshot``: new overlays on its disks, a fresh vmgenid."""
     spec = req.spec
     assert spec.snapshot is not None
+    bridged = [n.id for n in spec.nics if isinstance(n, TapNic | MacvtapNic)]
+    if bridged:
+        # The NIC's MAC is guest state: every clone would come up with the template's MAC
+        # on the same bridge (and fail the anti-spoofing rules of its own tap).
+        raise SnapshotError("clones cannot have tap or macvtap NICs yet: they would all "
+                            "carry the template's MAC", where=f"{req.where or spec.name}: NIC "
+                            f"{bridged[0]}", allowed="user-mode NICs")
     snap, meta = SnapshotStore(host.state_dir).load(spec.snapshot)
     _check(snap, meta, spec)
     bases = {b.drive_id: b for b in meta.disks}
@@ -363,7 +378,9 @@ def with_suspend(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
         snap.state_file.unlink(missing_ok=True)
         snap.save(meta.model_copy(update={"state_size": None, "state_crc32": None}))
 
-    spec = spec.model_copy(update={"incoming": True, "machine_type": meta.machine})
+    # The same VM again: its generation id stays (a clone's would change).
+    spec = spec.model_copy(update={"incoming": True, "machine_type": meta.machine,
+                                   "vmgenid": meta.generation_id or spec.vmgenid})
     return dataclasses.replace(req, spec=spec, incoming=state_loader(
         snap, _stderr(req), save_timeout(spec), loaded))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import time
 import zlib
@@ -76,6 +77,8 @@ class SnapshotMeta(BaseModel):
     memory_mib: int
     #: The VM had a vmgenid device (clones get a fresh generation id).
     vmgenid: bool = False
+    #: Its generation id when saved: a resume keeps it (the same VM), a clone does not.
+    generation_id: str | None = None
     disks: tuple[DiskBase, ...] = ()
     #: ``None``: no state saved (disks only: a failed save, or a suspend already resumed).
     state_size: int | None = None
@@ -130,8 +133,8 @@ def version_tuple(version: str) -> tuple[int, ...]:
     """``7.2.22`` → (7, 2, 22); unreadable parts count as 0."""
     parts = []
     for piece in version.split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits or 0))
+        digits = re.match(r"\d*", piece)
+        parts.append(int(digits.group() or 0) if digits else 0)
     return tuple(parts)
 
 
@@ -306,8 +309,6 @@ class SnapshotStore:
 
 def check_snapshot_name(name: str) -> str:
     """``name`` if it is a valid snapshot name."""
-    import re
-
     if not re.match(NAME_PATTERN, name):
         raise SnapshotError("not a valid snapshot name", value=name,
                             allowed="1-64 letters, digits, '_', '.', '-', not starting with a dot")
