@@ -23,10 +23,13 @@ def ceph_cluster() -> Iterator[Cluster]:
     """A running single-node cluster with pool ``vmd`` and user ``client.vmd`` limited to it."""
     d = Path(tempfile.mkdtemp(prefix="vmd-ceph-", dir="/tmp"))
     try:
-        cluster = up(d, tied=True)
+        cluster = up(d, tied=True)  # its daemons are stopped by up() itself if it fails
     except ClusterError as exc:
         shutil.rmtree(d, ignore_errors=True)
         pytest.skip(f"ceph cluster did not start: {exc}")
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)  # a bug or an interrupt: fail, leave no dir
+        raise
     try:
         yield cluster
     finally:
