@@ -17,6 +17,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
@@ -159,6 +160,7 @@ def open_tap(name: str, *, guest_mac: str, queues: int = 1, vhost: bool | None =
             for _ in range(queues):
                 fds.append(_open_queue(name, flags))
             ifindex = _require_index(name)
+            _no_host_ipv6(name)
             settings: dict[str, object] = {"address": tap_mac(guest_mac), "ifalias": alias or name}
             if bridge:
                 settings |= {"master": bridge_index(sock, bridge), "state": "up"}
@@ -169,6 +171,15 @@ def open_tap(name: str, *, guest_mac: str, queues: int = 1, vhost: bool | None =
                 os.close(fd)
             raise
     return Tap(name=name, ifindex=ifindex, mac=guest_mac, fds=tuple(fds), vhost_fds=vhost_fds)
+
+
+def _no_host_ipv6(name: str) -> None:
+    """No IPv6 for the host on a bridge port (before it goes up): otherwise each tap
+    coming up sends duplicate address detection, MLD reports and router
+    solicitations, flooded to every guest on the bridge; a burst of 32 VMs paid
+    for that. The guests' own IPv6 is bridged as before."""
+    with contextlib.suppress(OSError):  # no IPv6 on this host: nothing to switch off
+        Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
 
 
 def _open_vhost(queues: int, want: bool | None) -> tuple[int, ...]:
