@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +86,3 @@ def _cmdline(pid: int) -> list[str]:
         return psutil.Process(pid).cmdline()
     except psutil.Error:
         return []
-
-
-def tmp_state() -> Iterator[Path]:
-    state = state_tmp()
-    try:
-        yield state
-    finally:
-        shutil.rmtree(state, ignore_errors=True)

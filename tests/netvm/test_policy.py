@@ -1,15 +1,18 @@
-"""Operator policy, libvirt's virbr0 and teardown through vmdriver, without booting a guest.
+"""Operator policy, libvirt's virbr0 and teardown through vmdriver.
 
-A supervisor (tests/netvm/server.py) runs in namespace A. VMs here have no disk:
-QEMU runs its firmware only, which is all the host side needs. Namespace A
-also holds the bridges a host would have: ``virbr0`` (made here, as libvirt
-makes it) and ``br-lan`` (a LAN bridge the operator did not allow).
+A supervisor (tests/netvm/server.py) runs in namespace A. Most VMs here have no
+disk: QEMU runs its firmware only, which is all the host side needs; one test
+guest boots on ``virbr0``. Namespace A also holds the bridges a host would have:
+``virbr0`` (made here as libvirt makes it, with its own dnsmasq) and ``br-lan``
+(a LAN bridge the operator did not allow).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +36,11 @@ from tests.virt.helpers import host_file, job_file, volumes
 
 VIRBR = "virbr0"
 VIRBR_ADDR = "10.215.0.1/24"
+BOOT_S = 240.0
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[tuple[str, Path, Served]]:
+def env(guest_dir: Path) -> Iterator[tuple[str, Path, Served]]:
     a, state = netns.unique("vmdpa"), state_tmp()
     try:
         netns.create(a)
@@ -47,11 +51,27 @@ def env() -> Iterator[tuple[str, Path, Served]]:
         # As libvirt does: a fixed MAC, so the bridge never takes a port's.
         netns.ip("link", "set", VIRBR, "address", "52:54:00:0b:0b:01", ns=a)
         netns.ip("link", "add", "eth1", "type", "veth", "peer", "name", "eth1p", ns=a)
-        served = Served(a, host_config(state, allowed_bridges=[VIRBR]), state / "server.log")
+        served = Served(a, host_config(state, guest_dir, allowed_bridges=[VIRBR]),
+                        state / "server.log")
         yield a, state, served
         served.close()
     finally:
         cleanup([a], state)
+
+
+@pytest.fixture(scope="module")
+def libvirt_dnsmasq(env: tuple[str, Path, Served]) -> Iterator[subprocess.Popen[bytes]]:
+    """DHCP on virbr0 as libvirt's own dnsmasq would serve it (vmdriver's is not involved)."""
+    a, state, _ = env
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", a, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+         "--bind-interfaces", f"--interface={VIRBR}", "--except-interface=lo", "--port=0",
+         "--no-ping", "--dhcp-range=10.215.0.100,10.215.0.150,255.255.255.0,1h",
+         f"--dhcp-leasefile={state / 'libvirt.leases'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield proc
+    proc.kill()
+    proc.wait(10)
 
 
 def tap_nic(bridge: str, **extra: Any) -> dict[str, Any]:
@@ -135,6 +155,26 @@ def test_virbr0_is_used_as_is(env: tuple[str, Path, Served]) -> None:
     assert link_json(a, VIRBR)["addr_info"] == before["addr_info"]
 
 
+def test_guest_on_virbr0_is_found_in_the_neighbour_table(
+        env: tuple[str, Path, Served], libvirt_dnsmasq: subprocess.Popen[bytes]) -> None:
+    """A guest without an agent on a bridge vmdriver does not manage (no leases of its own):
+    its address comes from the neighbour table, its published port answers, and stopping
+    it leaves libvirt's bridge and dnsmasq as they were."""
+    a, state, served = env
+    nic = tap_nic(VIRBR, forwards=[{"label": "http", "host_port": 20090, "guest_port": 8080}])
+    served.call("start", vms=[{"id": "p4/onvirbr", "nics": [nic], "boot": True}])
+    (addr,) = served.call("addresses", timeout=BOOT_S + 10, id="p4/onvirbr", wait=BOOT_S)["addresses"]
+    assert ipaddress.ip_address(addr) in ipaddress.ip_network("10.215.0.0/24")
+    (saved,) = state.glob("run/*/addresses.json")
+    assert json.loads(saved.read_text())["source"] == "neighbours"
+    page = netns.in_ns(a, "curl", "-s", "--max-time", "10", "http://127.0.0.1:20090/")
+    assert "vmdriver-test-guest" in page.stdout
+    served.call("stop", id="p4/onvirbr", timeout=90)
+    assert links_of(a, "p4/onvirbr") == [] and chains_of(a, "p4/onvirbr") == []
+    assert libvirt_dnsmasq.poll() is None and VIRBR_ADDR.removesuffix("/24") in netns.ip(
+        "-br", "addr", "show", "dev", VIRBR, ns=a)
+
+
 def test_managed_network_torn_down_on_stop_and_close(env: tuple[str, Path, Served]) -> None:
     """Tap and chains go when the VM stops; the network's dnsmasq when the supervisor closes."""
     a, state, served = env
@@ -150,3 +190,4 @@ def test_managed_network_torn_down_on_stop_and_close(env: tuple[str, Path, Serve
     assert qemus_in(a) == []
     served.close()
     assert dnsmasq_pid(state) is None and pid not in netns.pids(a)
+
