@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -165,17 +166,47 @@ def _forwards(cfg: QemuTaskConfig, inputs: TaskInputs) -> list[PortForward]:
     return out
 
 
-def _drives(cfg: QemuTaskConfig, image: str) -> tuple[Drive, ...]:
+#: Where a writable drive on a shared image writes instead (relative: in the task dir).
+OVERLAY = ".image0.overlay.qcow2"
+
+
+def _own(image: str, env: dict[str, str]) -> bool:
+    """True if ``image`` is the task's own file (relative, or in its task or alloc dir).
+
+    Anything else can only be under the operator's ``image_paths``, shared by other
+    jobs. Read from the paths Nomad (or `vmdriver run`) gave the task; without them
+    every absolute path counts as shared, which costs an overlay, never an image.
+    """
+    if not os.path.isabs(image):
+        return True
+    norm = os.path.normpath(image)
+    task_dir = os.path.dirname(env.get("NOMAD_TASK_DIR", "").rstrip("/"))
+    dirs = [d for d in (task_dir, env.get("NOMAD_ALLOC_DIR", "")) if os.path.isabs(d)
+            and d != "/"]
+    return any(norm == d or norm.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def _medium(image: str, kind: str, env: dict[str, str]) -> FileMedium:
+    """The image itself, or a per-task qcow2 overlay on it when it is shared and written."""
+    if kind == "cdrom" or _own(image, env):
+        return FileMedium(path=image)
+    # The runtime makes the overlay before launch (kept across restarts); QEMU then opens
+    # the shared image only as a read-only backing file.
+    return FileMedium(path=OVERLAY, format="qcow2", overlay_on=image)
+
+
+def _drives(cfg: QemuTaskConfig, image: str, env: dict[str, str]) -> tuple[Drive, ...]:
     """The image as Nomad's qemu driver attaches it, with the guest view unchanged.
 
     The drive is a ``-blockdev`` + ``-device`` now; on the buses that have no
     device form it stays ``-drive if=``. An ISO boots as a CD (El Torito) where
-    the bus can carry one; Nomad's plain disk drive only boots hybrid ISOs.
+    the bus can carry one; Nomad's plain disk drive only boots hybrid ISOs. A
+    disk on a shared image (under ``image_paths``) writes to a per-task overlay.
     """
     bus = _BUSES[cfg.drive_interface]
     cd_bus = bus in (Bus.IDE, Bus.LEGACY_SCSI)
     kind: Literal["disk", "cdrom"] = "cdrom" if cd_bus and image.lower().endswith(".iso") else "disk"
-    drives = [Drive(id="image0", medium=FileMedium(path=image), bus=bus, kind=kind,
+    drives = [Drive(id="image0", medium=_medium(image, kind, env), bus=bus, kind=kind,
                     index=0 if bus is Bus.IDE else None, origin="config.image_path")]
     if bus is Bus.IDE and "-nodefaults" not in cfg.args and kind == "disk":
         # `-drive if=ide` leaves QEMU's default empty CD-ROM on ide.1 in place;
@@ -201,7 +232,7 @@ def build_spec(cfg: QemuTaskConfig, inputs: TaskInputs) -> VMSpec:
         emulator=normalize_emulator(cfg.emulator),
         machine_type=cfg.machine_type,
         accelerator=cfg.accelerator,
-        drives=_drives(cfg, image),
+        drives=_drives(cfg, image, inputs.env),
         nics=nics,
         resources=task_resources(inputs),
         shutdown=shutdown,
