@@ -152,9 +152,18 @@ class Networks:
             for req in reqs:
                 await self._ensure_managed(req.bridge)
         vmnet = await asyncio.to_thread(self.host.attach, vm_id, reqs)
+        fds: dict[str, NicFds] = {}
         try:
-            fds = {nic_id: NicFds(os.dup(tap), os.dup(vhost) if vhost is not None else None)
-                   for nic_id, (tap, vhost) in vmnet.fds_by_id().items()}
+            for nic_id, (tap, vhost) in vmnet.fds_by_id().items():
+                fds[nic_id] = NicFds(os.dup(tap))
+                if vhost is not None:
+                    fds[nic_id] = NicFds(fds[nic_id].tap, os.dup(vhost))
+        except OSError:  # out of fds: undo it all
+            for got in fds.values():
+                for fd in got.all:
+                    os.close(fd)
+            await asyncio.to_thread(self.host.detach, vm_id, vmnet)
+            raise
         finally:
             # QEMU gets the dups; a tap disappears when its last fd (QEMU's) closes.
             vmnet.close_fds()
