@@ -297,7 +297,9 @@ def poisoned(draw: st.DrawFn, poison: st.SearchStrategy[str] = _POISON) -> str:
     return head + draw(poison) + draw(st.text(max_size=6))
 
 
-def _hostile_job(draw: st.DrawFn) -> str:
+@st.composite
+def hostile_job(draw: st.DrawFn) -> str:
+    """A job whose URL, header, env value, port label or name holds a character it refuses."""
     kind = draw(st.integers(0, 5))
     good = {"image_path": "local/disk.img"}
     if kind == 0:
@@ -331,5 +333,5 @@ def _raw(text: str) -> str:
 @given(data=st.data())
 def test_hostile_text_gives_one_line(env: dict[str, Path], data: st.DataObject) -> None:
     """NUL, control and non-ASCII characters where they cannot go: `vmdriver run` says so."""
-    text = _hostile_job(data.draw)
+    text = data.draw(hostile_job())
     run_cli(env, text.encode("utf-8", "surrogatepass"), "run")

@@ -79,7 +79,8 @@ def qemu_pids() -> set[int]:
 
 def listening_ports() -> set[int]:
     """TCP ports listening on this host now."""
-    return {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    return {int(getattr(c.laddr, "port", 0)) for c in psutil.net_connections("tcp")
+            if c.status == "LISTEN"}
 
 
 @dataclass
