@@ -322,6 +322,7 @@ DEFAULT_SET_OK = [
     ["-boot", "order=c,menu=off"], ["-rtc", "base=utc,clock=host"],
     ["-machine", "q35,smm=off"], ["-cpu", "max,+sse4.2,-x2apic"], ["-usbdevice", "tablet"],
     ["-overcommit", "cpu-pm=off"], ["-smbios", "type=1,serial=ds=nocloud"],
+    ["-device", "virtio-net,netdev=n"], ["-smbios", "type=11,value=io.systemd.credential:x=y"],
 ]
 
 #: Legitimate, but only with an allowlist naming the option (paths still checked).

@@ -39,7 +39,8 @@ NETWORK_BLOCK_DRIVERS = frozenset({
 })
 
 #: Devices of an ordinary VM: NICs, disks and controllers, consoles, input, display,
-#: RNG, balloon, watchdogs, PCI(e) bridges. None opens a host file by itself.
+#: RNG, balloon, watchdogs, PCI(e) bridges. None opens a host file by itself. The last
+#: line: QEMU's short aliases of the virtio PCI devices (``qdev_alias_table``).
 SAFE_DEVICES = _words("""
     virtio-net-pci virtio-net-pci-non-transitional virtio-net-pci-transitional virtio-net-device
     e1000 e1000e e1000-82544gc e1000-82545em rtl8139 ne2k_pci pcnet vmxnet3 i82559er
@@ -54,6 +55,8 @@ SAFE_DEVICES = _words("""
     secondary-vga
     i6300esb ib700 pvpanic pvpanic-pci isa-debug-exit sga
     pcie-root-port pci-bridge pcie-pci-bridge ioh3420 x3130-upstream xio3130-downstream
+    virtio-net virtio-blk virtio-scsi virtio-rng virtio-balloon virtio-serial virtio-gpu
+    virtio-keyboard virtio-mouse virtio-tablet
 """)
 
 #: Device properties that name other front ends, addresses, identities and tuning:
@@ -145,7 +148,7 @@ SAFE_OPTIONS: dict[str, Rule] = {
     "chardev": _keys("backend id path server wait size",
                      backend=_one_of("null socket file ringbuf")),
     "smbios": _keys("type vendor version date release manufacturer product serial uuid sku "
-                    "family asset location part speed uefi"),
+                    "family asset location part speed uefi value"),
     "msg": _keys("timestamp guest-name"),
     "action": _keys("reboot shutdown panic watchdog"),
     "watchdog-action": _ANY_TEXT,
