@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmdriver.host.config import HostConfig
-from vmdriver.network import nft
+from vmdriver.network import dnsmasq, nft
 from vmdriver.network.discovery import GuestAddresses
 from vmdriver.network.manager import HostNetwork, NicRequest, VmNetwork
 from vmdriver.qemu.agent import GuestAgent
@@ -33,7 +33,7 @@ from vmdriver.qemu.context import NicFds
 from vmdriver.qemu.sidecars import HelperSpec
 from vmdriver.runtime.helpers import Helper, start_helper, stop_helpers
 from vmdriver.runtime.netconfig import ADDRESSES_FILE, address_wait, network_settings, saved_addresses
-from vmdriver.runtime.process import ManagedProcess
+from vmdriver.runtime.process import ManagedProcess, process_start_time
 from vmdriver.runtime.record import records_under
 from vmdriver.spec import MacvtapNic, TapNic, VMSpec
 
@@ -131,6 +131,8 @@ class Networks:
         self._reconciled = False
         self._lock = asyncio.Lock()
         self._lookups: ThreadPoolExecutor | None = None
+        #: Managed networks whose dnsmasq another live supervisor owns.
+        self._shared: set[str] = set()
 
     async def attach(self, vm_id: str, spec: VMSpec) -> tuple[VmLinks | None, dict[str, NicFds]]:
         """Taps and macvtaps for ``spec``; fds for QEMU (its own copies: close them after spawn).
@@ -203,10 +205,16 @@ class Networks:
 
     async def _ensure_managed(self, bridge: str) -> None:
         net = self.settings.network_for_bridge(bridge)
-        if net is None or net.name in self._dnsmasq:
+        if net is None or net.name in self._dnsmasq or net.name in self._shared:
             return
         await asyncio.to_thread(self.host.ensure_network, net)
         if not net.dhcp and not net.dns:
+            return
+        owner = dnsmasq.network_dir(self.host.state_dir, net) / "owner"
+        if _other_owner_alive(owner) and self.host.dnsmasq_ready(net):
+            # Another live supervisor on this state dir runs it (`vmdriver stop` while
+            # `vmdriver run` goes on): use it, never stop it.
+            self._shared.add(net.name)
             return
         # Stops a dnsmasq a crashed supervisor left (found by its pid file) first.
         argv = tuple(await asyncio.to_thread(self.host.dnsmasq_argv, net))
@@ -215,6 +223,7 @@ class Networks:
         logs = self.host.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self._dnsmasq[net.name] = await start_helper(spec, logs, {"PATH": os.environ.get("PATH", "")})
+        owner.write_text(f"{os.getpid()} {process_start_time(os.getpid())}")
 
     def watch_vm(self, links: VmLinks, vm: VM, on_change: AddressListener) -> None:
         """Look for a launched (or re-attached) VM's addresses for its life, publishing
@@ -321,6 +330,16 @@ def learn(old: GuestAddresses, new: GuestAddresses) -> GuestAddresses | None:
     if (v4, v6) == (old.ipv4, old.ipv6):
         return None
     return GuestAddresses(v4, v6, old.source or new.source, (*v4, *v6))
+
+
+def _other_owner_alive(owner: Path) -> bool:
+    """True if ``owner`` names a live process other than this one (pid + start time)."""
+    try:
+        pid_text, start_text = owner.read_text().split()
+        pid, start = int(pid_text), float(start_text)
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and process_start_time(pid) == start
 
 
 def _from_strings(values: Sequence[str]) -> GuestAddresses:
