@@ -25,7 +25,7 @@ from bench.client import Worker
 from bench.common import REPO, guest_ready, host_facts
 from bench.results import Results, markdown
 
-BENCHES = ("start", "boot", "burst", "stats", "scale", "network")
+BENCHES = ("start", "boot", "burst", "stats", "scale", "network", "rbd")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ from bench.client import Worker, cli_boot
 from bench.common import make_overlay, slope
 from bench.libvirt import Libvirt
 from bench.network import bench_network
+from bench.rbd import bench_rbd
 from bench.results import Results
 
 
@@ -215,6 +216,7 @@ async def run_all(env: Env, only: set[str], guest_problem: str | None) -> None:
         ("stats", bench_stats(env)),
         ("scale", bench_scale(env)),
         ("network", bench_network(env)),
+        ("rbd", bench_rbd(env)),
     ]
     for name, coro in plan:
         if name not in only:

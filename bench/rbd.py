@@ -9,14 +9,19 @@ starts and tears down unless ``cluster_dir`` names one that ``cluster.py up`` ma
 * ``dir_chained_s``: the same through a directory pool (base exists: a qcow2 overlay);
 * ``qemu_img_overlay_s``: a bare ``qemu-img create -f qcow2 -b disk.raw -F raw``;
 * ``boot_rbd_s`` / ``boot_local_s``: QEMU start to the guest's readiness line (TCG,
-  virtio-blk, SeaBIOS from the disk) from the chained RBD disk vs a local qcow2 overlay.
+  virtio-blk, SeaBIOS from the disk) from the chained RBD disk vs a local qcow2 overlay;
+* ``run_rbd_s`` / ``run_local_s``: the same through vmdriver: `vmdriver run` of a virt
+  job whose chained primary is in the ceph pool vs in a directory pool (bases exist),
+  from the command's start to the guest's readiness line (volume, seed, QEMU, boot).
 
-Run: ``.venv/bin/python -m bench.rbd [--no-boot] [--cluster DIR]``.
+Run: ``.venv/bin/python -m bench.rbd [--no-boot] [--cluster DIR]``; ``python -m bench
+--only rbd`` runs it in the suite (creation only with ``--smoke``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import secrets
 import subprocess
@@ -25,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.ceph import cluster as ceph
 from vmdriver.storage.base import Pool, SourceImage
@@ -33,6 +38,9 @@ from vmdriver.storage.config import CephPoolConfig
 from vmdriver.storage.directory import DirectoryPool
 from vmdriver.storage.disks import DiskRequest, DiskSource
 from vmdriver.storage.rbd import RbdPool
+
+if TYPE_CHECKING:
+    from bench.cases import Env
 
 REPO = Path(__file__).resolve().parent.parent
 READY = "VMDRIVER-GUEST-READY"
@@ -102,6 +110,9 @@ def measure(cl: ceph.Cluster, work: Path, *, boot: bool = True) -> dict[str, flo
                 out["boot_local_s"] = _boot(_boot_argv(
                     {"driver": "qcow2", "file": {"driver": "file", "filename": str(overlay)}},
                     []), work / "local.log")
+                host = _host_file(work, cfg, (work / "pool").resolve(), guest)
+                for arm in ("rbd", "local"):
+                    out[f"run_{arm}_s"] = _vmdriver_run(work / arm, host, guest, arm)
         finally:
             for alloc in (a1, a2):
                 rbd_pool.remove_task_volumes(alloc, "bench")
@@ -109,7 +120,83 @@ def measure(cl: ceph.Cluster, work: Path, *, boot: bool = True) -> dict[str, flo
     out["chained_ratio_rbd_vs_qemu_img"] = out["rbd_chained_s"] / out["qemu_img_overlay_s"]
     if boot:
         out["boot_ratio_rbd_vs_local"] = out["boot_rbd_s"] / out["boot_local_s"]
+        out["run_ratio_rbd_vs_local"] = out["run_rbd_s"] / out["run_local_s"]
     return out
+
+
+def _host_file(work: Path, cfg: CephPoolConfig, dir_root: Path, guest: Path) -> Path:
+    """Both pools: the ceph one (``rbd``) and the directory pool whose base exists (``local``)."""
+    auth = cfg.authentication
+    path = work / "host.hcl"
+    path.write_text(f"""
+image_paths = ["{guest}"]
+virt_accelerator = "tcg"
+jail = "off"  # the same for both arms: storage is what differs
+storage_pools {{
+  default = "local"
+  directory "local" {{ path = "{dir_root}" }}
+  ceph "rbd" {{
+    pool = "{cfg.pool}"
+    hosts = [{", ".join(f'"{h}"' for h in cfg.hosts)}]
+    authentication {{
+      username = "{auth.username}"
+      secret = "{auth.secret.get_secret_value()}"
+    }}
+  }}
+}}
+""")
+    path.chmod(0o600)
+    return path
+
+
+def _vmdriver_run(work: Path, host: Path, guest: Path, pool: str, timeout: float = 300) -> float:
+    """Seconds from `vmdriver run` to the ready line, a chained primary in ``pool``; then stop."""
+    work.mkdir()
+    job = work / "job.hcl"
+    job.write_text(f"""
+job "bench-rbd" {{
+  group "g" {{
+    task "vm" {{
+      driver = "virt"
+      config {{
+        disk {{
+          chained = true
+          pool    = "{pool}"
+          size    = "1GiB"
+          source {{ image = "{guest / 'disk.raw'}" }}
+        }}
+      }}
+      resources {{ memory = 256 }}
+      kill_timeout = "20s"
+    }}
+  }}
+}}
+""")
+    vmdriver = str(Path(sys.executable).with_name("vmdriver"))
+    state = ("--state-dir", str(work / "state"))
+    start = time.perf_counter()
+    proc = subprocess.Popen((vmdriver, "run", str(job), "--host-config", str(host), *state,
+                             "--ready", READY, "--quiet"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "' ready" in line:
+                return time.perf_counter() - start
+            seen.append(line.strip())
+            if time.perf_counter() - start > timeout:
+                break
+        raise RuntimeError(f"vmdriver run: guest not ready (exit {proc.poll()}): "
+                           f"{' | '.join(seen[-3:])}")
+    finally:
+        subprocess.run((vmdriver, "stop", "--all", *state), capture_output=True, timeout=120,
+                       check=False)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(cluster_dir: Path | None = None, *, boot: bool = True) -> dict[str, float]:
@@ -123,6 +210,35 @@ def run(cluster_dir: Path | None = None, *, boot: bool = True) -> dict[str, floa
             return measure(cl, work, boot=boot)
         finally:
             ceph.down(cl.dir)
+
+
+#: Suite rows (``python -m bench``): metric, key of :func:`measure`, arm, unit.
+ROWS = (
+    ("chained disk, base exists", "rbd_chained_s", "ceph rbd", "ms"),
+    ("chained disk, base exists", "dir_chained_s", "directory pool", "ms"),
+    ("chained disk, base exists", "qemu_img_overlay_s", "qemu-img create", "ms"),
+    ("first chained disk of an image (base made)", "rbd_chained_first_s", "ceph rbd", "ms"),
+    ("QEMU start → guest ready line", "boot_rbd_s", "ceph rbd", "s"),
+    ("QEMU start → guest ready line", "boot_local_s", "local qcow2 overlay", "s"),
+    ("vmdriver run → guest ready line", "run_rbd_s", "ceph rbd", "s"),
+    ("vmdriver run → guest ready line", "run_local_s", "directory pool", "s"),
+)
+
+
+async def bench_rbd(env: Env) -> None:
+    """rbd: chained disk creation and boot, Ceph RBD vs local, on a throwaway cluster."""
+    from bench.cases import SMOKE, progress
+
+    boot = env.sizes != SMOKE  # smoke: creation only (no cluster boots in the smoke budget)
+    progress(f"rbd: throwaway Ceph cluster, chained disks{', 4 boots' if boot else ''}")
+    try:
+        out = await asyncio.to_thread(run, boot=boot)
+    except ceph.ClusterError as exc:
+        env.results.skip("rbd", f"the test Ceph cluster did not start: {exc}")
+        return
+    for metric, key, arm, unit in ROWS:
+        if key in out:
+            env.results.add("rbd", metric, arm, out[key] * (1000 if unit == "ms" else 1), unit)
 
 
 def main(argv: list[str] | None = None) -> int:
