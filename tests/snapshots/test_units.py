@@ -164,3 +164,14 @@ def test_qemu_dialect_keys_and_argv() -> None:
     assert "-incoming" in argv and argv[argv.index("-incoming") + 1] == "defer"
     assert "vmgenid,guid=auto,id=vmgenid0" in argv
     assert "-incoming" not in render_argv(spec.model_copy(update={"drives": ()}), ctx)
+
+
+def test_virt_dialect_keys() -> None:
+    from vmdriver.jobfile import virt, virt_config
+
+    disk = [{"source": {"image": "local/disk.qcow2"}}]
+    cfg = virt_config.parse_config({"suspend": True, "disk": disk}, "job")
+    spec = virt.build_spec(cfg, TaskInputs(name="t", where="job"))
+    assert (spec.snapshot, spec.suspend, spec.vmgenid) == (None, True, "auto")
+    cfg = virt_config.parse_config({"snapshot": "base", "disk": disk}, "job")
+    assert virt.build_spec(cfg, TaskInputs(name="t", where="job")).snapshot == "base"

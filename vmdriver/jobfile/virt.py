@@ -101,6 +101,9 @@ def build_spec(cfg: VirtConfig, inputs: TaskInputs) -> VMSpec:
         resources=task_resources(inputs),
         shutdown=stop_policy(inputs, graceful=True, via_agent=True),
         guest_agent=True,
+        snapshot=cfg.task.snapshot,
+        suspend=cfg.task.suspend,
+        vmgenid="auto" if cfg.task.vmgenid or cfg.task.suspend else None,
     )
 
 

@@ -85,6 +85,11 @@ class VirtTaskConfig(BaseModel):
     user_data: str | None = None
     timezone: str | None = None
     network_interface: list[NetworkInterface] = []
+    # vmdriver's own (docs/snapshots.md): start from a memory snapshot, suspend on stop,
+    # a vmgenid device for a template whose clones must not share its RNG state.
+    snapshot: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    suspend: bool = False
+    vmgenid: bool = False
 
     @field_validator("os", mode="before")
     @classmethod
