@@ -175,3 +175,17 @@ def test_virt_dialect_keys() -> None:
     assert (spec.snapshot, spec.suspend, spec.vmgenid) == (None, True, "auto")
     cfg = virt_config.parse_config({"snapshot": "base", "disk": disk}, "job")
     assert virt.build_spec(cfg, TaskInputs(name="t", where="job")).snapshot == "base"
+
+
+def test_runner_vm_snapshot(tmp_path: Path) -> None:
+    from vmdriver.runner.config import parse_config
+    from vmdriver.runner.paths import RunnerPaths, prepare_dirs
+    from vmdriver.runner.spec import PACKAGE_TEMPLATES, HostFacts, runner_spec
+
+    paths = RunnerPaths(data_dir=tmp_path / "data", runtime_dir=tmp_path / "run")
+    prepare_dirs(paths)
+    facts = HostFacts(spice=False, template_dirs=(PACKAGE_TEMPLATES,))
+    config = parse_config({"/Runner": {"vm": {"name": "a", "snapshot": "base"}}}, "c.yaml")
+    assert runner_spec(config, paths, facts).snapshot == "base"
+    plain = parse_config({"/Runner": {"vm": {"name": "a"}}}, "c.yaml")
+    assert runner_spec(plain, paths, facts).snapshot is None

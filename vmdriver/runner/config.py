@@ -221,6 +221,8 @@ class Vm(Model):
     network: tuple[Network, ...] = (Network(),)
     drives: tuple[Drive, ...] = ()
     display: Display = Display()
+    #: vmdriver's own: start from this memory snapshot (docs/snapshots.md).
+    snapshot: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
     @field_validator("name")
     @classmethod

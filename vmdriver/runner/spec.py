@@ -174,4 +174,7 @@ def runner_spec(config: RunnerConfig, paths: RunnerPaths, facts: HostFacts | Non
     template = template_copy(config, paths, facts.template_dirs)
     context = template_context(config, paths, facts, cloud_init_image)
     text = render_template(template, context, facts.template_dirs)
-    return spec_from_document(text, f"template {config.template}")
+    spec = spec_from_document(text, f"template {config.template}")
+    if config.vm.snapshot:
+        spec = spec.model_copy(update={"snapshot": config.vm.snapshot})
+    return spec
