@@ -47,6 +47,10 @@ job "python-server" {
         cores  = 2
         memory = 1024
       }
+
+      # vmdriver asks the guest to shut down (guest agent, then ACPI) before it
+      # signals QEMU; a systemd guest under TCG needs more than Nomad's default 5s.
+      kill_timeout = "60s"
     }
   }
 }

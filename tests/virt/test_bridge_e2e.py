@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.cloudinit.guest import cloud_guest_dir
 from tests.network import netns
 from tests.virt.helpers import READY, VMDRIVER, host_file, job_file, volumes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 PORT = 18080
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CONFIG = """
 disk {
   chained = true
@@ -87,5 +89,44 @@ def test_bridge_interface_publishes_the_jobs_port(ns: str, guest_dir: Path) -> N
         assert code == 0, rest
         assert volumes(pool) == []
         assert not netns.ip("-o", "link", "show", "master", "virbr0", ns=ns).strip()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_python_server_example_on_the_cloud_guest(ns: str) -> None:
+    """Seed 003's first example as shipped (cloud image, password, cmds, bridge port), in a netns."""
+    image = cloud_guest_dir() / "disk.qcow2"
+    state = Path(tempfile.mkdtemp(prefix="vtw-", dir="/tmp"))
+    try:
+        pool = state / "pool"
+        host = host_file(state, pool, (image.parent,), MANAGED)
+        text = (EXAMPLES / "virt-python-server.nomad.hcl").read_text()
+        text = text.replace('source      = "../guest/cloud/out/disk.qcow2"',
+                            f'source      = "{image}"')
+        job = state / "python.nomad.hcl"
+        job.write_text(text.replace("to = 8000", f"static = {PORT}\n        to = 8000"))
+        proc = subprocess.Popen(
+            ("ip", "netns", "exec", ns, VMDRIVER, "run", str(job), "--host-config", str(host),
+             "--state-dir", str(state / "s"), "--quiet"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            t0 = time.monotonic()
+            body = ""
+            while time.monotonic() - t0 < 400 and "Directory listing" not in body:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                body = netns.in_ns(ns, "curl", "-s", "-m", "3",
+                                   f"http://192.168.122.1:{PORT}/").stdout
+                time.sleep(3)
+            print(f"\npython server example answered {time.monotonic() - t0:.0f}s after start")
+            assert "Directory listing" in body
+            assert len(volumes(pool)) == 1
+        finally:
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(120)
+            assert proc.stderr is not None
+            rest = proc.stderr.read()
+            proc.stderr.close()
+        assert code == 0, rest
+        assert volumes(pool) == []
     finally:
         shutil.rmtree(state, ignore_errors=True)
