@@ -198,3 +198,15 @@ def test_preview_shows_the_drives_and_makes_nothing(tmp_path: Path) -> None:
     assert paths == [str(pool / "0123abcd-web-0.qcow2"), str(pool / "0123abcd-web-1.raw")]
     assert made.spec.seed is not None and made.spec.shares
     assert not pool.exists() and not task_dir.path.exists()
+
+
+def test_task_dirs_go_over_9p_without_virtiofsd(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmdriver.jobfile.virt.VIRTIOFSD", tmp_path / "no-virtiofsd")
+    host = HostConfig(state_dir=tmp_path, virt_accelerator="tcg")
+    cfg = parse_config({"disk": [{"size": "1G"}]}, "t")
+    made = provision(cfg, inputs(), build_spec(cfg, inputs()),
+                     Placement(host, "0123abcd-x", TaskDir(tmp_path / "a", "web"), preview=True))
+    assert {s.transport for s in made.spec.shares} == {"9p"}
+    assert made.spec.seed is not None
+    assert "mount -t 9p" in dict(made.spec.seed.files)["user-data"]
