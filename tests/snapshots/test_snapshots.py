@@ -54,6 +54,8 @@ async def _check_clones(sup: Supervisor, ports: list[int], template_gen: str) ->
         gens.add((await sup.qmp(f"c/clone{i}", "query-vm-generation-id"))["guid"])
         # The guest kernel found the generation id device (ACPI QEMUVGID).
         assert b"QEMUVGID" in await sh(clone_agent, "ls /sys/bus/acpi/devices/")
+        # Its wall clock was set to now, not left at the snapshot's time.
+        assert abs(int(await sh(clone_agent, "date +%s")) - time.time()) < 3
     assert len(gens) == len(ports) + 1, gens  # every clone has its own generation id
 
 
@@ -106,6 +108,7 @@ def test_snapshot_clones_serve_with_own_vmgenid_and_bad_ones_are_refused(
         template_gen = (await sup.qmp("t/tmpl", "query-vm-generation-id"))["guid"]
 
         ports = [free_port() for _ in range(3)]
+        await asyncio.sleep(4)  # a clock that resumed at the snapshot's time would be behind
         t0 = time.monotonic()
         await sup.start_many([request(host, f"c/clone{i}", spec(f"clone{i}", p, snapshot="snap1"),
                                       None) for i, p in enumerate(ports)])

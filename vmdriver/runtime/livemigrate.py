@@ -35,8 +35,9 @@ from vmdriver.qemu import migration
 from vmdriver.qemu.monitor import Monitor
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.request import LaunchRequest
-from vmdriver.runtime.snapshots import generation_id, log_tail, save_timeout
+from vmdriver.runtime.snapshots import generation_id, save_timeout
 from vmdriver.runtime.snapstore import file_drives, image_path
+from vmdriver.runtime.stateload import log_tail
 from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
 from vmdriver.spec import FileMedium, UserNic, VMSpec
 

@@ -23,14 +23,12 @@ import dataclasses
 import functools
 import logging
 import os
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from vmdriver.errors import LaunchError, MonitorError, SpecError
+from vmdriver.errors import MonitorError, SpecError
 from vmdriver.host.config import HostConfig
 from vmdriver.host.emulators import emulator_version, find_emulator
 from vmdriver.qemu import migration
@@ -48,12 +46,11 @@ from vmdriver.runtime.snapstore import (
     file_drives,
     image_path,
 )
+from vmdriver.runtime.stateload import state_loader
 from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
 from vmdriver.spec import FileMedium, MacvtapNic, TapNic, VMSpec
 
 log = logging.getLogger(__name__)
-
-Loader = Callable[[Monitor], Awaitable[None]]
 
 
 def save_timeout(spec: VMSpec) -> float:
@@ -226,65 +223,6 @@ async def take_snapshot(monitor: Monitor, spec: VMSpec, dirs: VMDirs, host: Host
 # Section: starting from a saved state
 
 
-def state_loader(snap: SnapshotDir, stderr: Path, timeout: float,
-                 after: Callable[[], None] | None = None) -> Loader:
-    """Load ``snap``'s state through an fd; QEMU's refusal becomes a one-line LaunchError."""
-    async def load(monitor: Monitor) -> None:
-        t0 = time.monotonic()
-        try:
-            await _pump_in(monitor, snap.state_file, timeout)
-        except (MonitorError, OSError) as exc:
-            await asyncio.sleep(0.3)  # QEMU's last words reach its stderr log
-            raise LaunchError(f"{snap.what}: QEMU could not load the saved state ({exc})",
-                              stderr_tail=log_tail(stderr)) from exc
-        log.info("%s loaded in %.3fs", snap.what, time.monotonic() - t0)
-        await migration.announce(monitor)
-        if after is not None:
-            after()
-
-    return load
-
-
-async def _pump_in(monitor: Monitor, path: Path, timeout: float) -> None:
-    """Feed the state file to QEMU through a socketpair.
-
-    QEMU 7.2 reads an incoming stream from a plain file fd at ~70 MiB/s here, from a
-    socket at several hundred: vmdriver reads the file (``sendfile``) into the socket.
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await migration.start_incoming(monitor, theirs.fileno())
-        theirs.close()
-        pump = asyncio.ensure_future(asyncio.to_thread(_send_file, path, ours))
-        try:
-            await migration.wait_incoming(monitor, timeout=timeout)
-        except BaseException:
-            # QEMU gave up (or exited): end the pump's sendfile with EPIPE, report QEMU's error.
-            with contextlib.suppress(OSError):
-                ours.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(Exception):
-                await pump
-            raise
-        await pump
-    finally:
-        theirs.close()
-        ours.close()
-
-
-def _send_file(path: Path, sock: socket.socket) -> None:
-    with path.open("rb") as f:
-        sock.sendfile(f)
-    sock.shutdown(socket.SHUT_WR)
-
-
-def log_tail(path: Path) -> str:
-    """The end of QEMU's stderr log (its reason for exiting)."""
-    with contextlib.suppress(OSError), path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 2000))
-        return f.read().decode(errors="replace")
-    return ""
-
-
 def _qemu_version_of(spec: VMSpec) -> str | None:
     binary = find_emulator(spec.emulator)
     st = binary.stat()
@@ -300,6 +238,10 @@ def _cached_version(binary: str, _inode: int, _mtime: int) -> str | None:
 def _check(snap: SnapshotDir, meta: SnapshotMeta, spec: VMSpec) -> None:
     snap.check_fits(meta, spec, _qemu_version_of(spec))
     snap.verify(meta)
+
+
+def _agent(req: LaunchRequest) -> Path | None:
+    return req.dirs.qga_socket if req.spec.guest_agent else None
 
 
 def _stderr(req: LaunchRequest) -> Path:
@@ -337,7 +279,7 @@ def from_snapshot(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
         # A clone must not share its template's generation id (RNG reseed in the guest).
         "vmgenid": str(uuid.uuid4()) if meta.vmgenid else None})
     return dataclasses.replace(req, spec=spec, incoming=state_loader(
-        snap, _stderr(req), save_timeout(spec)))
+        snap, _stderr(req), save_timeout(spec), agent=_agent(req)))
 
 
 def suspend_dir(req: LaunchRequest, host: HostConfig) -> SnapshotDir:
@@ -382,7 +324,7 @@ def with_suspend(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
     spec = spec.model_copy(update={"incoming": True, "machine_type": meta.machine,
                                    "vmgenid": meta.generation_id or spec.vmgenid})
     return dataclasses.replace(req, spec=spec, incoming=state_loader(
-        snap, _stderr(req), save_timeout(spec), loaded))
+        snap, _stderr(req), save_timeout(spec), loaded, agent=_agent(req)))
 
 
 def plan_start(req: LaunchRequest, host: HostConfig) -> LaunchRequest:

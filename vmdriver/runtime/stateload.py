@@ -1,0 +1,116 @@
+"""Loading a saved state into a QEMU started with ``-incoming defer``, and what follows.
+
+The state file reaches QEMU through a socketpair that vmdriver feeds (QEMU 7.2
+reads a plain file fd slowly); a stream QEMU refuses becomes one clear
+:class:`LaunchError` with QEMU's last words; after the load the NICs announce
+the guest and, with a guest agent, the guest's wall clock is set to now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from vmdriver.errors import LaunchError, MonitorError
+from vmdriver.qemu import migration
+from vmdriver.qemu.agent import GuestAgent
+from vmdriver.qemu.monitor import Monitor
+from vmdriver.runtime.snapstore import SnapshotDir
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Monitor], Awaitable[None]]
+
+
+def state_loader(snap: SnapshotDir, stderr: Path, timeout: float,
+                 after: Callable[[], None] | None = None, agent: Path | None = None) -> Loader:
+    """Load ``snap``'s state through an fd; QEMU's refusal becomes a one-line LaunchError.
+
+    With ``agent`` (the guest agent's socket), the guest's wall clock is set once it runs.
+    """
+    async def load(monitor: Monitor) -> None:
+        t0 = time.monotonic()
+        try:
+            await _pump_in(monitor, snap.state_file, timeout)
+        except (MonitorError, OSError) as exc:
+            await asyncio.sleep(0.3)  # QEMU's last words reach its stderr log
+            raise LaunchError(f"{snap.what}: QEMU could not load the saved state ({exc})",
+                              stderr_tail=log_tail(stderr)) from exc
+        log.info("%s loaded in %.3fs", snap.what, time.monotonic() - t0)
+        await migration.announce(monitor)
+        if after is not None:
+            after()
+        if agent is not None:
+            task = asyncio.get_running_loop().create_task(set_guest_clock(agent))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+    return load
+
+
+#: Clock setters running after a restore (kept referenced until done).
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+async def set_guest_clock(socket_path: Path, attempts: int = 40) -> None:
+    """Set the guest's wall clock to now, through its agent, once the guest runs again.
+
+    A restored guest's clock resumes at the time the state was saved. Best effort: a
+    guest without an answering agent keeps its clock (an NTP client fixes it too).
+    """
+    agent = GuestAgent(socket_path)
+    for _ in range(attempts):
+        await asyncio.sleep(0.25)
+        try:
+            await agent.call("guest-set-time", {"time": time.time_ns()}, timeout=2)
+        except MonitorError as exc:
+            if "hwclock" in str(exc):
+                return  # the system clock is set; only the RTC write-back failed
+            continue
+        return
+    log.info("guest clock not set after the restore: the agent did not answer")
+
+
+async def _pump_in(monitor: Monitor, path: Path, timeout: float) -> None:
+    """Feed the state file to QEMU through a socketpair.
+
+    QEMU 7.2 reads an incoming stream from a plain file fd at ~70 MiB/s here, from a
+    socket at several hundred: vmdriver reads the file (``sendfile``) into the socket.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await migration.start_incoming(monitor, theirs.fileno())
+        theirs.close()
+        pump = asyncio.ensure_future(asyncio.to_thread(_send_file, path, ours))
+        try:
+            await migration.wait_incoming(monitor, timeout=timeout)
+        except BaseException:
+            # QEMU gave up (or exited): end the pump's sendfile with EPIPE, report QEMU's error.
+            with contextlib.suppress(OSError):
+                ours.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(Exception):
+                await pump
+            raise
+        await pump
+    finally:
+        theirs.close()
+        ours.close()
+
+
+def _send_file(path: Path, sock: socket.socket) -> None:
+    with path.open("rb") as f:
+        sock.sendfile(f)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def log_tail(path: Path) -> str:
+    """The end of QEMU's stderr log (its reason for exiting)."""
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 2000))
+        return f.read().decode(errors="replace")
+    return ""
