@@ -25,12 +25,14 @@ BRIDGE = "vmdbr0"
 SUBNET = "10.213.0.0/24"
 
 
-def host_config(state: Path, guest: Path | None = None, **extra: Any) -> dict[str, Any]:
+def host_config(state: Path, guest: Path | None = None, ipv6: str = "", **extra: Any
+                ) -> dict[str, Any]:
     """A host config (as the server takes it) with the managed network ``default``."""
+    net = {"bridge": BRIDGE, "subnet": SUBNET, **({"ipv6_subnet": ipv6} if ipv6 else {})}
     cfg: dict[str, Any] = {
         "state_dir": str(state),
         "image_paths": [str(guest)] if guest else [],
-        "network": {"default": {"bridge": BRIDGE, "subnet": SUBNET}},
+        "network": {"default": net},
         **extra,
     }
     if "jail" in HostConfig.model_fields:

@@ -44,6 +44,7 @@ from tests.network import netns
 from vmdriver.network import names, nft
 
 A_ADDR, B_ADDR, LAN = "10.214.0.1", "10.214.0.2", "10.214.0.0/24"
+A_ADDR6, B_ADDR6, SUBNET6 = "fd00:214::1", "fd00:214::2", "fd00:213::/64"
 HOST_PORT, GUEST_PORT = 20080, 8080
 WEB, PEER, MV = "n1/web", "n2/peer", "n3/mv"
 BOOT_S = 240.0
@@ -85,8 +86,10 @@ def env(guest_dir: Path) -> Iterator[Env]:
         netns.veth(a, "vA", b, "vB")
         netns.ip("addr", "add", f"{A_ADDR}/24", "dev", "vA", ns=a)
         netns.ip("addr", "add", f"{B_ADDR}/24", "dev", "vB", ns=b)
+        netns.ip("addr", "add", f"{A_ADDR6}/64", "dev", "vA", "nodad", ns=a)
+        netns.ip("addr", "add", f"{B_ADDR6}/64", "dev", "vB", "nodad", ns=b)
         dns = _b_dnsmasq(b, state)
-        config = host_config(state, guest_dir, allowed_devices=["vA"])
+        config = host_config(state, guest_dir, ipv6=SUBNET6, allowed_devices=["vA"])
         served = Served(a, config, state / "server1.log")
         web = _nic("tap", bridge=BRIDGE, forwards=[
             {"label": "http", "host_port": HOST_PORT, "guest_port": GUEST_PORT}])
@@ -115,7 +118,8 @@ def _in(net: str, addr: str) -> bool:
 
 
 def _udp_echo(ns: str, host: str, port: int) -> str:
-    code = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
+    fam = "AF_INET6" if ":" in host else "AF_INET"
+    code = (f"import socket,sys; s=socket.socket(socket.{fam},socket.SOCK_DGRAM); "
             "s.settimeout(3); "
             "[s.sendto(b'ping-vmdriver',(sys.argv[1],int(sys.argv[2]))) for _ in range(3)]; "
             "print(s.recvfrom(100)[0].decode())")
@@ -135,8 +139,8 @@ def test_guest_gets_a_dhcp_lease_shown_by_ps(env: Env) -> None:
     ps = subprocess.run([vmdriver, "ps", "--json", "--state-dir", str(env.state)], check=True,
                         capture_output=True, text=True)
     rows = {r["id"]: r for r in json.loads(ps.stdout)}
-    assert rows[WEB]["addresses"] == [addr]
-    assert rows[MV]["addresses"] == [env.addrs[MV]]
+    assert rows[WEB]["addresses"][0] == addr
+    assert rows[MV]["addresses"][0] == env.addrs[MV]
 
 
 def test_published_port_from_the_lan_and_the_host_tcp_and_udp(env: Env) -> None:
@@ -146,6 +150,19 @@ def test_published_port_from_the_lan_and_the_host_tcp_and_udp(env: Env) -> None:
     # Only the published port: the managed subnet itself is not routable from B.
     netns.ip("route", "add", SUBNET, "via", A_ADDR, ns=env.b)
     assert PAGE not in _curl(env.b, f"http://{env.addrs[WEB]}:{GUEST_PORT}/")
+
+
+def test_published_port_over_ipv6_once_the_guest_has_an_address(env: Env) -> None:
+    """The guest's SLAAC address comes after its DHCP lease: learned, then published too."""
+    deadline = time.monotonic() + 90
+    v6: list[str] = []
+    while not v6 and time.monotonic() < deadline:
+        got = env.served.call("addresses", id=WEB, wait=0)["addresses"]
+        v6 = [a for a in got if _in(SUBNET6, a)]
+        time.sleep(1)
+    assert v6, f"no IPv6 address learned for {WEB}"
+    assert PAGE in _curl(env.b, f"http://[{A_ADDR6}]:{HOST_PORT}/")
+    assert _udp_echo(env.b, A_ADDR6, HOST_PORT) == "ping-vmdriver"
 
 
 def test_guests_on_one_bridge_reach_each_other(env: Env) -> None:
@@ -206,7 +223,7 @@ def test_kill9_then_recovery_then_stop_leaves_nothing(env: Env) -> None:
     # The new supervisor runs the network's dnsmasq now; the old one is gone.
     new_dns = dnsmasq_pid(env.state)
     assert new_dns is not None and new_dns != dns and not alive(dns)
-    assert served.call("addresses", id=WEB, wait=60)["addresses"] == [env.addrs[WEB]]
+    assert served.call("addresses", id=WEB, wait=60)["addresses"][0] == env.addrs[WEB]
     assert PAGE in _curl(env.b, f"http://{A_ADDR}:{HOST_PORT}/")
     for vm_id in (WEB, MV):
         served.call("stop", id=vm_id, timeout=90)
