@@ -76,8 +76,9 @@ class PathPolicy:
         return cls(
             task_dir=Path(os.path.realpath(task_dir)),
             alloc_dir=Path(os.path.realpath(alloc_dir)),
-            image_paths=tuple(Path(os.path.realpath(p)) for p in host.image_paths),
-            image_paths_text=host.image_paths,
+            image_paths=(*shared, *(Path(os.path.realpath(p)) for p in volume_dirs)),
+            image_paths_text=(*host.image_paths, *map(str, volume_dirs)),
+            read_only_dirs=shared if shared_read_only else (),
             # Where vmdriver.artifacts keeps its cache (artifacts.cache.default_cache_dir),
             # and the memory snapshots' frozen disks (runtime.snapstore).
             backing_dirs=(Path(os.path.realpath(host.state_dir / "cache")),
