@@ -30,9 +30,6 @@ def host_file(directory: Path, pool: Path, image_paths: tuple[Path, ...] = (),
     path.write_text(f"""
 image_paths      = [{paths}]
 virt_accelerator = "tcg"
-# A jailed QEMU cannot open a chained volume's base yet (0400 root, opened by path as
-# the overlay's backing file): reported to the core; the jail has its own tests.
-jail             = "off"
 storage_pools {{
   directory "local" {{
     path = "{pool}"

@@ -57,7 +57,7 @@ def plugin(place: Path, guest_dir: Path) -> Iterator[Plugin]:
     try:
         p.configure({
             "state_dir": str(place / "state"), "image_paths": [str(guest_dir)],
-            "virt_accelerator": "tcg", "jail": "off",  # see tests/virt/helpers.host_file
+            "virt_accelerator": "tcg",
             "storage_pools": {"default": None, "ceph": {},
                               "directory": {"local": {"path": str(place / "pool")}}},
             "provider": {}, "network": {},
