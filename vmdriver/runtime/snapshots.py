@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -143,22 +144,32 @@ async def _push_overlay(monitor: Monitor, path: Path, base: Path,
         os.close(rw)
 
 
-async def _save_state(monitor: Monitor, snap: SnapshotDir, spec: VMSpec) -> tuple[int, int, float]:
-    """Stream the state into ``state`` (via a temp name); its size, CRC-32 and seconds."""
-    tmp = snap.state_file.with_name(".state.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+async def _save_state(monitor: Monitor, snap: SnapshotDir, spec: VMSpec) -> float:
+    """Stream the state into a temp file next to ``state``; the seconds it took."""
+    fd = os.open(_tmp_state(snap), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        stats = await migration.migrate_out(monitor, fd, timeout=save_timeout(spec))
-        await asyncio.to_thread(os.fsync, fd)
+        return (await migration.migrate_out(monitor, fd, timeout=save_timeout(spec))).seconds
     except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        _tmp_state(snap).unlink(missing_ok=True)
         raise
-    os.close(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_state(snap: SnapshotDir) -> Path:
+    return snap.state_file.with_name(".state.tmp")
+
+
+def _seal_state(snap: SnapshotDir) -> tuple[int, int]:
+    """Make the streamed state durable under its name (after the guest runs on); size, CRC."""
+    tmp = _tmp_state(snap)
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     tmp.replace(snap.state_file)
-    size = snap.state_file.stat().st_size
-    crc = await asyncio.to_thread(file_crc32, snap.state_file)
-    return size, crc, stats.seconds
+    return snap.state_file.stat().st_size, file_crc32(snap.state_file)
 
 
 async def save_vm(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDir, *,
@@ -181,9 +192,7 @@ async def save_vm(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDi
                         generation_id=await generation_id(monitor, spec))
     try:
         await _freeze_disks(monitor, spec, dirs, snap, frozen, overlays=overlays)
-        size, crc, seconds = await _save_state(monitor, snap, spec)
-        meta = meta.model_copy(update={"disks": tuple(frozen.bases), "state_size": size,
-                                       "state_crc32": crc, "save_seconds": round(seconds, 3)})
+        seconds = await _save_state(monitor, snap, spec)
     except BaseException:
         if frozen.bases:
             snap.save(meta.model_copy(update={"disks": tuple(frozen.bases)}))
@@ -193,7 +202,12 @@ async def save_vm(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDi
         raise
     if running and resume:
         await monitor.execute("cont")
-    meta = meta.model_copy(update={"downtime_ms": int((time.monotonic() - t0) * 1000)})
+    paused_ms = int((time.monotonic() - t0) * 1000)
+    # fsync and CRC while the guest runs again: they need not be in its pause.
+    size, crc = await asyncio.to_thread(_seal_state, snap)
+    meta = meta.model_copy(update={"disks": tuple(frozen.bases), "state_size": size,
+                                   "state_crc32": crc, "save_seconds": round(seconds, 3),
+                                   "downtime_ms": paused_ms})
     snap.save(meta)
     return meta
 
@@ -210,8 +224,6 @@ async def take_snapshot(monitor: Monitor, spec: VMSpec, dirs: VMDirs, host: Host
                              resume=not stop)
     except BaseException:
         if not snap.exists():
-            import shutil
-
             shutil.rmtree(snap.path, ignore_errors=True)
         raise
     if stop:
