@@ -44,7 +44,7 @@ def test_run_on_a_managed_network_then_stop_from_another_process(
         place: tuple[str, Path], guest_dir: Path) -> None:
     a, path = place
     pool, state = path / "pool", path / "s"
-    host = host_file(path, pool, (guest_dir,), f'jail = "off"\nnetwork "default" {{\n'
+    host = host_file(path, pool, (guest_dir,), f'network "default" {{\n'
                      f' bridge = "{BRIDGE}"\n subnet = "{SUBNET}"\n}}')
     job = job_file(path, f'disk {{\n source {{\n image = "{guest_dir}/disk.qcow2"\n }}\n}}\n'
                    f'network_interface {{\n bridge {{\n name = "{BRIDGE}"\n ports = ["http"]\n'

@@ -278,10 +278,25 @@ def chains() -> list[tuple[str, str]]:
 
 
 def delete_chains(targets: Iterable[tuple[str, str]]) -> list[str]:
-    """Delete chains in one transaction; returns their names."""
+    """Delete chains in one transaction; returns their names.
+
+    Two supervisors may tear the same VM down at once (`vmdriver stop` re-attached
+    while `vmdriver run` sees QEMU exit): a chain gone in between fails the whole
+    batch, so it is retried with the chains that still exist.
+    """
     targets = list(targets)
-    if targets:
-        run([{"delete": {"chain": {"family": f, "table": names.TABLE, "name": n}}} for f, n in targets])
+    for attempt in range(3):
+        if not targets:
+            return []
+        try:
+            run([{"delete": {"chain": {"family": f, "table": names.TABLE, "name": n}}}
+                 for f, n in targets])
+            break
+        except HostError:
+            if attempt == 2:
+                raise
+            existing = set(chains())
+            targets = [t for t in targets if t in existing]
     return [n for _, n in targets]
 
 
