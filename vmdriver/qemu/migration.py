@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vmdriver.errors import MonitorError
+from vmdriver.errors import MonitorError, SpecError
 from vmdriver.qemu.monitor import Monitor
 
 #: The ``getfd`` name of a migration stream.
@@ -56,6 +56,15 @@ async def tune(monitor: Monitor, *, live: bool) -> None:
     if live:
         params["downtime-limit"] = DOWNTIME_LIMIT_MS
     await monitor.execute("migrate-set-parameters", params)
+
+
+async def check_migratable(monitor: Monitor, what: str, where: str) -> None:
+    """Refuse before anything is paused when QEMU would refuse the stream anyway
+    (``blocked-reasons``: a mounted 9p share, vhost-user-fs, ...)."""
+    info = await monitor.execute("query-migrate")
+    blocked = [str(r) for r in info.get("blocked-reasons") or ()]
+    if blocked:
+        raise SpecError(f"QEMU cannot {what}: {'; '.join(blocked)}", where=where)
 
 
 async def migrate_out(monitor: Monitor, fd: int, *, timeout: float, live: bool = False) -> MigrationStats:

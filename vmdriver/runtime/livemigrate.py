@@ -142,6 +142,7 @@ async def migrate_recorded(record: VMRecord, host: HostConfig, address: str) -> 
     try:
         await asyncio.to_thread(sock.connect, addr)
         await monitor.connect(Path(record.qmp_socket))
+        await migration.check_migratable(monitor, "migrate this VM", record.id)
         q = (await monitor.execute("query-version"))["qemu"]
         spec = VMSpec.model_validate(record.spec)
         moves = _move_task_disks(spec, TaskDir(Path(record.alloc_dir), record.task),
@@ -241,6 +242,9 @@ def incoming_request(header: dict[str, Any], conn: socket.socket, host: HostConf
         raise SpecError("unknown migration protocol", value=header.get("protocol"),
                         allowed=str(PROTOCOL))
     spec = VMSpec.model_validate(header["spec"])
+    if spec.firmware.vars:
+        # The destination would copy a vars template there: only where its disks may be.
+        _allowed_disk(spec.firmware.vars, host)
     image_dirs = []
     drives = []
     for d in spec.drives:

@@ -179,6 +179,7 @@ async def save_vm(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDi
     If the save fails after disks were frozen, the meta data records them
     without a state (the VM's overlays stand on them) and the error is raised.
     """
+    await migration.check_migratable(monitor, "save this VM's state", source)
     version = await _qemu_version(monitor)
     machine, alias = await _machine(monitor, spec.machine_type)
     running = (await monitor.execute("query-status"))["status"] == "running"
