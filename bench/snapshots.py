@@ -159,8 +159,8 @@ async def run(rounds: int, clones: int) -> dict[str, Any]:
     host = HostConfig(state_dir=state, image_paths=(str(GUEST.resolve()),))
     sup = Supervisor(host)
     loads = _LoadTimes()
-    logging.getLogger("vmdriver.runtime.snapshots").addHandler(loads)
-    logging.getLogger("vmdriver.runtime.snapshots").setLevel(logging.INFO)
+    logging.getLogger("vmdriver.runtime.stateload").addHandler(loads)
+    logging.getLogger("vmdriver.runtime.stateload").setLevel(logging.INFO)
     out: dict[str, Any] = {"memory_mib": MEMORY_MIB, "rounds": rounds, "host": host_facts()}
     try:
         cold = []
