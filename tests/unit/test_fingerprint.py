@@ -49,8 +49,12 @@ def test_fingerprint_attributes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                         lambda qemu, cache: KvmVerdict(False, "test"))
     fp = fingerprint(tmp_path / "state", path=str(tmp_path / "bin"))
     assert fp.healthy and fp.description == "Healthy"
-    assert fp.attributes == {"driver.qemu": True, "driver.qemu.version": "9.1.0",
-                             "driver.qemu.emulators": "aarch64,x86_64", "driver.qemu.kvm": False}
+    base = {k: v for k, v in fp.attributes.items() if not k.startswith("driver.qemu.jail.")}
+    assert base == {"driver.qemu": True, "driver.qemu.version": "9.1.0",
+                    "driver.qemu.emulators": "aarch64,x86_64", "driver.qemu.kvm": False}
+    # What the host can confine QEMU with is always said, never left out.
+    assert isinstance(fp.attributes["driver.qemu.jail.available"], bool)
+    assert fp.attributes["driver.qemu.jail.mode"] in ("userns", "setuid", "none")
     limited = fingerprint(tmp_path / "state", allowlist=("qemu-system-x86_64",),
                           path=str(tmp_path / "bin"))
     assert limited.attributes["driver.qemu.emulators"] == "x86_64"
