@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.security.conftest import Cli, qemu_job
+from tests.security.conftest import Canary, Cli, qemu_job, refused_cleanly
 from vmdriver.jobfile.inputs import TaskInputs
 from vmdriver.jobfile.qemu import OVERLAY, build_spec, parse_config
 from vmdriver.spec import FileMedium
@@ -108,3 +108,13 @@ def test_running_qemu_holds_the_shared_image_read_only(cli: Cli) -> None:
         proc.stderr.close()
     assert (shared.read_bytes(), shared.stat().st_mtime) == before
     assert not any(psutil.pid_exists(p) for p in cli.qemus())
+
+
+@pytest.mark.parametrize("command", ["argv", "run"])
+@pytest.mark.parametrize("image", ["/etc/shadow", "/proc/self/root/etc/shadow", "{canary}"])
+def test_overlay_base_outside_the_allowed_dirs_is_refused(command: str, image: str, cli: Cli,
+                                                          canary: Canary) -> None:
+    job = qemu_job().replace("local/disk.img", image.format(canary=canary.path))
+    status, err = cli.run(job, command=command)
+    refused_cleanly(status, err, "outside the allowed dirs", "/proc")
+    assert canary.untouched() and cli.qemus() == []

@@ -149,6 +149,9 @@ class _Opener:
         return RbdSource(options=pool.protocol(medium.image), secret_file=secret)
 
     def _preview(self, medium: FileMedium, where: str) -> DriveSource:
+        if medium.overlay_on:  # the base an overlay will be made on obeys the policy too
+            resolve_allowed(medium.overlay_on, self.policy.for_backing(), where=where,
+                            what="overlay base")
         shown = check_image_path(medium.path, self.dirs.task.path, self.dirs.task.alloc_dir,
                                  self.host, where=where, must_exist=False)
         if not shown.exists():
