@@ -62,3 +62,11 @@ def test_plugin_start_task_names_refused(tmp_path: Path, field: str, value: str)
     with pytest.raises(InputError, match="not a valid name"):
         plan_start(task, DIALECTS["qemu"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", "x\x00", ".hidden", "-x", "x" * 64])
+def test_runner_vm_name_refused(name: str) -> None:
+    from vmdriver.runner.config import parse_config
+
+    with pytest.raises(InputError, match="not a VM name"):
+        parse_config({"/Runner": {"vm": {"name": name}}}, "c.yaml")
