@@ -42,16 +42,27 @@ FILE_ATTACKS = [
     ("acpitable list", ["-acpitable", "file=local/a:{canary}"]),
     ("bare disk image", ["{canary}"]),
     ("-D log file", ["-D", "{canary}"]),
+    # Character-device and list syntax read as QEMU reads it.
+    ("vnc unix socket", ["-vnc", "unix:{canary}"]),
+    ("display vnc=unix:", ["-display", "vnc=unix:{canary}"]),
+    ("chardev file path", ["-chardev", "file,id=c,path={canary}"]),
+    ("serial unix socket", ["-serial", "unix:{canary},server=on,wait=off"]),
+    ("parallel pipe", ["-parallel", "pipe:{canary}"]),
+    ("drive value with ,, escape", ["-drive", "if=virtio,format=raw,file={canary},,x"]),
+    ("acpitable data list", ["-acpitable", "data={canary}:{canary}"]),
 ]
 
 
+@pytest.mark.parametrize("listed", [False, True], ids=["default set", "option allowlisted"])
 @pytest.mark.parametrize("name,args", FILE_ATTACKS, ids=[a[0] for a in FILE_ATTACKS])
-def test_args_never_reach_a_host_file(name: str, args: list[str], cli: Cli,
+def test_args_never_reach_a_host_file(name: str, args: list[str], listed: bool, cli: Cli,
                                       canary: Canary) -> None:
     if args[0].startswith("{{"):
         args = ["-blockdev", args[0]]
     filled = [a.format(canary=canary.path) for a in args]
-    status, err = cli.run(qemu_job(_args(*filled)))
+    # With the option allowlisted, only the path policy stands between the job and the file.
+    allow = f"args_allowlist = {json.dumps([a for a in args if a.startswith('-')] or ['-snapshot'])}"
+    status, err = cli.run(qemu_job(_args(*filled)), host=allow if listed else "")
     refused_cleanly(status, err)
     assert canary.untouched()
     assert cli.qemus() == []
