@@ -129,6 +129,9 @@ def test_task_schema_has_the_virt_blocks() -> None:
     iface = spec["network_interface"].block_list.nested.object.attributes
     assert iface["bridge"].block_value.nested.object.attributes["ports"].Attr.type == "list(string)"
     assert spec["cmds"].Attr.type == "list(string)"
+    # Every other config field is an attribute, so Nomad's HCL accepts each key the model has.
+    from vmdriver.jobfile.virt_config import VirtTaskConfig
+    assert set(spec) == set(VirtTaskConfig.model_fields)
 
 
 def test_agent_config_blocks_decode_into_the_host_config(tmp_path: Path) -> None:

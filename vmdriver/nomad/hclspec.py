@@ -103,8 +103,11 @@ def host_config_spec() -> hs.Spec:
                  network=_block_map("network", network))
 
 
-def virt_task_spec() -> hs.Spec:
-    """nomad-driver-virt's task schema: ``disk`` and ``network_interface`` blocks, ``os {}``."""
+def virt_task_spec(model: type[BaseModel]) -> hs.Spec:
+    """nomad-driver-virt's task schema: ``disk`` and ``network_interface`` blocks, ``os {}``.
+
+    Every other field of ``model`` is an attribute of the type its annotation implies.
+    """
     source = _attrs(image="string", volume="string", format="string")
     disk = _with(_attrs(size="string", sparse="bool", format="string", bus_type="string",
                         devname="string", kind="string", read_only="bool", pool="string",
@@ -114,10 +117,7 @@ def virt_task_spec() -> hs.Spec:
     iface = _with(_attrs(bridge="any", macvtap="any"),
                   bridge=_block("bridge", _attrs(name="string", ports="list(string)")),
                   macvtap=_block("macvtap", _attrs(device="string", mode="string")))
-    top = _attrs(hostname="string", cmds="list(string)", default_user_password="string",
-                 default_user_authorized_ssh_key="string", user_data="string",
-                 timezone="string", disk="any", os="any", network_interface="any")
-    return _with(top, disk=_block_list("disk", disk),
+    return _with(object_spec(model), disk=_block_list("disk", disk),
                  os=_block("os", _attrs(arch="string", machine="string")),
                  network_interface=_block_list("network_interface", iface))
 
@@ -125,7 +125,7 @@ def virt_task_spec() -> hs.Spec:
 def task_config_spec(dialect: Dialect) -> hs.Spec:
     """TaskConfigSchema: the ``config { ... }`` of the dialect's tasks."""
     if dialect.name == "virt":
-        return virt_task_spec()
+        return virt_task_spec(dialect.model)
     return object_spec(dialect.model, TASK_TYPE_OVERRIDES)
 
 
