@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 
 from vmdriver.network.discovery import GuestAddresses
+from vmdriver.network.manager import VmNetwork
 from vmdriver.nomad.netoverride import advertised, has_own_address, port_map
-from vmdriver.runtime.networking import learn
+from vmdriver.runtime.networking import VmLinks, learn
 from vmdriver.spec import MacvtapNic, PortForward, TapNic, UserNic, VMSpec
 
 V4 = ipaddress.IPv4Address("10.213.0.7")
@@ -53,3 +56,23 @@ def test_nomad_gets_the_ipv4_address_and_guest_ports() -> None:
     assert port_map(spec) == {"http": 8080, "dns": 53}
     assert has_own_address(spec)
     assert not has_own_address(VMSpec(name="u", nics=(UserNic(id="net0"),)))
+
+
+def test_waiting_for_an_address_ends_when_found_or_when_the_vm_is_gone() -> None:
+    async def go() -> tuple[float, GuestAddresses, GuestAddresses]:
+        gone = VmLinks(VmNetwork("gone"))
+        gone.watcher = asyncio.create_task(asyncio.sleep(60))  # the VM's watcher: ends with it
+        asyncio.get_running_loop().call_later(0.1, gone.watcher.cancel)
+        t0 = time.monotonic()
+        none = await gone.wait(30)
+        took = time.monotonic() - t0
+        up = VmLinks(VmNetwork("up"))
+        up.watcher = asyncio.create_task(asyncio.sleep(60))
+        asyncio.get_running_loop().call_later(0.1, up.update, addrs(V4))
+        found = await up.wait(30)
+        up.watcher.cancel()
+        return took, none, found
+
+    took, none, found = asyncio.run(go())
+    assert took < 5 and not none
+    assert found.addresses == (V4,)

@@ -110,9 +110,18 @@ class VmLinks:
                 log.exception("VM %s: address listener failed", self.vmnet.vm_id)
 
     async def wait(self, timeout: float) -> GuestAddresses:
-        """The addresses, waiting up to ``timeout`` for the first ones."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.found.wait(), timeout)
+        """The addresses, waiting up to ``timeout`` for the first ones, or until the
+        VM is gone (its watcher ends with it): a dead VM's start does not wait the bound."""
+        if self.found.is_set() or timeout <= 0:
+            return self.addresses
+        found = asyncio.ensure_future(self.found.wait())
+        waits: list[asyncio.Future[Any]] = [found]
+        if self.watcher is not None:
+            waits.append(self.watcher)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            found.cancel()
         return self.addresses
 
 
