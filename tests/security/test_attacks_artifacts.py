@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -147,3 +148,34 @@ def test_bad_urls_and_headers_give_one_line_and_no_request(source: str, headers:
         fetch_artifacts((spec,), tmp_path / "task", tmp_path)
     assert "\n" not in str(info.value)
     assert listener.hits == []
+
+
+@pytest.mark.parametrize("swap", ["file", "dir"])
+def test_a_source_swapped_after_its_check_is_not_read(swap: str, tmp_path: Path,
+                                                      canary: Canary) -> None:
+    """The job's own dir changes while an earlier artifact is copied: the later one is refused."""
+    job_dir, task = tmp_path / "jobs", tmp_path / "task"
+    (job_dir / "host").mkdir(parents=True)
+    (job_dir / "a.img").write_bytes(b"a" * (3 << 20))
+    (job_dir / "host" / "secret.txt").write_bytes(b"harmless")
+    swapped: list[bool] = []
+
+    def on_progress(_: object) -> None:
+        if swapped:
+            return
+        swapped.append(True)
+        if swap == "file":
+            (job_dir / "host" / "secret.txt").unlink()
+            (job_dir / "host" / "secret.txt").symlink_to(canary.path)
+        else:
+            (job_dir / "host" / "secret.txt").unlink()
+            (job_dir / "host").rmdir()
+            (job_dir / "host").symlink_to(canary.path.parent)
+
+    # A checksum: the first artifact is copied in chunks, with progress between them.
+    digest = hashlib.sha256(b"a" * (3 << 20)).hexdigest()
+    specs = (ArtifactSpec(source="a.img", options=(("checksum", f"sha256:{digest}"),)),
+             ArtifactSpec(source="host/secret.txt"))
+    with pytest.raises(ArtifactError, match=r"changed after its check|symbolic link|cannot open"):
+        fetch_artifacts(specs, task, job_dir, progress=on_progress)
+    assert swapped and canary.content not in _task_files(task)

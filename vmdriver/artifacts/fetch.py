@@ -24,7 +24,7 @@ from vmdriver.artifacts.http import HttpSettings, download
 from vmdriver.artifacts.limits import ArtifactLimits
 from vmdriver.artifacts.place import place_file
 from vmdriver.artifacts.progress import Phase, ProgressCallback, ProgressEvent
-from vmdriver.artifacts.source import ArtifactRefused, Source, parse_source
+from vmdriver.artifacts.source import ArtifactRefused, Source, open_local, parse_source
 from vmdriver.artifacts.transfer import Cancelled, DiskFull, Sink, TooLarge, copy_stream
 from vmdriver.errors import ArtifactError
 from vmdriver.host.config import HostConfig
@@ -71,11 +71,8 @@ class _Job:
                      cancel=self.cancel)
             self.emit("download", sink.size, sink.size, finished=True)
         else:
-            path = src.local_path
-            if not path.is_file():
-                raise ArtifactError(src.display, f"no such file: {path}")
-            total = path.stat().st_size
-            with open(path, "rb") as f:
+            with os.fdopen(open_local(src), "rb") as f:
+                total = os.fstat(f.fileno()).st_size
                 copy_stream(f, sink, cancel=self.cancel, progress=self.counter("copy", total))
             self.emit("copy", sink.size, total, finished=True)
         sink.close()
@@ -149,6 +146,20 @@ class _Job:
                                       f"the cached copy → {dest.name}")
         return [dest]
 
+    def local(self, work: Path, task_dir: Path) -> list[Path]:
+        """A ``file`` source without a checksum: placed from the file opened once, after its check."""
+        src = self.src
+        fd = open_local(src)
+        try:
+            if os.fstat(fd).st_size > self.limits.max_size:
+                raise ArtifactRefused(src.display, f"too large: more than {self.limits.max_size} "
+                                                   "bytes (the host's artifact limits)")
+            # The open file itself, by a name any process of ours can open (cp, qemu-img).
+            return self.materialize(Path(f"/proc/{os.getpid()}/fd/{fd}"), None, work, None,
+                                    task_dir)
+        finally:
+            os.close(fd)
+
     def run(self, task_dir: Path, cache: ArtifactCache | None) -> list[Path]:
         src = self.src
         work = Path(tempfile.mkdtemp(prefix=".vmdriver-fetch-", dir=task_dir))
@@ -167,13 +178,7 @@ class _Job:
                     return self.materialize(entry.blob, entry.data, work, (cache, entry),
                                             task_dir)
             if src.kind == "file" and not src.checksum:
-                if not src.local_path.is_file():
-                    raise ArtifactError(src.display, f"no such file: {src.local_path}")
-                if src.local_path.stat().st_size > self.limits.max_size:
-                    raise ArtifactRefused(src.display, f"too large: more than "
-                                                       f"{self.limits.max_size} bytes (the "
-                                                       "host's artifact limits)")
-                return self.materialize(src.local_path, None, work, None, task_dir)
+                return self.local(work, task_dir)
             sink = self.sink(work / "blob")
             try:
                 self.obtain(sink)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,8 @@ class Source:
     is_dir: bool
     #: The name a single file gets inside ``target`` when ``is_dir``.
     file_name: str
+    #: Where a ``file`` source may lie (the job file's dir, ``image_paths``), resolved.
+    roots: tuple[Path, ...] = ()
 
     @property
     def local_path(self) -> Path:
@@ -121,6 +124,30 @@ def _text_ok(spec: ArtifactSpec) -> None:
                                        "(ASCII name; value without CR, LF, NUL or non-ASCII)")
 
 
+def open_local(src: Source) -> int:
+    """Open a ``file`` source once, checked again as opened (it may have been swapped).
+
+    ``O_NOFOLLOW`` refuses a symlink put in its place; the path the kernel gives
+    for the open file must still lie in the source's roots, which catches a
+    directory above it swapped for a link. The caller reads the fd, never the path.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(src.location, flags)
+    except FileNotFoundError:
+        raise ArtifactRefused(src.display, f"no such file: {src.location}") from None
+    except OSError as exc:
+        raise ArtifactRefused(src.display, f"cannot open {src.location}: {exc.strerror}") from None
+    real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or \
+            not any(real == r or r in real.parents for r in src.roots):
+        os.close(fd)
+        raise ArtifactRefused(src.display, "file source is not a regular file in the job "
+                                           "file's dir or image_paths (changed after its check?)")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def confine_local(path: Path, display: str, dirs: tuple[Path, ...]) -> Path:
     """The resolved ``path`` if it lies in one of ``dirs`` (the job file's dir, ``image_paths``).
 
@@ -170,6 +197,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path, *,
     query = parse_qsl(parts.query, keep_blank_values=True)
     opts = _options(spec, query, display)
     rest = [(k, v) for k, v in query if k not in OPTIONS]
+    roots = (job_dir, *image_paths)
     if scheme in ("http", "https") and scheme not in getters:
         raise ArtifactRefused(display, f"scheme {scheme!r} is not allowed on this host "
                                      f"(artifact_getters: {', '.join(getters) or 'none'})")
@@ -183,7 +211,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path, *,
         kind = "file"
         path = Path(unquote(parts.path) if scheme == "file" else raw.split("?", 1)[0])
         location = str(confine_local(path if path.is_absolute() else job_dir / path, display,
-                                     (job_dir, *image_paths)))
+                                     roots))
         name = path.name
     try:
         checksum = parse_checksum(opts["checksum"]) if opts.get("checksum") else None
@@ -195,6 +223,7 @@ def parse_source(spec: ArtifactSpec, task_dir: Path, job_dir: Path, *,
     return _with_mode(spec, Source(
         display=display, kind=kind, location=location, headers=spec.headers, checksum=checksum,
         archive=archive, target=target, is_dir=True, file_name=file_name,
+        roots=tuple(Path(os.path.realpath(r)) for r in roots) if kind == "file" else (),
     ))
 
 
