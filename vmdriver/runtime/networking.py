@@ -313,7 +313,11 @@ class Networks:
             log.info("reconciled networking: %s", done)
 
     async def close(self) -> None:
-        """Stop the managed networks' dnsmasq (bridges stay for the next run)."""
+        """Stop watching addresses and the managed networks' dnsmasq (bridges stay for
+        the next run; VMs still running keep their links and chains for whoever re-attaches)."""
+        for links in self._links.values():
+            if links.watcher is not None:
+                links.watcher.cancel()
         await stop_helpers(list(self._dnsmasq.values()))
         self._dnsmasq.clear()
         if self._lookups is not None:
