@@ -197,10 +197,12 @@ def plan_job(job: Job, state_dir: Path, host_memory_mb: int | None = None,
              check_ports: bool = True) -> list[TaskPlan]:
     """Plan every qemu task of ``job`` (``count`` instances of each group).
 
-    ``check_ports=False`` skips checking that static ports are free (for showing
-    the argv of a job that may already be running).
+    ``check_ports=False`` skips checking that static ports are free and that the
+    state dir can be written (for showing the argv of a job that may already be
+    running: nothing is made).
     """
-    check_state_dir(state_dir)
+    if check_ports:
+        check_state_dir(state_dir)
     if host_memory_mb is None:
         host_memory_mb = psutil.virtual_memory().total // (1024 * 1024)
     plans: list[TaskPlan] = []
