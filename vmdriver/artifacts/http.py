@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from vmdriver.artifacts.transfer import Sink, check_cancel
+from vmdriver.artifacts.transfer import Sink, TooLarge, check_cancel
 from vmdriver.errors import ArtifactError
 
 #: Called with (bytes so far, total bytes if known).
@@ -175,12 +175,14 @@ def _accept(resp: httpx.Response, sink: Sink, state: _State, display: str) -> bo
         if sink.size:
             sink.reset()  # Range ignored (or the file changed): the body is all of it
         length = resp.headers.get("content-length")
-        state.total = int(length) if length and length.isdigit() else None
+        state.total = int(length) if length and length.isascii() and length.isdigit() else None
         etag = resp.headers.get("etag", "")
         state.validator = (etag if etag and not etag.startswith("W/")
                            else resp.headers.get("last-modified"))
     else:
         raise ArtifactError(display, f"unexpected HTTP {status} from {_short(resp.url)}")
+    if state.total is not None and sink.limit is not None and state.total > sink.limit:
+        raise TooLarge(f"the server announces {state.total} bytes, more than {sink.limit}")
     return True
 
 
