@@ -5,19 +5,22 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.ceph.cluster import Cluster
+from tests.ceph.cluster import Cluster, mon_command
 from tests.ceph.fixtures import ceph_cluster  # noqa: F401 (the session fixture)
 from vmdriver.storage.config import CephPoolConfig
 from vmdriver.storage.rbd import RbdPool
 from vmdriver.storage.rbd_ops import bindings
 
 MIB = 1 << 20
+#: A second pool, over its quota: see :func:`full_pool`.
+FULL_POOL = "vmdfull"
 
 
 def pool_config(cluster: Cluster, *, key: str | None = None, hosts: tuple[str, ...] = (),
@@ -88,3 +91,37 @@ def make_image(path: Path, fmt: str, size: int, data: bytes, at: int) -> Path:
                        check=True, capture_output=True)
         raw.unlink()
     return path
+
+
+@pytest.fixture(scope="module")
+def full_pool(ceph_cluster: Cluster) -> Iterator[RbdPool]:  # noqa: F811
+    """A second pool with its own user, over its quota (max_bytes) and flagged full."""
+    admin = ceph_cluster.admin()
+    user = FULL_POOL
+    try:
+        mon_command(admin, "osd pool create", pool=FULL_POOL, pg_num=8, pgp_num=8)
+        mon_command(admin, "osd pool application enable", pool=FULL_POOL, app="rbd")
+        mon_command(admin, "auth get-or-create", entity=f"client.{user}",
+                    caps=["mon", "profile rbd", "osd", f"profile rbd pool={FULL_POOL}"])
+        key = mon_command(admin, "auth get-key", entity=f"client.{user}")["key"]
+        mon_command(admin, "osd pool set-quota", pool=FULL_POOL, field="max_bytes", val=str(MIB))
+        with admin.open_ioctx(FULL_POOL) as io:
+            io.write_full("filler", b"x" * (2 * MIB))
+        deadline = time.monotonic() + 60
+        while not _is_full(admin):
+            if time.monotonic() > deadline:
+                pytest.fail("the pool over its quota was not flagged full within 60 s")
+            time.sleep(0.5)
+        pool = RbdPool(pool_config(ceph_cluster, pool=FULL_POOL, user=user, key=key))
+        yield pool
+        pool.close()
+    finally:
+        mon_command(admin, "osd pool delete", pool=FULL_POOL, pool2=FULL_POOL,
+                    yes_i_really_really_mean_it=True)
+        mon_command(admin, "auth del", entity=f"client.{user}")
+        admin.shutdown()
+
+
+def _is_full(admin: Any) -> bool:
+    pools = mon_command(admin, "osd dump")["pools"]
+    return any(p["pool_name"] == FULL_POOL and "full" in p["flags_names"] for p in pools)

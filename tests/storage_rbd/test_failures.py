@@ -7,20 +7,17 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.ceph.cluster import Cluster, free_port, gen_key, mon_command
-from tests.storage_rbd.conftest import MIB, make_image, pool_config, pool_state
+from tests.ceph.cluster import Cluster, free_port, gen_key
+from tests.storage_rbd.conftest import FULL_POOL, MIB, make_image, pool_config, pool_state
 from vmdriver.storage.base import SourceImage
 from vmdriver.storage.disks import DiskRequest, DiskSource
 from vmdriver.storage.errors import StorageError, StorageFull
 from vmdriver.storage.rbd import RbdPool
-
-FULL_POOL = "vmdfull"
 
 
 def _create(pool: RbdPool, disk: DiskRequest, image: SourceImage | None = None) -> None:
@@ -106,40 +103,6 @@ def test_secret_never_in_argv_logs_or_errors(rbd_pool: RbdPool, ceph_cluster: Cl
     assert any("qemu-img" in argv and "--object" in argv for argv in recorded_argv)
     assert not [argv for argv in recorded_argv if key in argv]
     assert key not in caplog.text and key not in str(err.value)
-
-
-@pytest.fixture(scope="module")
-def full_pool(ceph_cluster: Cluster) -> Iterator[RbdPool]:
-    """A second pool with its own user, over its quota (max_bytes) and flagged full."""
-    admin = ceph_cluster.admin()
-    user = FULL_POOL
-    try:
-        mon_command(admin, "osd pool create", pool=FULL_POOL, pg_num=8, pgp_num=8)
-        mon_command(admin, "osd pool application enable", pool=FULL_POOL, app="rbd")
-        mon_command(admin, "auth get-or-create", entity=f"client.{user}",
-                    caps=["mon", "profile rbd", "osd", f"profile rbd pool={FULL_POOL}"])
-        key = mon_command(admin, "auth get-key", entity=f"client.{user}")["key"]
-        mon_command(admin, "osd pool set-quota", pool=FULL_POOL, field="max_bytes", val=str(MIB))
-        with admin.open_ioctx(FULL_POOL) as io:
-            io.write_full("filler", b"x" * (2 * MIB))
-        deadline = time.monotonic() + 60
-        while not _is_full(admin):
-            if time.monotonic() > deadline:
-                pytest.fail("the pool over its quota was not flagged full within 60 s")
-            time.sleep(0.5)
-        pool = RbdPool(pool_config(ceph_cluster, pool=FULL_POOL, user=user, key=key))
-        yield pool
-        pool.close()
-    finally:
-        mon_command(admin, "osd pool delete", pool=FULL_POOL, pool2=FULL_POOL,
-                    yes_i_really_really_mean_it=True)
-        mon_command(admin, "auth del", entity=f"client.{user}")
-        admin.shutdown()
-
-
-def _is_full(admin: Any) -> bool:
-    pools = mon_command(admin, "osd dump")["pools"]
-    return any(p["pool_name"] == FULL_POOL and "full" in p["flags_names"] for p in pools)
 
 
 @pytest.mark.parametrize("kind", ["empty", "image", "chained"])

@@ -34,10 +34,11 @@ import psutil
 import pytest
 
 from tests.ceph.cluster import Cluster
-from tests.storage_rbd.conftest import MIB, pool_state, read_image
+from tests.storage_rbd.conftest import FULL_POOL, MIB, pool_state, read_image
 from tests.virt.helpers import VMDRIVER, Run, agent_sh, job_file, running
 from vmdriver.host.config import load_host_config
 from vmdriver.jobfile.virt import release
+from vmdriver.storage.rbd import RbdPool
 from vmdriver.storage.rbd_ops import BASE_SNAP, bindings, is_base
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -74,13 +75,26 @@ disk {
 
 
 def host_file(directory: Path, cl: Cluster, *, hosts: str = "", user: str = "",
-              key: str = "", guest: Path | None = None) -> Path:
-    """A host config whose only pool is the cluster's (parts overridable for failures)."""
+              key: str = "", guest: Path | None = None, full: RbdPool | None = None) -> Path:
+    """A host config whose pool is the cluster's (parts overridable for failures).
+
+    ``full``: a second ceph pool ``full`` (the default stays ``remote``).
+    """
     path = directory / "host.hcl"
+    second = "" if full is None else f"""
+  default = "remote"
+  ceph "full" {{
+    pool  = "{full.config.pool}"
+    hosts = ["{cl.mon_host}"]
+    authentication {{
+      username = "{full.user}"
+      secret   = "{full.config.authentication.secret.get_secret_value()}"
+    }}
+  }}"""
     path.write_text(f"""
 image_paths      = [{f'"{guest}"' if guest else ""}]
 virt_accelerator = "tcg"
-storage_pools {{
+storage_pools {{{second}
   ceph "remote" {{
     pool  = "{cl.pool}"
     hosts = ["{hosts or cl.mon_host}"]
@@ -321,3 +335,23 @@ def test_wrong_key_fails_the_run_naming_the_user(ceph_cluster: Cluster, guest_di
     assert len(ours) == 1, out
     records = list((tmp / "state").glob("run/*/vmdriver.json"))
     assert all(wrong not in r.read_text() for r in records)
+
+
+def test_a_full_pool_fails_the_run_and_leaves_no_volume_anywhere(
+        ceph_cluster: Cluster, full_pool: RbdPool, guest_dir: Path, tmp: Path,
+        admin: Any) -> None:
+    # disk[0] is made in the healthy pool first; disk[1]'s pool is over its quota.
+    before = {p: pool_state(admin, p) for p in (ceph_cluster.pool, FULL_POOL)}
+    host = host_file(tmp, ceph_cluster, guest=guest_dir, full=full_pool)
+    job = job_file(tmp, 'disk {\n size = "16MiB"\n primary = true\n}\n'
+                        'disk {\n size = "4MiB"\n pool = "full"\n}')
+    t0 = time.monotonic()
+    out = subprocess.run((VMDRIVER, "run", str(job), "--host-config", str(host), "--state-dir",
+                          str(tmp / "state"), "--quiet"), capture_output=True, text=True,
+                         timeout=120, check=False, start_new_session=True)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and time.monotonic() - t0 < 60, text
+    assert "disk[1]" in text and "the Ceph pool is full" in text, text
+    assert "Traceback" not in text and full_pool.config.authentication.secret.get_secret_value() \
+        not in text
+    assert {p: pool_state(admin, p) for p in (ceph_cluster.pool, FULL_POOL)} == before
