@@ -6,12 +6,15 @@ comes from :mod:`vmdriver.qemu.cmdline` and :mod:`vmdriver.qemu.image`; this
 package only decides on it. The entry points:
 
 * :func:`check_emulator`: ``emulator`` against ``emulators_allowlist``;
-* :func:`check_args`: ``args`` against ``args_allowlist`` and the path policy;
+* :func:`check_args`: ``args`` against ``args_allowlist`` (or, without one, the
+  default set of :mod:`vmdriver.policy.safeset`) and the path policy;
+* :func:`check_resources`: RAM, vCPUs and forwarded ports against the host's bounds;
 * :func:`check_image_path`, :func:`open_image`, :func:`inspect_image`: an image
   resolved, opened once, and checked for the files it references.
 """
 
 from vmdriver.policy.args import check_args
+from vmdriver.policy.bounds import check_resources
 from vmdriver.policy.checks import DEFAULT_EMULATOR, check_emulator
 from vmdriver.policy.images import KNOWN_FORMATS, inspect_image
 from vmdriver.policy.paths import (
@@ -30,6 +33,7 @@ __all__ = [
     "check_args",
     "check_emulator",
     "check_image_path",
+    "check_resources",
     "inspect_image",
     "open_image",
     "resolve_allowed",
