@@ -113,7 +113,8 @@ def _fd_args(drive: Drive, src: DriveSource | RbdSource | None) -> list[str]:
         return ["-object", f"secret,id={drive.id}-secret,format=base64,"
                            f"file={qemu_escape(str(src.secret_file))}"]
     if isinstance(src, DriveSource):
-        return [a for fd in src.fds for a in ("-add-fd", f"fd={fd},set={src.fdset},opaque={drive.id}")]
+        return [a for layer in (src, *src.backing) for fd in layer.fds
+                for a in ("-add-fd", f"fd={fd},set={layer.fdset},opaque={drive.id}")]
     return []
 
 
@@ -141,11 +142,33 @@ def _nodes(drive: Drive, src: DriveSource | RbdSource) -> Iterator[str]:
                  "cache": {"direct": direct, "no-flush": no_flush}}
         fmt = src.format
     proto.update({"node-name": f"{drive.id}-file", **common})
-    top = {"driver": fmt, "file": f"{drive.id}-file", "node-name": drive.id, **common}
+    top: dict[str, object] = {"driver": fmt, "file": f"{drive.id}-file", "node-name": drive.id,
+                              **common}
+    if isinstance(src, DriveSource) and src.backing:
+        # Backing layers first, deepest first (a node can only name nodes that exist),
+        # each its own nodes on its own fd, read-only.
+        names = [f"{drive.id}-b{i + 1}" for i in range(len(src.backing))]
+        for i in reversed(range(len(src.backing))):
+            below = names[i + 1] if i + 1 < len(names) else None
+            yield from _layer(names[i], src.backing[i], below, cache=proto["cache"])
+        top["backing"] = names[0]
     yield "-blockdev"
     yield json.dumps(proto, separators=(",", ":"))
     yield "-blockdev"
     yield json.dumps(top, separators=(",", ":"))
+
+
+def _layer(name: str, layer: DriveSource, below: str | None, *, cache: object) -> Iterator[str]:
+    file = {"driver": "file", "filename": layer.path, "node-name": f"{name}-file",
+            "read-only": True, "cache": cache}
+    fmt: dict[str, object] = {"driver": layer.format, "file": f"{name}-file", "node-name": name,
+                              "read-only": True}
+    if layer.format in ("qcow2", "qed", "vmdk", "qcow"):
+        fmt["backing"] = below  # None: QEMU must not open the recorded name by itself
+    yield "-blockdev"
+    yield json.dumps(file, separators=(",", ":"))
+    yield "-blockdev"
+    yield json.dumps(fmt, separators=(",", ":"))
 
 
 def _device(drive: Drive, has_medium: bool, slots: _Slots) -> list[str]:

@@ -27,6 +27,9 @@ class DriveSource:
     fdset: int = 0
     #: The medium is a block device (QEMU's ``host_device`` driver, not ``file``).
     block_device: bool = False
+    #: The backing chain below this image, top first, each also opened as an fd: QEMU
+    #: then opens no backing file by name (a jailed QEMU could not read it anyway).
+    backing: tuple[DriveSource, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class RenderContext:
     @property
     def pass_fds(self) -> tuple[int, ...]:
         """Every fd QEMU must inherit besides the QMP socket."""
-        fds = [fd for src in self.drives.values() if isinstance(src, DriveSource) for fd in src.fds]
+        fds = [fd for src in self.drives.values() if isinstance(src, DriveSource)
+               for layer in (src, *src.backing) for fd in layer.fds]
         fds += [fd for nic in self.nic_fds.values() for fd in nic.all]
         return tuple(fds)
 

@@ -35,6 +35,7 @@ from vmdriver.policy import (
 from vmdriver.policy.images import checked_image
 from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RbdSource, RenderContext
 from vmdriver.qemu.blockdev import is_q35
+from vmdriver.qemu.image import ImageInfo, backing_chain, image_info
 from vmdriver.qemu.sidecars import HelperSpec, helpers_for
 from vmdriver.runtime.process import close_fds
 from vmdriver.runtime.taskdir import VMDirs, vm_key
@@ -51,6 +52,9 @@ from vmdriver.spec import (
 from vmdriver.spec.devices import derive_mac
 from vmdriver.storage.config import CephPoolConfig, parse_storage_pools
 from vmdriver.storage.rbd import RbdPool
+
+#: Formats that can have a backing file.
+_LAYERED_FORMATS = frozenset({"qcow2", "qed", "qcow", "vmdk"})
 
 
 @dataclass(frozen=True)
@@ -124,8 +128,30 @@ class _Opener:
                                    writable=drive.writable, where=field_name)
         self.opened.append(image)
         block = stat.S_ISBLK(os.fstat(image.ro_fd).st_mode)
+        backing = self._backing(image.ro_fd, fmt, field_name, set_base=100 * (index + 1))
         return DriveSource(path=f"/dev/fdset/{index + 1}", format=fmt, fds=image.fds,
-                           fdset=index + 1, block_device=block)
+                           fdset=index + 1, block_device=block, backing=backing)
+
+    def _backing(self, fd: int, fmt: str, where: str, *, set_base: int) -> tuple[DriveSource, ...]:
+        """The image's backing chain, each file checked again and opened read-only as an fd."""
+        if fmt not in _LAYERED_FORMATS:
+            return ()
+        top = image_info(f"/dev/fd/{fd}", fmt=fmt, where=where, pass_fds=(fd,))
+        if not top.backing_filename:
+            return ()
+        policy = self.policy.for_backing()
+
+        def approve(image: ImageInfo, depth: int) -> str:
+            name = image.backing or image.backing_filename or ""
+            return str(resolve_allowed(name, policy, where=where, what="backing file"))
+
+        out = []
+        for i, layer in enumerate(backing_chain(top, approve, where=where)[1:]):
+            layer_fd = os.open(layer.filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.fds.append(layer_fd)
+            out.append(DriveSource(path=f"/dev/fdset/{set_base + i}", format=layer.format,
+                                   fds=(layer_fd,), fdset=set_base + i))
+        return tuple(out)
 
     def _rbd(self, drive: Drive, medium: RbdMedium, where: str) -> RbdSource:
         """An RBD image: its blockdev options, and its key in a 0600 file QEMU reads.

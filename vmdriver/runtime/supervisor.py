@@ -260,7 +260,9 @@ class Supervisor:
             undo.push_async_callback(stop_helpers, helpers)
             vm.helpers = [h.record() for h in helpers]
             for warning in warnings:  # also in `vmdriver fingerprint`
-                log.warning("VM %s: %s", req.vm_id, warning)
+                # Without a jail it is a warning; with one, a note about its strength.
+                log.log(logging.WARNING if jail is None else logging.INFO, "VM %s: %s",
+                        req.vm_id, warning)
             placed: list[str] = []
             undo.callback(lambda: cgroup.remove(vm.cgroups_created))
             await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr,
