@@ -85,3 +85,21 @@ def pytest_report_header() -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--regen-golden", action="store_true",
                      help="rewrite tests/golden/*.argv from the current renderer")
+
+
+#: Test dirs that must not run beside each other on separate workers: macvtap device
+#: nodes (/dev/tapN, numbered by ifindex) clash across network namespaces, and the
+#: Ceph tests share one throwaway cluster.
+_SERIAL_GROUPS = {"network": "net", "netvm": "net", "ceph": "ceph", "storage_rbd": "ceph"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``-n N --dist loadgroup``: one worker per file (its booted fixtures are
+    module-scoped), one worker for each serial group above."""
+    for item in items:
+        if any(m.name == "xdist_group" for m in item.iter_markers()):
+            continue
+        path = item.nodeid.split("::", 1)[0]
+        parts = path.split("/")
+        group = _SERIAL_GROUPS.get(parts[1], path) if len(parts) > 2 else path
+        item.add_marker(pytest.mark.xdist_group(group))
