@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.ceph.cluster import Cluster
+from tests.ceph.cluster import Cluster, free_port, gen_key
 from tests.storage_rbd.conftest import FULL_POOL, MIB, pool_state, read_image
 from tests.virt.helpers import VMDRIVER, Run, agent_sh, job_file, running
 from vmdriver.host.config import load_host_config
@@ -293,8 +293,6 @@ def tmp(ceph_cluster: Cluster) -> Iterator[Path]:
 
 def test_unreachable_monitors_fail_the_run_fast(ceph_cluster: Cluster, guest_dir: Path,
                                                 tmp: Path, admin: Any) -> None:
-    from tests.ceph.cluster import free_port
-
     before = pool_state(admin, ceph_cluster.pool)
     mon = f"127.0.0.1:{free_port()}"
     host = host_file(tmp, ceph_cluster, hosts=mon, guest=guest_dir)
@@ -321,8 +319,6 @@ def test_a_silent_monitor_fails_the_run_within_the_timeout(ceph_cluster: Cluster
 
 def test_wrong_key_fails_the_run_naming_the_user(ceph_cluster: Cluster, guest_dir: Path,
                                                  tmp: Path) -> None:
-    from tests.ceph.cluster import gen_key
-
     wrong = gen_key()
     host = host_file(tmp, ceph_cluster, key=wrong, guest=guest_dir)
     code, out, took = _failed_run(tmp, host, guest_dir, timeout=120)
