@@ -41,9 +41,22 @@ def _set_crc(snap: Path) -> None:
     (snap / "meta.json").write_text(json.dumps(meta))
 
 
+async def _guest_mac(sup: Supervisor, vm_id: str) -> str:
+    """The guest's eth0 MAC once it is the one the VM's spec gives its NIC."""
+    want = sup.record(vm_id).spec["nics"][0]["mac"]
+    for _ in range(50):
+        got = (await sh(sup.agent(vm_id), "cat /sys/class/net/eth0/address")).decode().strip()
+        if got == want:
+            return got
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{vm_id}: guest MAC {got}, spec {want}")
+
+
 async def _check_clones(sup: Supervisor, ports: list[int], template_gen: str) -> None:
-    """Each clone serves HTTP, carries the template's running counter, has its own vmgenid."""
-    gens = {template_gen}
+    """Each clone serves HTTP, carries the template's running counter, has its own vmgenid,
+    MAC and a current clock."""
+    gens, macs = {template_gen}, []
+    template_mac = await _guest_mac(sup, "t/tmpl")
     for i, p in enumerate(ports):
         assert await http_ok(p), f"clone {i} does not serve HTTP"
         clone_agent = sup.agent(f"c/clone{i}")
@@ -56,6 +69,10 @@ async def _check_clones(sup: Supervisor, ports: list[int], template_gen: str) ->
         assert b"QEMUVGID" in await sh(clone_agent, "ls /sys/bus/acpi/devices/")
         # Its wall clock was set to now, not left at the snapshot's time.
         assert abs(int(await sh(clone_agent, "date +%s")) - time.time()) < 3
+        # It took its own MAC (the stream brought the template's), and still serves.
+        macs.append(await _guest_mac(sup, f"c/clone{i}"))
+        assert await http_ok(p)
+    assert len(set(macs)) == len(ports) and template_mac not in macs
     assert len(gens) == len(ports) + 1, gens  # every clone has its own generation id
 
 

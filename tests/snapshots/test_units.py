@@ -144,7 +144,7 @@ def test_plan_start_refuses_snapshot_with_suspend_and_bridged_clones(tmp_path: P
     with pytest.raises(SpecError, match="both"):
         plan_start(_req(tmp_path, _spec(snapshot="s", suspend=True)), host)
     tap = _spec(snapshot="s", nics=(TapNic(id="net0", bridge="br0"),))
-    with pytest.raises(SnapshotError, match="template's MAC"):
+    with pytest.raises(SnapshotError, match="need guest_agent"):
         plan_start(_req(tmp_path, tap), host)
     plain = _req(tmp_path, _spec())
     assert plan_start(plain, host) is plain

@@ -49,7 +49,7 @@ from vmdriver.runtime.snapstore import (
 )
 from vmdriver.runtime.stateload import state_loader
 from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
-from vmdriver.spec import FileMedium, MacvtapNic, TapNic, VMSpec
+from vmdriver.spec import FileMedium, MacvtapNic, Nic, NoNic, TapNic, VMSpec, derive_mac
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ async def save_vm(monitor: Monitor, spec: VMSpec, dirs: VMDirs, snap: SnapshotDi
                         machine=machine, machine_alias=alias, signature=device_signature(spec),
                         memory_mib=spec.resources.max_memory_mib or spec.resources.memory_mib,
                         vmgenid=spec.vmgenid is not None,
-                        generation_id=await generation_id(monitor, spec))
+                        generation_id=await generation_id(monitor, spec),
+                        macs={n.id: n.mac for n in spec.nics if not isinstance(n, NoNic) and n.mac})
     try:
         await _freeze_disks(monitor, spec, dirs, snap, frozen, overlays=overlays)
         seconds = await _save_state(monitor, snap, spec)
@@ -266,13 +267,16 @@ def from_snapshot(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
     spec = req.spec
     assert spec.snapshot is not None
     bridged = [n.id for n in spec.nics if isinstance(n, TapNic | MacvtapNic)]
-    if bridged:
-        # The NIC's MAC is guest state: every clone would come up with the template's MAC
-        # on the same bridge (and fail the anti-spoofing rules of its own tap).
-        raise SnapshotError("clones cannot have tap or macvtap NICs yet: they would all "
-                            "carry the template's MAC", where=f"{req.where or spec.name}: NIC "
-                            f"{bridged[0]}", allowed="user-mode NICs")
+    if bridged and not spec.guest_agent:
+        # The NIC's MAC is guest state: without an agent to change it, every clone would
+        # carry the template's MAC on the bridge (and fail its own tap's anti-spoofing).
+        raise SnapshotError("clones with tap or macvtap NICs need guest_agent = true to take "
+                            "their own MAC", where=f"{req.where or spec.name}: NIC {bridged[0]}",
+                            allowed="user-mode NICs, or a guest agent")
     snap, meta = SnapshotStore(host.state_dir).load(spec.snapshot)
+    nics = _own_macs(spec, req.vm_id)
+    new_macs = {meta.macs[n.id]: n.mac for n in nics
+                if not isinstance(n, NoNic) and n.mac and meta.macs.get(n.id, n.mac) != n.mac}
     _check(snap, meta, spec)
     bases = {b.drive_id: b for b in meta.disks}
     drives = []
@@ -288,11 +292,19 @@ def from_snapshot(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
                             overlay_on=str(snap.disks_dir / base.file))
         drives.append(drive.model_copy(update={"medium": medium}))
     spec = spec.model_copy(update={
-        "drives": tuple(drives), "incoming": True, "machine_type": meta.machine,
+        "drives": tuple(drives), "incoming": True, "machine_type": meta.machine, "nics": nics,
         # A clone must not share its template's generation id (RNG reseed in the guest).
         "vmgenid": str(uuid.uuid4()) if meta.vmgenid else None})
     return dataclasses.replace(req, spec=spec, incoming=state_loader(
-        snap, _stderr(req), save_timeout(spec), agent=_agent(req)))
+        snap, _stderr(req), save_timeout(spec), agent=_agent(req), macs=new_macs))
+
+
+def _own_macs(spec: VMSpec, vm_id: str) -> tuple[Nic, ...]:
+    """The clone's NICs with their MACs fixed now (as prepare would derive them), so the
+    loader knows which MAC the guest must take instead of its template's."""
+    key = vm_key(vm_id)
+    return tuple(n if isinstance(n, NoNic) or n.mac else
+                 n.model_copy(update={"mac": derive_mac(key, n.id)}) for n in spec.nics)
 
 
 def suspend_dir(req: LaunchRequest, host: HostConfig) -> SnapshotDir:
@@ -333,8 +345,10 @@ def with_suspend(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
         snap.state_file.unlink(missing_ok=True)
         snap.save(meta.model_copy(update={"state_size": None, "state_crc32": None}))
 
-    # The same VM again: its generation id stays (a clone's would change).
-    spec = spec.model_copy(update={"incoming": True, "machine_type": meta.machine,
+    # The same VM again: its generation id and MACs stay (a clone's would change).
+    nics = tuple(n if isinstance(n, NoNic) or n.id not in meta.macs else
+                 n.model_copy(update={"mac": meta.macs[n.id]}) for n in spec.nics)
+    spec = spec.model_copy(update={"incoming": True, "machine_type": meta.machine, "nics": nics,
                                    "vmgenid": meta.generation_id or spec.vmgenid})
     return dataclasses.replace(req, spec=spec, incoming=state_loader(
         snap, _stderr(req), save_timeout(spec), loaded, agent=_agent(req)))

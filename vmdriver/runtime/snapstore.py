@@ -79,6 +79,8 @@ class SnapshotMeta(BaseModel):
     vmgenid: bool = False
     #: Its generation id when saved: a resume keeps it (the same VM), a clone does not.
     generation_id: str | None = None
+    #: The MAC of each NIC (by id) when saved: the guest still uses them.
+    macs: dict[str, str] = {}
     disks: tuple[DiskBase, ...] = ()
     #: ``None``: no state saved (disks only: a failed save, or a suspend already resumed).
     state_size: int | None = None

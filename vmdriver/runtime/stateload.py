@@ -13,7 +13,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from vmdriver.errors import LaunchError, MonitorError
@@ -28,10 +28,12 @@ Loader = Callable[[Monitor], Awaitable[None]]
 
 
 def state_loader(snap: SnapshotDir, stderr: Path, timeout: float,
-                 after: Callable[[], None] | None = None, agent: Path | None = None) -> Loader:
+                 after: Callable[[], None] | None = None, agent: Path | None = None,
+                 macs: Mapping[str, str] | None = None) -> Loader:
     """Load ``snap``'s state through an fd; QEMU's refusal becomes a one-line LaunchError.
 
-    With ``agent`` (the guest agent's socket), the guest's wall clock is set once it runs.
+    With ``agent`` (the guest agent's socket), once the guest runs its wall clock is
+    set to now and each NIC with a MAC in ``macs`` (saved MAC → new MAC) takes its new one.
     """
     async def load(monitor: Monitor) -> None:
         t0 = time.monotonic()
@@ -46,34 +48,63 @@ def state_loader(snap: SnapshotDir, stderr: Path, timeout: float,
         if after is not None:
             after()
         if agent is not None:
-            task = asyncio.get_running_loop().create_task(set_guest_clock(agent))
+            task = asyncio.get_running_loop().create_task(
+                _after_restore(GuestAgent(agent), monitor, dict(macs or {})))
             _BACKGROUND.add(task)
             task.add_done_callback(_BACKGROUND.discard)
 
     return load
 
 
-#: Clock setters running after a restore (kept referenced until done).
+#: Clock and MAC setters running after a restore (kept referenced until done).
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
-async def set_guest_clock(socket_path: Path, attempts: int = 40) -> None:
+async def _after_restore(agent: GuestAgent, monitor: Monitor, macs: dict[str, str]) -> None:
+    if await set_guest_clock(agent) and macs:
+        await set_guest_macs(agent, monitor, macs)
+
+
+async def set_guest_macs(agent: GuestAgent, monitor: Monitor, macs: dict[str, str]) -> None:
+    """Give the guest's NICs their new MACs (a clone must not use its template's).
+
+    The MAC is device state in the stream, so the clone's ``-device mac=`` does not
+    reach the guest: the guest sets it (virtio-net changes it live), then announces it
+    so the network (slirp, a bridge) learns it.
+    """
+    script = "; ".join(
+        f'for d in /sys/class/net/*; do [ "$(cat $d/address)" = "{old}" ] && '
+        f'ip link set dev "${{d##*/}}" address {new}; done' for old, new in macs.items())
+    try:
+        pid = await agent.exec(["/bin/sh", "-c", script + "; true"], capture=False)
+        for _ in range(40):
+            if (await agent.exec_status(pid)).exited:
+                break
+            await asyncio.sleep(0.1)
+    except MonitorError as exc:
+        log.warning("the restored guest's MACs were not changed: %s", exc)
+        return
+    await migration.announce(monitor)
+
+
+async def set_guest_clock(agent: GuestAgent, attempts: int = 40) -> bool:
     """Set the guest's wall clock to now, through its agent, once the guest runs again.
 
     A restored guest's clock resumes at the time the state was saved. Best effort: a
     guest without an answering agent keeps its clock (an NTP client fixes it too).
+    True once the agent answered.
     """
-    agent = GuestAgent(socket_path)
     for _ in range(attempts):
         await asyncio.sleep(0.25)
         try:
             await agent.call("guest-set-time", {"time": time.time_ns()}, timeout=2)
         except MonitorError as exc:
             if "hwclock" in str(exc):
-                return  # the system clock is set; only the RTC write-back failed
+                return True  # the system clock is set; only the RTC write-back failed
             continue
-        return
+        return True
     log.info("guest clock not set after the restore: the agent did not answer")
+    return False
 
 
 async def _pump_in(monitor: Monitor, path: Path, timeout: float) -> None:
