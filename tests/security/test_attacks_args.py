@@ -147,8 +147,6 @@ def test_sibling_task_secrets_out_of_reach(args: list[str], cli: Cli) -> None:
 
 
 #: An image file name becomes the VM's display name (``-name``): it must stay one value.
-@pytest.mark.xfail(strict=True, reason="qemu/argv.py (lead): -name is rendered without its key, "
-                   "so an '=' in the display name reads as a key: render '-name guest=...'")
 @pytest.mark.parametrize("image", ["local/debug-threads=on", "local/process=x,,guest=y",
                                    "local/a=b"])
 def test_image_file_name_cannot_add_keys_to_name(image: str, cli: Cli) -> None:

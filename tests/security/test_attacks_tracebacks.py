@@ -82,8 +82,6 @@ def _image_job(cli: Cli) -> Path:
     return job
 
 
-@pytest.mark.xfail(strict=True, reason="runtime (lead): VMDirs.create raises OSError when the "
-                   "runtime dir cannot be made; it must become one line")
 def test_unwritable_runtime_dir(cli: Cli) -> None:
     job = _image_job(cli)
     (cli.root / "h.hcl").write_text(f'state_dir = "{cli.root / "s"}"\n')
@@ -95,8 +93,6 @@ def test_unwritable_runtime_dir(cli: Cli) -> None:
     assert status in (1, 2) and "Traceback" not in err and len(lines) == 1, err[-600:]
 
 
-@pytest.mark.xfail(strict=True, reason="runtime (lead): a failed VM record write (ENOSPC) "
-                   "raises OSError from record.save; it must stop the VM and become one line")
 def test_failed_record_write(cli: Cli) -> None:
     job = _image_job(cli)
     (cli.root / "h.hcl").write_text(f'state_dir = "{cli.root / "s"}"\n')

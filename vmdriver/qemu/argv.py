@@ -51,7 +51,8 @@ def render_argv(spec: VMSpec, ctx: RenderContext) -> tuple[str, ...]:
     if dev.needs_shared_memory(spec):
         machine.append("memory-backend=mem0")
     argv: list[str] = [str(ctx.binary), "-machine", ",".join(machine)]
-    argv += ["-name", qemu_escape(spec.display_name or spec.name)]
+    # guest= so a name holding `=` (an image's file name) cannot add -name keys.
+    argv += ["-name", f"guest={qemu_escape(spec.display_name or spec.name)}"]
     if spec.uuid:
         argv += ["-uuid", spec.uuid]
     argv += ["-m", memory]

@@ -32,6 +32,7 @@ from vmdriver.policy import (
     inspect_image,
     resolve_allowed,
 )
+from vmdriver.policy.bounds import check_resources
 from vmdriver.policy.images import checked_image
 from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RbdSource, RenderContext
 from vmdriver.qemu.blockdev import is_q35
@@ -46,6 +47,7 @@ from vmdriver.spec import (
     FileMedium,
     NoNic,
     RbdMedium,
+    TapNic,
     UserNic,
     VMSpec,
 )
@@ -256,19 +258,25 @@ def _firmware_vars(spec: VMSpec) -> None:
 
 
 def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: str = "",
-            preview: bool = False) -> Prepared:
+            preview: bool = False, volume_dirs: tuple[Path, ...] = ()) -> Prepared:
     """Check ``spec`` against policy and this host; decide everything argv needs.
 
     With ``preview``, an image that is not there yet (it comes with the task's
     artifacts) is shown where QEMU will open it, its format as ``<detected>``,
-    and nothing is opened or created.
+    and nothing is opened or created. ``volume_dirs`` are this VM's own image dirs
+    (a face's pool volumes); images under the operator's ``image_paths`` are
+    shared, so they are opened read-only (a writer gets an overlay).
     """
     prefix = f"{where}: " if where else ""
     emulator = check_emulator(spec.emulator, host, where=f"{prefix}config.emulator")
     dirs.check_socket_paths()
     binary = find_emulator(emulator)
     task = dirs.task
-    policy = PathPolicy.for_task(task.path, task.alloc_dir, host)
+    policy = PathPolicy.for_task(task.path, task.alloc_dir, host, volume_dirs=volume_dirs,
+                                 shared_read_only=True)
+    forwards = sum(len(n.forwards) for n in spec.nics if isinstance(n, UserNic | TapNic))
+    check_resources(spec.resources.memory_mib, spec.resources.cores, forwards, host,
+                    where=prefix)
     accel, reason = resolve_accelerator(spec.accelerator, binary, host.state_dir)
     _check_args(spec, dirs, host, policy, binary, prefix, preview)
     spec = _with_macs(spec.model_copy(update={"emulator": emulator}), vm_id)

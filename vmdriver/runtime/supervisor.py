@@ -182,23 +182,17 @@ class Supervisor:
 
     def argv(self, req: LaunchRequest) -> tuple[str, ...]:
         """The argv ``req`` would run with, launching nothing (fds shown as numbers to come)."""
-        prep = prepare(req.spec, req.dirs, self._host_for(req), vm_id=req.vm_id,
-                       where=req.where, preview=True)
+        prep = prepare(req.spec, req.dirs, self.host, vm_id=req.vm_id, where=req.where,
+                       preview=True, volume_dirs=tuple(req.image_paths))
         return render_argv(prep.spec, prep.ctx)
 
     # Section: starting
 
     async def prepare(self, req: LaunchRequest, *, preview: bool = False) -> Prepared:
         """Policy and host checks, off the event loop (they run qemu-img and may probe KVM)."""
-        return await asyncio.to_thread(prepare, req.spec, req.dirs, self._host_for(req),
-                                       vm_id=req.vm_id, where=req.where, preview=preview)
-
-    def _host_for(self, req: LaunchRequest) -> HostConfig:
-        """The host config with the request's own extra image paths (a face's volumes)."""
-        if not req.image_paths:
-            return self.host
-        return self.host.model_copy(update={
-            "image_paths": (*self.host.image_paths, *map(str, req.image_paths))})
+        return await asyncio.to_thread(prepare, req.spec, req.dirs, self.host, vm_id=req.vm_id,
+                                       where=req.where, preview=preview,
+                                       volume_dirs=tuple(req.image_paths))
 
     async def start(self, req: LaunchRequest) -> VMInfo:
         """Prepare, launch and own one VM; returns once the guest is running."""

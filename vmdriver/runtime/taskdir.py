@@ -26,7 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmdriver.errors import SpecError
+from vmdriver.errors import HostError, SpecError
 
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -143,10 +143,13 @@ class VMDirs:
 
     def create(self) -> None:
         """Make the task dir, and the runtime and data dirs private to the owner."""
-        self.task.create()
-        for d in (self.runtime, self.data, self.sockets):
-            d.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            d.mkdir(exist_ok=True, mode=0o700)
+        try:
+            self.task.create()
+            for d in (self.runtime, self.data, self.sockets):
+                d.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                d.mkdir(exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise HostError(f"cannot create {exc.filename}: {exc.strerror}") from None
 
     def remove_runtime(self) -> None:
         """Remove the runtime dir and everything in it (the VM has ended)."""

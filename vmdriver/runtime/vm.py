@@ -21,7 +21,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from vmdriver.errors import LaunchError, MonitorError, StateError
+from vmdriver.errors import HostError, LaunchError, MonitorError, StateError
 from vmdriver.jail.plan import LAUNCH_ENV, JailSpec, catches, decode_exit, filter_env, jailed_pid, wrap_argv
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import RenderContext, render_argv
@@ -306,7 +306,12 @@ class VM:
 
     def save_record(self) -> None:
         """Write the record for re-attaching (again, when the supervisor changed it)."""
-        self.record().save(self.dirs.record)
+        try:
+            self.record().save(self.dirs.record)
+        except OSError as exc:
+            # Without a record the VM could not be found again: it must not run.
+            raise HostError(f"cannot write the VM record {self.dirs.record}: "
+                            f"{exc.strerror}") from None
 
     def _cleanup_files(self) -> None:
         for p in (self.dirs.qmp_socket, self.dirs.qga_socket, self.dirs.record):
