@@ -72,13 +72,19 @@ async def set_guest_macs(agent: GuestAgent, monitor: Monitor, macs: dict[str, st
     reach the guest: the guest sets it (virtio-net changes it live), then announces it
     so the network (slirp, a bridge) learns it.
     """
+    # Each NIC found by its saved MAC; the script fails if a change fails (e1000: not live).
     script = "; ".join(
-        f'for d in /sys/class/net/*; do [ "$(cat $d/address)" = "{old}" ] && '
-        f'ip link set dev "${{d##*/}}" address {new}; done' for old, new in macs.items())
+        f'for d in /sys/class/net/*; do if [ "$(cat $d/address)" = "{old}" ]; then '
+        f'ip link set dev "${{d##*/}}" address {new} || exit 1; fi; done'
+        for old, new in macs.items())
     try:
-        pid = await agent.exec(["/bin/sh", "-c", script + "; true"], capture=False)
+        pid = await agent.exec(["/bin/sh", "-c", script], capture=True)
         for _ in range(40):
-            if (await agent.exec_status(pid)).exited:
+            status = await agent.exec_status(pid)
+            if status.exited:
+                if status.exit_code:
+                    log.warning("the restored guest kept its template's MAC: %s",
+                                status.stderr.decode(errors="replace").strip()[:200])
                 break
             await asyncio.sleep(0.1)
     except MonitorError as exc:
