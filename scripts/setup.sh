@@ -58,6 +58,11 @@ echo "setup: building the Debian cloud guest (debootstrap; cached by content)" >
 bash guest/cloud/build.sh >/dev/null
 
 if [ "$demo" = 1 ]; then
+    # The demo's artifact is the built guest image, outside the job file's dir: the
+    # operator (this script) allows its directory, as a host config would.
+    demo_host=$(mktemp --suffix=.hcl)
+    printf 'image_paths = ["%s"]\n' "$(cd guest/out && pwd -P)" >"$demo_host"
     echo "setup: booting the demo VM (Ctrl-C stops it gracefully); try: curl http://127.0.0.1:8080/" >&2
-    exec .venv/bin/vmdriver run examples/demo.nomad.hcl --ready VMDRIVER-GUEST-READY
+    exec .venv/bin/vmdriver run examples/demo.nomad.hcl --host-config "$demo_host" \
+        --ready VMDRIVER-GUEST-READY
 fi
