@@ -62,10 +62,12 @@ def _string_list(value: Any, what: str) -> tuple[str, ...]:
 
 
 class HostConfig(BaseModel):
-    """Operator settings. Empty allowlists allow everything, as in Nomad's qemu driver.
+    """Operator settings, trusted (jobs are not).
 
-    ``-readconfig``, ``-monitor`` and the other options listed in
-    :mod:`vmdriver.policy.args` stay refused unless ``args_allowlist`` names them.
+    An empty ``args_allowlist`` is not "everything" (Nomad's qemu driver's reading):
+    a job's args may then use only the documented safe set of options and keys
+    (:mod:`vmdriver.policy.safeset`); with an allowlist, the listed options, their
+    paths still checked. An empty ``emulators_allowlist`` allows every emulator.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
