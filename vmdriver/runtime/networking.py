@@ -28,6 +28,8 @@ from vmdriver.host.config import HostConfig
 from vmdriver.network import dnsmasq, nft
 from vmdriver.network.discovery import GuestAddresses
 from vmdriver.network.manager import HostNetwork, NicRequest, VmNetwork
+from vmdriver.network.spec import nic_requests as spec_nic_requests
+from vmdriver.network.spec import port_maps as spec_port_maps
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.context import NicFds
 from vmdriver.qemu.sidecars import HelperSpec
@@ -35,7 +37,7 @@ from vmdriver.runtime.helpers import Helper, start_helper, stop_helpers
 from vmdriver.runtime.netconfig import ADDRESSES_FILE, address_wait, network_settings, saved_addresses
 from vmdriver.runtime.process import ManagedProcess, process_start_time
 from vmdriver.runtime.record import records_under
-from vmdriver.spec import MacvtapNic, TapNic, VMSpec
+from vmdriver.spec import TapNic, VMSpec
 
 if TYPE_CHECKING:
     from vmdriver.runtime.vm import VM
@@ -59,21 +61,12 @@ AgentCall = Callable[[], Awaitable[list[dict[str, Any]]]]
 
 def nic_requests(spec: VMSpec) -> list[NicRequest]:
     """The spec's tap and macvtap NICs, numbered by their place among all NICs."""
-    out = []
-    for index, nic in enumerate(spec.nics):
-        if isinstance(nic, TapNic):
-            out.append(NicRequest(index, "tap", id=nic.id, bridge=nic.bridge, mac=nic.mac or ""))
-        elif isinstance(nic, MacvtapNic):
-            out.append(NicRequest(index, "macvtap", id=nic.id, device=nic.device, mode=nic.mode,
-                                  mac=nic.mac or ""))
-    return out
+    return spec_nic_requests(spec.nics)
 
 
 def port_maps(spec: VMSpec) -> list[nft.PortMap]:
     """Every tap NIC's published ports."""
-    return [nft.PortMap(f.host_port, f.guest_port, f.protocols,
-                        ipaddress.ip_address(f.host_ip) if f.host_ip else None)
-            for nic in spec.nics if isinstance(nic, TapNic) for f in nic.forwards]
+    return spec_port_maps([f for n in spec.nics if isinstance(n, TapNic) for f in n.forwards])
 
 
 @dataclass
