@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +27,8 @@ from bench.client import Worker
 from bench.common import REPO, guest_ready, host_facts
 from bench.results import Results, markdown
 
-BENCHES = ("start", "boot", "burst", "stats", "scale", "network", "rbd")
+BENCHES = ("start", "jail", "boot", "burst", "stats", "scale", "network", "storage", "seed", "rbd",
+           "snapshots")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +39,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--start-rounds", type=int)
     p.add_argument("--boot-rounds", type=int)
+    p.add_argument("--burst", type=int, nargs=2, metavar=("VMS", "ROUNDS"),
+                   help="burst size and rounds (default 32 5)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--report-only", action="store_true", help="re-render OUT/results.json, run nothing")
     p.add_argument(
@@ -55,19 +60,35 @@ def _kill_strays(root: Path) -> None:
                 p.kill()
 
 
-async def run(args: argparse.Namespace) -> Results:
-    """Set up the arms, run the benchmarks, tear everything down."""
+async def _watch_load(into: list[float], every: float = 10.0) -> None:
+    """The 1-min load average every ``every`` seconds: the machine is shared, say how busy it was."""
+    while True:
+        into.append(os.getloadavg()[0])
+        await asyncio.sleep(every)
+
+
+def _load_summary(loads: list[float]) -> str:
+    if not loads:
+        return "not sampled"
+    return (f"1-min avg every 10 s: median {statistics.median(loads):.1f}, min {min(loads):.1f}, "
+            f"max {max(loads):.1f} ({len(loads)} samples)")
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
     sizes = SMOKE if args.smoke else Sizes()
     if args.start_rounds:
         sizes = dataclasses.replace(sizes, start_rounds=args.start_rounds)
     if args.boot_rounds:
         sizes = dataclasses.replace(sizes, boot_rounds=args.boot_rounds)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    res = Results()
-    res.host = host_facts()
-    # Short paths: unix socket paths must stay under 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix="vb-", dir="/tmp"))
-    lv: libvirt.Libvirt | None = None
+    if args.burst:
+        sizes = dataclasses.replace(sizes, burst_n=args.burst[0], burst_rounds=args.burst[1])
+    return sizes
+
+
+async def _libvirt(args: argparse.Namespace, root: Path, res: Results) -> libvirt.Libvirt | None:
+    """A throwaway libvirtd for the peer arm, or ``None`` with the one-line reason recorded."""
+    if not ({"start", "burst"} & _only(args)):
+        return None
     why = "--no-libvirt given" if args.no_libvirt else libvirt.unavailable()
     if why is None:
         lv = libvirt.Libvirt(root / "lv")
@@ -76,13 +97,31 @@ async def run(args: argparse.Namespace) -> Results:
             # Warm libvirtd's capability cache, as the method asks (first runs discarded).
             await lv.create("warm")
             await lv.destroy("warm")
+            return lv
         except Exception as exc:
             why = f"libvirtd did not start here: {exc}"
             with contextlib.suppress(Exception):
                 await lv.stop()
-            lv = None
-    if why:
-        res.skip("libvirt", why)
+    res.skip("libvirt", why)
+    return None
+
+
+def _only(args: argparse.Namespace) -> set[str]:
+    return {s.strip() for s in args.only.split(",") if s.strip()}
+
+
+async def run(args: argparse.Namespace) -> Results:
+    """Set up the arms, run the benchmarks, tear everything down."""
+    sizes = _sizes(args)
+    only = _only(args)
+    if only - set(BENCHES):
+        raise SystemExit(f"python -m bench: unknown benchmark(s) {', '.join(sorted(only - set(BENCHES)))}"
+                         f" (known: {', '.join(BENCHES)})")
+    res = Results()
+    res.host = host_facts()
+    # Short paths: unix socket paths must stay under 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="vb-", dir="/tmp"))
+    lv = await _libvirt(args, root, res)
     vmd = await Worker.open("vmdriver", root / "v")
     bare = await Worker.open("bare", root / "b")
     try:
@@ -93,7 +132,13 @@ async def run(args: argparse.Namespace) -> Results:
             if w is vmd:
                 res.argv = (await w.call("argv"))["argv"]
             await w.call("kill")
-        await run_all(env, only, guest_ready())
+        loads: list[float] = []
+        watch = asyncio.create_task(_watch_load(loads))
+        try:
+            await run_all(env, only, guest_ready())
+        finally:
+            watch.cancel()
+        res.host["load_during_run"] = _load_summary(loads)
     finally:
         await vmd.close()
         await bare.close()

@@ -36,9 +36,10 @@ class Arm:
 
     name = ""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, jail: str = "off") -> None:
         self.root = root
-        self.host = HostConfig(state_dir=root, image_paths=(str(root), str(GUEST.resolve())))
+        self.host = HostConfig.model_validate(
+            {"state_dir": root, "image_paths": (str(root), str(GUEST.resolve())), "jail": jail})
         self._count = 0
 
     def _next(self) -> tuple[str, VMDirs]:
@@ -78,6 +79,10 @@ class Arm:
         """The argv of the most recent VM."""
         raise NotImplementedError
 
+    def jailed(self) -> bool:
+        """Whether the most recent VM runs in a jail."""
+        return False
+
     async def scale(self, top: int, checkpoints: list[int]) -> dict[str, Any]:
         """Start VMs one by one up to ``top``; each start's time, and PSS at the checkpoints."""
         times: list[float] = []
@@ -103,8 +108,9 @@ class VmdriverArm(Arm):
 
     name = "vmdriver"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, jail: str = "off") -> None:
+        """``jail``: the host config's; "off" launches the bare arm's argv, "preferred" is the default."""
+        super().__init__(root, jail)
         self.sup = Supervisor(self.host)
         #: Ids of the VMs started and not yet stopped.
         self.live: list[str] = []
@@ -175,6 +181,10 @@ class VmdriverArm(Arm):
 
     def argv(self) -> list[str]:
         return list(self.sup.record(self.live[-1]).argv) if self.live else []
+
+    def jailed(self) -> bool:
+        """Whether the most recent VM runs in a jail (the probe may have ruled it out)."""
+        return bool(self.live) and self.sup.record(self.live[-1]).jail is not None
 
 
 class BareArm(Arm):

@@ -1,4 +1,7 @@
-"""The six benchmarks. Each runs its arms interleaved, round by round.
+"""The benchmarks of ``python -m bench``. Each runs its arms interleaved, round by round.
+
+start, jail, boot, burst, stats and scale live here; network, storage, seed, rbd and
+snapshots are standalone modules (``python -m bench.NAME``) that the suite runs too.
 
 Every benchmark adds :class:`~bench.results.Row` samples to a
 :class:`~bench.results.Results`; none asserts anything (the targets are shown
@@ -9,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,8 @@ from bench.common import make_overlay, slope
 from bench.libvirt import Libvirt
 from bench.network import bench_network
 from bench.rbd import bench_rbd
-from bench.results import Results
+from bench.results import FLOOR, JAIL_COST, JAIL_OFF, JAIL_START, JAILED, Results
+from bench.standalone import bench_seed, bench_snapshots, bench_storage
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,23 @@ class Sizes:
     scale_rounds: int = 2
     #: Boot the arms at the same time (smoke only: it skews the numbers, saves ~20 s).
     boot_parallel: bool = False
+    #: storage: chained-disk rounds, MiB of data in its images, full-clone rounds and size.
+    storage_rounds: int = 15
+    storage_data_mib: int = 256
+    clone_rounds: int = 5
+    clone_mib: int = 512
+    #: seed: seeds built per format.
+    seed_rounds: int = 100
+    #: snapshots: cold boots and single clones each; clones started at once.
+    snapshot_rounds: int = 3
+    snapshot_clones: int = 8
 
 
 #: One pass of everything on tiny sizes, for the smoke test.
 SMOKE = Sizes(start_rounds=1, warmup=0, boot_rounds=1, burst_n=2, burst_rounds=1, stats_vms=2,
-              stats_ticks=2, stats_interval=0.1, scale_top=2, scale_rounds=1, boot_parallel=True)
+              stats_ticks=2, stats_interval=0.1, scale_top=2, scale_rounds=1, boot_parallel=True,
+              storage_rounds=1, storage_data_mib=4, clone_rounds=1, clone_mib=8, seed_rounds=2,
+              snapshot_rounds=1, snapshot_clones=2)
 SCALE_POINTS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -207,23 +225,70 @@ async def bench_scale(env: Env) -> None:
                   slope([float(k) for k in pss], list(pss.values())), "MiB/VM")
 
 
+async def _start_kill(w: Worker, n: int) -> float:
+    """Start ``n`` VMs at once and kill them; seconds until all ran (one VM: its own start)."""
+    res = await w.call("start", n=n, timeout=300)
+    await w.call("kill", timeout=120)
+    return float(res["each"][0] if n == 1 else res["wall"])
+
+
+async def bench_jail(env: Env) -> None:
+    """jail: start and burst with the default jail, with ``jail = "off"``, and bare QEMU.
+
+    The jailed arm is a third worker whose Supervisor has the host config's default
+    jail; the other two are the start case's workers. Interleaved round by round.
+    """
+    s, r = env.sizes, env.results
+    jw = await Worker.open("vmdriver-jail", env.root / "j")
+    try:
+        await jw.call("start", n=1)  # warm-up: imports, the probe, the per-binary path list
+        jailed = (await jw.call("argv"))["jailed"]
+        await jw.call("kill")
+        if not jailed:
+            r.skip("jail", "the jail probe ruled the jail out on this host (QEMU ran unjailed)")
+            return
+        workers = {JAILED: jw, JAIL_OFF: env.vmd, FLOOR: env.bare}
+        for i in range(s.warmup + s.start_rounds):
+            took = {arm: await _start_kill(workers[arm], 1) * 1000 for arm in _order(i, list(workers))}
+            if i >= s.warmup:
+                for arm, ms in took.items():
+                    r.add("jail", JAIL_START, arm, ms, "ms")
+                r.add("jail", JAIL_COST, JAILED, took[JAILED] - took[JAIL_OFF], "ms")
+            if i % 10 == 0:
+                progress(f"jail start round {i + 1}/{s.warmup + s.start_rounds}")
+        for i in range(min(s.burst_rounds, 3)):
+            progress(f"jail burst round {i + 1}/{min(s.burst_rounds, 3)}")
+            for arm in _order(i, list(workers)):
+                ms = await _start_kill(workers[arm], s.burst_n) * 1000
+                r.add("jail", f"{s.burst_n} VMs at once → all running", arm, ms, "ms")
+    finally:
+        await jw.close()
+
+
 async def run_all(env: Env, only: set[str], guest_problem: str | None) -> None:
     """Run the selected benchmarks; one failing does not stop the others."""
     plan = [
         ("start", bench_start(env)),
+        ("jail", bench_jail(env)),
         ("boot", bench_boot(env, guest_problem)),
         ("burst", bench_burst(env)),
         ("stats", bench_stats(env)),
         ("scale", bench_scale(env)),
         ("network", bench_network(env)),
+        ("storage", bench_storage(env)),
+        ("seed", bench_seed(env)),
         ("rbd", bench_rbd(env)),
+        ("snapshots", bench_snapshots(env, guest_problem)),
     ]
     for name, coro in plan:
         if name not in only:
             coro.close()
             continue
+        t0, load0 = time.monotonic(), os.getloadavg()[0]
         try:
             await coro
+            env.results.note(f"{name}: {time.monotonic() - t0:.0f} s, 1-min load "
+                             f"{load0:.1f} → {os.getloadavg()[0]:.1f}")
         except Exception as exc:
             env.results.note(f"{name} benchmark failed: {type(exc).__name__}: {exc}")
             progress(f"{name} failed: {exc}")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pyroute2.netns import popns, pushns  # type: ignore[import-untyped]
 
 from bench.common import REPO, tiny_spec
-from bench.results import TARGETS, Target
+from bench.results import Target, add_target, at_most
 from vmdriver.host.config import HostConfig
 from vmdriver.network import HostNetwork, NetworkSettings, NicRequest, PortMap
 from vmdriver.network.nft import chains
@@ -289,10 +289,8 @@ def added_by_tap(samples: dict[str, list[float]]) -> tuple[list[float], list[flo
 ADDED_METRIC = "start: added by a tap on a managed bridge (tap minus user-mode, per round)"
 BURST_METRIC = "VMs on one bridge at once: wall time / the same burst with user-mode NICs"
 BURST_TARGET = 1.3  # the burst case's target, against user-mode NICs as the floor
-TARGETS[("network", ADDED_METRIC)] = Target(f"≤ {TARGET_MS:.0f} ms",
-                                            lambda r, f, _: r.median <= TARGET_MS)
-TARGETS[("network", BURST_METRIC)] = Target(f"≤ {BURST_TARGET}x",
-                                            lambda r, f, _: r.median <= BURST_TARGET)
+add_target("network", ADDED_METRIC, Target(f"≤ {TARGET_MS:.0f} ms", at_most(TARGET_MS)))
+add_target("network", BURST_METRIC, Target(f"≤ {BURST_TARGET}x", at_most(BURST_TARGET)))
 
 
 async def bench_network(env: Env) -> None:

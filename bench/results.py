@@ -12,8 +12,14 @@ from typing import Any
 
 FLOOR = "bare"
 PEER = "libvirt"
+#: The jail case's vmdriver arms: the host config's default jail, and ``jail = "off"``.
+JAILED = "vmdriver (default jail)"
+JAIL_OFF = "vmdriver, jail off"
+JAIL_START = "request → running"
+JAIL_COST = "jail cost per start (default jail minus jail off, same round)"
 #: Arms in the order the table lists them.
-ARM_ORDER = ["vmdriver", "vmdriver run", "bare", "libvirt"]
+ARM_ORDER = ["vmdriver", "vmdriver (default jail)", "vmdriver, jail off", "vmdriver run", "bare",
+             "libvirt"]
 
 
 @dataclass
@@ -34,10 +40,11 @@ class Row:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue, checked on the vmdriver arm's medians."""
+    """A goal from an issue, checked on one arm's medians (the vmdriver arm unless named)."""
 
     text: str
     check: Callable[[Row, Row | None, Row | None], bool | None]
+    arm: str = "vmdriver"
 
 
 def _ratio(row: Row, other: Row | None) -> float:
@@ -51,34 +58,58 @@ def _faster_than_peer(row: Row, floor: Row | None, peer: Row | None) -> bool | N
     return None if math.isnan(p) else p <= 0.1
 
 
-TARGETS: dict[tuple[str, str], Target] = {
-    ("start", "request → running"): Target(
-        "≤ 1.25x bare", lambda r, f, _: None if f is None else _ratio(r, f) <= 1.25
-    ),
-    ("start ", "request → running"): Target("≥ 10x faster than libvirt", _faster_than_peer),
-    ("boot", "request → guest ready line"): Target(
-        "≤ 1.05x bare", lambda r, f, _: None if f is None else _ratio(r, f) <= 1.05
-    ),
-    ("burst", "supervisor PSS per VM"): Target("≤ 3 MiB per VM", lambda r, f, _: r.median <= 3.0),
-    ("stop", "graceful: guest power-off (SHUTDOWN) → exit reported"): Target(
-        "≤ 50 ms", lambda r, f, _: r.median <= 50.0
-    ),
+def at_most(limit: float) -> Callable[[Row, Row | None, Row | None], bool | None]:
+    """The check "median ≤ limit" (in the row's own unit)."""
+    return lambda r, f, _: r.median <= limit
+
+
+def at_least(limit: float) -> Callable[[Row, Row | None, Row | None], bool | None]:
+    """The check "median ≥ limit" (in the row's own unit)."""
+    return lambda r, f, _: r.median >= limit
+
+
+def x_floor(limit: float) -> Callable[[Row, Row | None, Row | None], bool | None]:
+    """The check "median ≤ limit times the floor's median" (n/a without a floor)."""
+    return lambda r, f, _: None if f is None else _ratio(r, f) <= limit
+
+
+#: Every case's goals (from its issue), by (benchmark, metric); a metric may have several,
+#: each on its own arm. Cases in other modules add theirs with :func:`add_target`.
+TARGETS: dict[tuple[str, str], list[Target]] = {
+    ("start", "request → running"): [
+        Target("≤ 1.25x bare", x_floor(1.25)),
+        Target("≥ 10x faster than libvirt", _faster_than_peer),
+    ],
+    ("boot", "request → guest ready line"): [Target("≤ 1.05x bare", x_floor(1.05))],
+    ("burst", "supervisor PSS per VM"): [Target("≤ 3 MiB per VM", at_most(3.0))],
+    ("stop", "graceful: guest power-off (SHUTDOWN) → exit reported"): [
+        Target("≤ 50 ms", at_most(50.0))
+    ],
+    # The core's start target holds for jail off: the floor launches the same argv, unjailed.
+    # The default (jailed) ratio is checked against the same number and reported, not hidden.
+    ("jail", JAIL_START): [
+        Target("≤ 1.25x bare (the core's start target)", x_floor(1.25), JAIL_OFF),
+        Target("≤ 1.25x bare (reported: the floor runs unjailed)", x_floor(1.25), JAILED),
+    ],
 }
 
 
-def target_for(bench: str, metric: str) -> Target | None:
-    """The target of a metric; burst wall time and stats labels carry their sizes."""
-    if bench == "burst" and metric.endswith("→ all running"):
-        return Target("≤ 1.3x bare", lambda r, f, _: None if f is None else _ratio(r, f) <= 1.3)
-    if bench == "stats" and metric.startswith("sampling"):
-        return Target("≤ 2 % of one core", lambda r, f, _: r.median <= 2.0)
-    return TARGETS.get((bench, metric))
+def add_target(bench: str, metric: str, target: Target) -> None:
+    """Register one more goal for a metric."""
+    TARGETS.setdefault((bench, metric), []).append(target)
 
 
 def targets_for(bench: str, metric: str) -> list[Target]:
-    """Every target of a metric (start has two)."""
-    out = [target_for(bench, metric), TARGETS.get((bench + " ", metric))]
-    return [t for t in out if t is not None]
+    """Every target of a metric; burst wall time and stats labels carry their sizes."""
+    out = list(TARGETS.get((bench, metric), []))
+    if bench == "burst" and metric.endswith("→ all running"):
+        out.append(Target("≤ 1.3x bare", x_floor(1.3)))
+    if bench == "jail" and metric.endswith("→ all running"):
+        out += [Target("≤ 1.3x bare (the burst target)", x_floor(1.3), JAIL_OFF),
+                Target("≤ 1.3x bare (reported: the floor runs unjailed)", x_floor(1.3), JAILED)]
+    if bench == "stats" and metric.startswith("sampling"):
+        out.append(Target("≤ 2 % of one core", at_most(2.0)))
+    return out
 
 
 class Results:
@@ -126,15 +157,15 @@ class Results:
         return list(seen)
 
     def verdicts(self) -> list[tuple[str, str, str, bool | None]]:
-        """(bench, metric, target text, met) for every metric with a target."""
+        """(bench, metric, "arm: target", met) for every measured metric with a target."""
         out = []
         for bench, metric in self.metrics():
-            row = self.get(bench, metric, "vmdriver")
-            if row is None:
-                continue
             for target in targets_for(bench, metric):
+                row = self.get(bench, metric, target.arm)
+                if row is None:
+                    continue
                 ok = target.check(row, self.get(bench, metric, FLOOR), self.get(bench, metric, PEER))
-                out.append((bench, metric, target.text, ok))
+                out.append((bench, metric, f"{target.arm}: {target.text}", ok))
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -174,11 +205,14 @@ class Results:
 
 
 LEGEND = (
-    "Arms: vmdriver = Supervisor.start() through the API; vmdriver run = the CLI as a subprocess; "
-    "bare = the same argv under a minimal harness (the floor); libvirt = virsh against a throwaway "
-    "libvirtd. For stats, vmdriver = runtime.stats.ProcessSampler per VM, psutil = oneshot() "
-    "cpu_times + memory_info, bare = raw reads of /proc/PID/stat and statm. PSS per VM near 0 "
-    "means below the resolution of one PSS reading (ratios of such values mean nothing)."
+    "Arms: vmdriver = Supervisor.start() through the API with jail = \"off\", so that it launches "
+    "the same argv as bare (the jail case adds the default jail); vmdriver run = the CLI as a "
+    "subprocess (default jail); bare = the same argv under a minimal harness (the floor); libvirt = "
+    "virsh against a throwaway libvirtd. For stats, vmdriver = runtime.stats.ProcessSampler per VM, "
+    "psutil = oneshot() cpu_times + memory_info, bare = raw reads of /proc/PID/stat and statm. "
+    "PSS per VM near 0 means below the resolution of one PSS reading (ratios of such values mean "
+    "nothing). Cases with arms of their own (network, storage, seed, rbd, snapshots) name them; "
+    "their ratio rows are computed per round."
 )
 
 
@@ -217,7 +251,8 @@ def markdown(res: Results, title: str) -> str:
                 f"{_fmt_ratio(_ratio(row, peer)) if peer else '-'} |"
             )
     lines += ["", LEGEND]
-    lines += ["", "## Targets (vmdriver arm, medians)", "", "| Benchmark | Metric | Target | Met |",
+    lines += ["", "## Targets (medians, each on the arm it names)", "",
+              "| Benchmark | Metric | Arm: target | Met |",
               "|---|---|---|---|"]
     for bench, metric, text, ok in res.verdicts():
         mark = "n/a" if ok is None else ("yes" if ok else "**no**")

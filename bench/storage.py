@@ -80,6 +80,7 @@ def chained_create(rounds: int = 15, workdir: Path | None = None,
         out["ratio_10GiB_vs_1GiB"] = round(statistics.median(samples["10GiB"])
                                            / statistics.median(samples["1GiB"]), 3)
         out["target"] = "median_ms_10GiB <= 50, ratio ~1 (flat in size)"
+        out["samples_ms"] = {k: [t * 1000 for t in v] for k, v in samples.items()}
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -120,7 +121,8 @@ def full_clone(rounds: int = 7, size: int = 512 * MIB,
         return {"size_MiB": size // MIB, "median_ms_pool_clone": _ms(ours),
                 "median_ms_cp_reflink_auto": _ms(cp),
                 "speed_ratio_vs_cp": round(statistics.median(cp) / statistics.median(ours), 3),
-                "target": "speed_ratio_vs_cp >= 0.8"}
+                "target": "speed_ratio_vs_cp >= 0.8",
+                "samples_ms": {"pool_clone": [t * 1000 for t in ours], "cp": [t * 1000 for t in cp]}}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

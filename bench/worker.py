@@ -1,6 +1,7 @@
 """A worker process holding one arm; the coordinator drives it with JSON lines.
 
-Run as ``python -m bench.worker ARM ROOT`` (ARM: ``vmdriver`` or ``bare``).
+Run as ``python -m bench.worker ARM ROOT`` (ARM: ``vmdriver``, jail off; ``vmdriver-jail``,
+the default jail; or ``bare``).
 Each stdin line is ``{"op": ..., ...}``; each answer is one stdout line of JSON.
 An op that fails answers ``{"error": "..."}`` and the worker carries on.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from bench.arms import Arm, BareArm, VmdriverArm
 from bench.sampling import measure
+from vmdriver.host.config import HostConfig
 
 
 async def handle(arm: Arm, req: dict[str, Any]) -> dict[str, Any]:
@@ -30,7 +32,7 @@ async def handle(arm: Arm, req: dict[str, Any]) -> dict[str, Any]:
     if op == "pss":
         return {"pss_kib": await arm.pss()}
     if op == "argv":
-        return {"argv": arm.argv()}
+        return {"argv": arm.argv(), "jailed": arm.jailed()}
     if op == "scale":
         return await arm.scale(int(req["top"]), [int(c) for c in req["checkpoints"]])
     if op == "stats":
@@ -62,7 +64,13 @@ def main() -> None:
     """Entry point."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     kind, root = sys.argv[1], Path(sys.argv[2])
-    arm: Arm = VmdriverArm(root) if kind == "vmdriver" else BareArm(root)
+    arm: Arm
+    if kind == "vmdriver":
+        arm = VmdriverArm(root, jail="off")
+    elif kind == "vmdriver-jail":
+        arm = VmdriverArm(root, jail=str(HostConfig.model_fields["jail"].default))
+    else:
+        arm = BareArm(root)
     asyncio.run(serve(arm))
 
 
