@@ -28,7 +28,6 @@ from vmdriver.policy import (
     PathPolicy,
     check_args,
     check_emulator,
-    check_image_path,
     inspect_image,
     resolve_allowed,
 )
@@ -180,8 +179,8 @@ class _Opener:
         if medium.overlay_on:  # the base an overlay will be made on obeys the policy too
             resolve_allowed(medium.overlay_on, self.policy.for_backing(), where=where,
                             what="overlay base")
-        shown = check_image_path(medium.path, self.dirs.task.path, self.dirs.task.alloc_dir,
-                                 self.host, where=where, must_exist=False)
+        # This VM's policy (its volume dirs too); a path only, the file may not exist yet.
+        shown = resolve_allowed(medium.path, self.policy, where=where, what="image path")
         if not shown.exists():
             # Artifacts may not be there yet: only where the path leads is checked.
             return DriveSource(path=str(shown), format=medium.format or "<detected>")
