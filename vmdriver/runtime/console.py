@@ -1,12 +1,15 @@
 """Following a VM's serial console log as it grows.
 
-QEMU writes the console straight into a file (or Nomad's FIFO), so the guest
-keeps its console when no supervisor is watching; readers tail the file.
+The VM's log writer (or QEMU, for Nomad's FIFO) appends the console to a file, so
+the guest keeps its console when no supervisor is watching; readers tail the file.
+The writer rotates it (``.0`` renamed to ``.1``, a new ``.0``): a reader at the end
+of the old file moves on to the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,12 +23,20 @@ async def follow(path: Path, *, from_start: bool = True, poll: float = POLL_S) -
     # of inotify, so poll as `tail -f` does; a stat of a local file does not block.
     while not path.exists():  # noqa: ASYNC110, ASYNC240
         await asyncio.sleep(poll)
-    with path.open("rb") as f:
+    f = path.open("rb")
+    try:
         if not from_start:
             f.seek(0, 2)
         partial = b""
         while True:
             chunk = f.read(65536)
+            if not chunk and _replaced(path, f.fileno()):
+                # What was written before the rename, then on to the new file.
+                chunk = f.read()
+                if not chunk:
+                    f.close()
+                    f = path.open("rb")
+                    continue
             if not chunk:
                 await asyncio.sleep(poll)
                 continue
@@ -33,6 +44,16 @@ async def follow(path: Path, *, from_start: bool = True, poll: float = POLL_S) -
             *lines, partial = partial.split(b"\n")
             for line in lines:
                 yield line.rstrip(b"\r").decode(errors="replace")
+    finally:
+        f.close()
+
+
+def _replaced(path: Path, fd: int) -> bool:
+    """True once ``path`` names another file than the open ``fd`` (it was rotated)."""
+    try:
+        return path.stat().st_ino != os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False  # between the rename and the new file: look again later
 
 
 async def wait_for_line(path: Path, pattern: str, timeout: float) -> str:

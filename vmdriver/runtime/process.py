@@ -28,12 +28,14 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def _open_output(path: Path) -> int:
-    """Open a log file or a FIFO (Nomad's logmon) for QEMU to write to."""
+def _output(target: Path | int) -> int:
+    """An fd given as is, else the log file or FIFO (Nomad's logmon) opened for writing."""
+    if isinstance(target, int):
+        return target
     flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-    if not path.exists():
+    if not target.exists():
         flags |= os.O_CREAT
-    return os.open(path, flags, 0o600)
+    return os.open(target, flags, 0o600)
 
 
 def close_fds(fds: tuple[int, ...]) -> None:
@@ -61,12 +63,16 @@ class ManagedProcess:
         *,
         cwd: Path,
         env: Mapping[str, str],
-        stdout: Path,
-        stderr: Path,
+        stdout: Path | int,
+        stderr: Path | int,
         pass_fds: tuple[int, ...],
     ) -> ManagedProcess:
-        """Start ``argv`` directly (no shell) in a new process group."""
-        out, err = _open_output(stdout), _open_output(stderr)
+        """Start ``argv`` directly (no shell) in a new process group.
+
+        ``stdout``/``stderr``: a file or FIFO to open, or an open fd (a log writer's
+        pipe), which stays the caller's to close.
+        """
+        out, err = _output(stdout), _output(stderr)
         try:
             proc = subprocess.Popen(
                 argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
@@ -77,8 +83,8 @@ class ManagedProcess:
         except OSError as exc:
             raise LaunchError(f"cannot execute {argv[0]}: {exc.strerror}") from exc
         finally:
-            os.close(out)
-            os.close(err)
+            close_fds(tuple(fd for fd, given in ((out, stdout), (err, stderr))
+                            if not isinstance(given, int)))
         # The pidfd, not Popen, owns the process from here on: Popen would try to
         # reap it in its destructor.
         proc.returncode = 0

@@ -32,6 +32,7 @@ from vmdriver.runtime import cgroup
 from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
 from vmdriver.runtime.jailing import Jail, JailRecord, plan_jail
 from vmdriver.runtime.jailing import release as release_jail
+from vmdriver.runtime.logs import LOG_WRITER, open_outputs
 from vmdriver.runtime.prepare import Prepared, prepare
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord, records_under
@@ -40,6 +41,7 @@ from vmdriver.runtime.snapshots import plan_start
 from vmdriver.runtime.state import ExitResult, VMState
 from vmdriver.runtime.vm import VM
 from vmdriver.spec import MacvtapNic, StopSignal, TapNic, VMSpec
+from vmdriver.units import parse_size
 
 if TYPE_CHECKING:
     # Netlink and nftables load only for VMs with tap NICs.
@@ -252,6 +254,13 @@ class Supervisor:
             helpers = await start_helpers(prep.helpers, req.dirs.runtime, env,
                                           owner=jail.spec.uid if jail else None)
             undo.push_async_callback(stop_helpers, helpers)
+            # QEMU's console and stderr into bounded logs, through a writer the VM owns.
+            outputs = await open_outputs(
+                req.stdout or req.dirs.task.stdout, req.stderr or req.dirs.task.stderr,
+                max_bytes=self._max_log_bytes(), log_dir=req.dirs.runtime, env=env)
+            undo.callback(outputs.close)
+            if outputs.writer is not None:
+                helpers.append(outputs.writer)  # recorded; stopped after QEMU, also by `undo`
             vm.helpers = [h.record() for h in helpers]
             for warning in warnings:  # also in `vmdriver fingerprint`
                 # Without a jail it is a warning; with one, a note about its strength.
@@ -259,7 +268,7 @@ class Supervisor:
                         req.vm_id, warning)
             placed: list[str] = []
             undo.callback(lambda: cgroup.remove(vm.cgroups_created))
-            await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr,
+            await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr, outputs=outputs,
                             on_spawn=functools.partial(self._confine, req, prep, vm, helpers, placed),
                             jail=jail.spec if jail else None)
             undo.pop_all()
@@ -324,7 +333,7 @@ class Supervisor:
             return self.info(record.id)
         helpers = attach_helpers(record.helpers)
         try:
-            vm = await VM.attach(record)
+            vm = await VM.attach(record, next((h for h in helpers if h.name == LOG_WRITER), None))
         except StateError:
             await stop_helpers(helpers)
             cgroup.remove(record.cgroups_created)
@@ -409,6 +418,9 @@ class Supervisor:
         self._vms.clear()
 
     # Section: internals
+
+    def _max_log_bytes(self) -> int:
+        return parse_size(self.host.max_log_size)
 
     def _get(self, vm_id: str) -> _Owned:
         try:

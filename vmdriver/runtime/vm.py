@@ -26,8 +26,9 @@ from vmdriver.jail.plan import LAUNCH_ENV, JailSpec, catches, decode_exit, filte
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
-from vmdriver.runtime.helpers import HelperRecord
+from vmdriver.runtime.helpers import Helper, HelperRecord
 from vmdriver.runtime.jailing import JailRecord
+from vmdriver.runtime.logs import Outputs, flushed
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.snapshots import suspend
@@ -79,6 +80,8 @@ class VM:
         self.cgroup_paths: tuple[str, ...] = ()
         self.cgroups_created: tuple[str, ...] = ()
         self.remove_task_dir = False
+        #: Copies QEMU's output into the bounded logs (:mod:`vmdriver.runtime.logs`).
+        self.log_writer: Helper | None = None
         #: Loads a saved state into a QEMU started with ``spec.incoming``, before ``cont``.
         self.incoming: Callable[[Monitor], Awaitable[None]] | None = None
         #: QEMU's pid inside a jail (the tracked process is then the jail's monitor).
@@ -114,6 +117,7 @@ class VM:
         env: Mapping[str, str],
         stdout: Path | None = None,
         stderr: Path | None = None,
+        outputs: Outputs | None = None,
         on_spawn: Callable[[int], None] | None = None,
         jail: JailSpec | None = None,
     ) -> None:
@@ -122,11 +126,15 @@ class VM:
         ``on_spawn(pid)`` runs right after QEMU is spawned, while it is still
         paused (the supervisor puts it into its cgroups there). With ``jail``,
         the spawned process is the jail's monitor and QEMU its only child
-        (:attr:`qemu_pid`); killing the monitor kills QEMU.
+        (:attr:`qemu_pid`); killing the monitor kills QEMU. ``outputs``: what QEMU
+        writes to (pipes of a log writer); without it QEMU opens ``stdout``/``stderr``.
+        The write ends are closed here on every path.
         """
         self._require(VMState.DEFINED, "defined")
         self.state = VMState.LAUNCHING
         self.stdout, self.stderr = stdout or self.stdout, stderr or self.stderr
+        outputs = outputs or Outputs(self.stdout, self.stderr)
+        self.log_writer = outputs.writer
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             theirs.set_inheritable(True)
@@ -141,7 +149,7 @@ class VM:
             # the QMP handshakes of VMs launched alongside) going meanwhile.
             spawning = asyncio.ensure_future(asyncio.to_thread(
                 ManagedProcess.spawn, argv, cwd=self.dirs.task.path, env=env,
-                stdout=self.stdout, stderr=self.stderr, pass_fds=pass_fds,
+                stdout=outputs.stdout, stderr=outputs.stderr, pass_fds=pass_fds,
             ))
             try:
                 self._proc = await asyncio.shield(spawning)
@@ -153,6 +161,7 @@ class VM:
                 raise
             theirs.close()
             close_fds(ctx.pass_fds)
+            outputs.close()
             self.started_at = time.time()
             if jail is not None:
                 self.qemu_pid = await asyncio.to_thread(jailed_pid, self._proc.pid)
@@ -168,13 +177,17 @@ class VM:
         except BaseException:
             theirs.close()
             close_fds(ctx.pass_fds)
+            outputs.close()
             await self._abort_launch()
             raise
         self.state = VMState.RUNNING
 
     @classmethod
-    async def attach(cls, record: VMRecord) -> VM:
-        """Take over a VM started by an earlier supervisor process, without restarting it."""
+    async def attach(cls, record: VMRecord, log_writer: Helper | None = None) -> VM:
+        """Take over a VM started by an earlier supervisor process, without restarting it.
+
+        ``log_writer``: its log writer, found again among its helpers.
+        """
         spec = VMSpec.model_validate(record.spec)
         dirs = VMDirs(TaskDir(Path(record.alloc_dir), record.task), Path(record.runtime_dir),
                       Path(record.data_dir), Path(record.qmp_socket).name,
@@ -183,6 +196,7 @@ class VM:
         vm.argv, vm.started_at = tuple(record.argv), record.started_at
         vm.stdout, vm.stderr = Path(record.stdout), Path(record.stderr)
         vm.helpers = list(record.helpers)
+        vm.log_writer = log_writer
         vm.cgroup_paths, vm.cgroups_created = tuple(record.cgroup_paths), tuple(record.cgroups_created)
         vm.remove_task_dir = record.remove_task_dir
         vm.qemu_pid, vm.jail = record.qemu_pid, record.jail
@@ -288,6 +302,7 @@ class VM:
         except TimeoutError:
             connect.result()
             raise
+        await flushed(self.log_writer)  # QEMU's last words reach its stderr log
         raise LaunchError("QEMU exited during start-up", exit_code=code, stderr_tail=tail(self.stderr))
 
     async def _abort_launch(self) -> None:
@@ -329,6 +344,7 @@ class VM:
             else:
                 code, sig = await self._watch_events(self._monitor)
             self._cleanup_files()
+            await flushed(self.log_writer)
             self.state = VMState.EXITED
             if self.qemu_pid and sig == 0:
                 code, sig = decode_exit(code)  # the monitor reports QEMU's death by N as 128+N

@@ -1,0 +1,120 @@
+"""Where QEMU's stdout (the serial console) and stderr go, bounded in size.
+
+A log that is a regular file (``<task>.stdout.0`` in the alloc's ``logs/``, a
+runner's ``--console FILE``) is not given to QEMU: QEMU gets a pipe, and the VM's
+log writer (:mod:`vmdriver.runtime.logwriter`, a helper process of the VM,
+recorded and stopped after QEMU like swtpm) appends it to the file, rotating to
+``.1`` at the host's ``max_log_size``. A guest printing without end then costs
+at most twice that per stream on disk.
+
+Anything else is handed to QEMU as before: Nomad's logmon FIFOs (Nomad rotates),
+and symlinks such as the runner's ``/dev/stdout`` (a pod's log; the container
+runtime rotates it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import stat
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmdriver.errors import HostError
+from vmdriver.runtime.helpers import Helper
+from vmdriver.runtime.process import ManagedProcess, close_fds
+
+#: The writer's name among the VM's helpers (in the record, for re-attaching).
+LOG_WRITER = "logwriter"
+#: Bytes a pipe holds before QEMU's writes wait for the writer (Linux's default
+#: pipe-max-size; the default 64 KiB is one burst of a busy console).
+PIPE_SIZE = 1 << 20
+#: How long the writer gets to copy what QEMU printed last, before it is read.
+FLUSH_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Outputs:
+    """QEMU's stdout and stderr as :meth:`ManagedProcess.spawn` takes them."""
+
+    #: A pipe's write end (ours until closed), or a path for QEMU to open.
+    stdout: Path | int
+    stderr: Path | int
+    writer: Helper | None = None
+
+    def close(self) -> None:
+        """Close our write ends: once QEMU has its copies, the writer's EOF is QEMU's exit."""
+        close_fds(tuple(fd for fd in (self.stdout, self.stderr) if isinstance(fd, int)))
+        self.stdout = self.stderr = -1
+
+
+def rotatable(path: Path) -> bool:
+    """True for a regular file (or none yet); FIFOs, devices and symlinks are left alone."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        raise HostError(f"cannot use the log {path}: {exc.strerror}") from None
+
+
+def _create(path: Path) -> None:
+    """Make the log before QEMU starts: readers wait for it, and a log that cannot be
+    written is an error now rather than a silent loss later."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600))
+    except OSError as exc:
+        raise HostError(f"cannot open the log {path}: {exc.strerror}") from None
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):  # above pipe-max-size for a non-root user: keep 64 KiB
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return r, w
+
+
+def writer_argv(max_bytes: int, streams: Mapping[int, Path]) -> tuple[str, ...]:
+    """The writer's command line (``-I``: no user site or ``PYTHON*`` variables)."""
+    return (sys.executable, "-I", "-m", "vmdriver.runtime.logwriter", "--max", str(max_bytes),
+            *(f"{fd}:{path}" for fd, path in streams.items()))
+
+
+async def open_outputs(stdout: Path, stderr: Path, *, max_bytes: int, log_dir: Path,
+                       env: Mapping[str, str]) -> Outputs:
+    """QEMU's outputs, with a log writer started for those that are regular files."""
+    files = [p for p in dict.fromkeys((stdout, stderr)) if rotatable(p)]
+    if not files:
+        return Outputs(stdout, stderr)
+    pipes: dict[Path, tuple[int, int]] = {}
+    try:
+        for path in files:
+            _create(path)
+            pipes[path] = _pipe()
+        log_path = log_dir / f"{LOG_WRITER}.log"
+        proc = await asyncio.to_thread(
+            ManagedProcess.spawn, writer_argv(max_bytes, {r: p for p, (r, _) in pipes.items()}),
+            cwd=log_dir, env=env, stdout=log_path, stderr=log_path,
+            pass_fds=tuple(r for r, _ in pipes.values()))
+    except BaseException:
+        close_fds(tuple(w for _, w in pipes.values()))
+        raise
+    finally:
+        close_fds(tuple(r for r, _ in pipes.values()))
+    return Outputs(pipes[stdout][1] if stdout in pipes else stdout,
+                   pipes[stderr][1] if stderr in pipes else stderr,
+                   Helper(LOG_WRITER, proc, log_path))
+
+
+async def flushed(writer: Helper | None) -> None:
+    """Wait (briefly) until the writer has copied everything QEMU wrote: it exits at the
+    pipes' EOF, which is QEMU's exit. Then the logs can be read for QEMU's last words."""
+    if writer is None:
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(writer.proc.wait()), FLUSH_TIMEOUT_S)
