@@ -61,6 +61,19 @@ class Monitor:
             raise MonitorError(f"QMP {cmd} on {self.name}: cannot pass the fd: {exc}") from exc
         return await self.execute(cmd, args, timeout)
 
+    async def add_fd(self, fd: int, opaque: str | None = None) -> int:
+        """Hand QEMU ``fd`` in a new fd set (``add-fd``); its id, for ``/dev/fdset/N``.
+
+        QEMU keeps its own copy: the caller closes ``fd``. ``remove-fd`` with the id
+        releases the set once nothing in QEMU uses it any more.
+        """
+        args = {"opaque": opaque} if opaque else {}
+        reply = await self.execute_with_fd("add-fd", args, fd)
+        try:
+            return int(reply["fdset-id"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MonitorError(f"QMP add-fd on {self.name}: unexpected reply {reply!r}") from exc
+
     @contextlib.asynccontextmanager
     async def events(self, *names: str) -> AsyncIterator[EventListener]:
         """A listener for the named events (all events if none are named)."""

@@ -6,7 +6,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmdriver.runtime import cgroup
 from vmdriver.runtime.taskdir import VMDirs
@@ -14,6 +14,9 @@ from vmdriver.spec import VMSpec
 
 if TYPE_CHECKING:
     from vmdriver.qemu.monitor import Monitor
+
+#: Runs one QMP command on a VM: ``await qmp("query-status", None)``.
+QmpCall = Callable[[str, "dict[str, Any] | None"], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,6 @@ class LaunchRequest:
     #: Loads the VM's state (a snapshot, a suspend, a live migration) into a QEMU started
     #: with ``spec.incoming``, before ``cont`` (see :mod:`vmdriver.runtime.snapshots`).
     incoming: Callable[[Monitor], Awaitable[None]] | None = None
+    #: Changes the face makes over QMP while QEMU is still paused, before ``cont`` (the
+    #: runner hot-plugs vCPUs here, as VM-Operator does). An error aborts the launch.
+    configure: Callable[[QmpCall], Awaitable[None]] | None = None

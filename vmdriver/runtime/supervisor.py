@@ -171,6 +171,20 @@ class Supervisor:
         """Run a QMP command on a running VM."""
         return await self._get(vm_id).vm.qmp(cmd, args)
 
+    async def add_fd(self, vm_id: str, fd: int) -> str:
+        """Hand a running VM's QEMU an open file (QMP ``add-fd`` over SCM_RIGHTS); the
+        ``/dev/fdset/N`` path to name it by (``blockdev-change-medium filename=``).
+
+        A jailed QEMU cannot open host paths: a face opens the file and passes it. The
+        caller closes ``fd``; ``remove-fd fdset-id=N`` frees QEMU's copy once unused.
+        """
+        return await self._get(vm_id).vm.add_fd(fd)
+
+    def signal(self, vm_id: str, sig: int) -> None:
+        """Signal the VM's QEMU, jailed or not, with the effect the signal has on an
+        unjailed QEMU (a no-op once it has exited)."""
+        self._get(vm_id).vm.signal(sig)
+
     @staticmethod
     def known(state_dir: Path) -> list[tuple[VMRecord, bool]]:
         """Every VM recorded under a state dir, and whether its QEMU still runs."""
@@ -236,6 +250,7 @@ class Supervisor:
         vm = VM(req.vm_id, prep.spec, req.dirs)
         vm.remove_task_dir = req.remove_task_dir
         vm.incoming = req.incoming
+        vm.configure = req.configure
         async with contextlib.AsyncExitStack() as undo:
             undo.callback(req.dirs.remove_runtime)
             undo.callback(_unlink, prep.created)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +32,7 @@ from vmdriver.runtime.jailing import JailRecord
 from vmdriver.runtime.logs import Outputs, flushed
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord
+from vmdriver.runtime.request import QmpCall
 from vmdriver.runtime.snapshots import suspend
 from vmdriver.runtime.state import ExitResult, VMState, classify
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
@@ -41,9 +43,12 @@ log = logging.getLogger(__name__)
 #: How long QEMU gets to exit after the stop signal before SIGKILL, when the
 #: graceful window already ran out (QEMU exits on SIGINT/SIGTERM at once).
 SIGNAL_GRACE_S = 5.0
-#: How long the POWERDOWN event may take to confirm the button press.
-POWERDOWN_CONFIRM_S = 2.0
 QMP_CONNECT_TIMEOUT_S = 15.0
+#: Signals that act on a pid namespace's init from outside whether it handles them or not
+#: (SIGCONT continues a stopped process as it is sent).
+_FORCED = frozenset({signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT})
+#: Signals whose default action is to ignore them.
+_IGNORED_BY_DEFAULT = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH})
 
 
 def tail(path: Path, limit: int = 4000) -> str:
@@ -84,6 +89,8 @@ class VM:
         self.log_writer: Helper | None = None
         #: Loads a saved state into a QEMU started with ``spec.incoming``, before ``cont``.
         self.incoming: Callable[[Monitor], Awaitable[None]] | None = None
+        #: The face's QMP changes while paused, after ``incoming``, before ``cont``.
+        self.configure: Callable[[QmpCall], Awaitable[None]] | None = None
         #: QEMU's pid inside a jail (the tracked process is then the jail's monitor).
         self.qemu_pid: int | None = None
         self.jail: JailRecord | None = None
@@ -173,6 +180,8 @@ class VM:
             assert self._monitor is not None
             if self.incoming is not None:
                 await self.incoming(self._monitor)
+            if self.configure is not None:
+                await self.configure(self._monitor.execute)
             await self._monitor.execute("cont")
         except BaseException:
             theirs.close()
@@ -255,6 +264,19 @@ class VM:
         self._require(VMState.RUNNING, "running")
         assert self._monitor is not None
         return await self._monitor.execute(cmd, args)
+
+    async def add_fd(self, fd: int) -> str:
+        """Hand QEMU an open file over QMP (``add-fd``, SCM_RIGHTS): the ``/dev/fdset/N``
+        path its commands then take. A jailed QEMU can open no host path itself."""
+        self._require(VMState.RUNNING, "running")
+        if self._monitor is None or not self._monitor.connected:
+            raise StateError(self.id, "without a QMP connection", "connected over QMP")
+        return f"/dev/fdset/{await self._monitor.add_fd(fd)}"
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to QEMU (jailed or not) with the effect it would have unjailed."""
+        if self._proc is not None and not self._result.done():
+            self._signal(sig)
 
     def record(self) -> VMRecord:
         """What a later supervisor needs to re-attach."""
@@ -340,7 +362,7 @@ class VM:
         assert self._proc is not None
         try:
             if self._monitor is None:
-                code, sig = await self._proc.wait()
+                code, sig = await asyncio.shield(self._proc.wait())  # cancelling us leaves it
             else:
                 code, sig = await self._watch_events(self._monitor)
             self._cleanup_files()
@@ -364,7 +386,7 @@ class VM:
             self._listener = listener
             reader = asyncio.create_task(self._read_events(listener))
             try:
-                code, sig = await self._proc.wait()
+                code, sig = await asyncio.shield(self._proc.wait())
                 # Take the events QEMU sent just before exiting, which may still be in flight.
                 await monitor.wait_closed(1.0)
                 for event in listener.clear():
@@ -418,15 +440,16 @@ class VM:
         return await self.wait()
 
     def _signal(self, sig: int) -> None:
-        """Send ``sig`` to QEMU itself; in a jail QEMU is its pid namespace's init, which
-        only receives signals it handles, so an unhandled one becomes SIGKILL."""
+        """Send ``sig`` to QEMU itself. In a jail QEMU is its pid namespace's init, which
+        only receives the signals it handles (and SIGKILL/SIGSTOP): one whose default
+        action would end QEMU becomes SIGKILL, one that would be ignored is dropped."""
         assert self._proc is not None
         if self.qemu_pid is None:
             self._proc.send_signal(sig)
-        elif catches(self.qemu_pid, sig):
+        elif sig in _FORCED or catches(self.qemu_pid, sig):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.qemu_pid, sig)
-        else:
+        elif sig not in _IGNORED_BY_DEFAULT:
             self._proc.kill_group()
 
     async def _ask_guest(self) -> bool:
@@ -447,7 +470,7 @@ class VM:
         assert self._monitor is not None
         try:
             await self._monitor.execute("system_powerdown")
-            await asyncio.wait_for(self._powerdown.wait(), POWERDOWN_CONFIRM_S)
+            await asyncio.wait_for(self._powerdown.wait(), self.spec.shutdown.powerdown_confirm_s)
         except (MonitorError, TimeoutError) as exc:
             log.warning("VM %s: power button press not confirmed: %s", self.id, exc)
             return False

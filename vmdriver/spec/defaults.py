@@ -14,6 +14,8 @@ CPU_MHZ = 100
 KILL_SIGNAL = "SIGINT"
 #: Seconds the guest (graceful) or QEMU (after the signal) gets before the next rung.
 KILL_TIMEOUT_S = 5.0
+#: Seconds QEMU's POWERDOWN event may take to confirm the ACPI power button press.
+POWERDOWN_CONFIRM_S = 2.0
 #: Architecture suffix of ``qemu-system-<emulator>``.
 EMULATOR = "x86_64"
 #: Machine type of the qemu dialect (Nomad's).

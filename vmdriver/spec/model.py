@@ -170,6 +170,9 @@ class ShutdownPolicy(Frozen):
     timeout_s: float = Field(default=defaults.KILL_TIMEOUT_S, ge=0)
     #: Signal sent to QEMU when the guest did not power off in time.
     signal: StopSignal = StopSignal(defaults.KILL_SIGNAL)
+    #: Seconds the POWERDOWN event may take to confirm the ACPI power button press;
+    #: unconfirmed, the stop goes on to the signal (VM-Operator's runner waits 5 s).
+    powerdown_confirm_s: float = Field(default=defaults.POWERDOWN_CONFIRM_S, gt=0)
 
     @field_validator("signal", mode="before")
     @classmethod
