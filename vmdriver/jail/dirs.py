@@ -34,7 +34,7 @@ _VERSION = 2
 _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 _UNDEF = 0xFFFFFFFF
 _ENTRY = struct.Struct("<HHI")
-_SEARCH, _READ, _READ_WRITE = 1, 4, 6
+_SEARCH, _READ_WRITE = 1, 6
 
 
 def _read_acl(path: str, mode: int) -> list[tuple[int, int, int]]:
@@ -115,11 +115,6 @@ def _parents(paths: Iterable[str]) -> list[str]:
     return list(out)
 
 
-def _ro_files(spec: JailSpec) -> list[str]:
-    """The regular files (not dirs, not links) the spec binds read-only."""
-    return [p for p in spec.ro_paths if not os.path.islink(p) and os.path.isfile(p)]
-
-
 def _chown_tree(top: str, uid: int, gid: int) -> None:
     """chown ``top`` and what is in it, on its own filesystem, never through a link."""
     top_dev = os.lstat(top).st_dev
@@ -172,10 +167,6 @@ def prepare_dirs(spec: JailSpec, control: Iterable[str | os.PathLike[str]] = ())
         for parent in _parents((*spec.rw_paths, *spec.ro_paths)):
             if not _can(parent, spec.uid, gids, _SEARCH):
                 grant(parent, spec.uid, _SEARCH)
-        for path in _ro_files(spec):
-            # QEMU opens some files by path: a chained volume's base (0400 root).
-            if not _can(path, spec.uid, gids, _READ):
-                grant(path, spec.uid, _READ)
         for dev in dict.fromkeys((*BASE_DEVICES, *spec.devices)):
             if not _can(dev, spec.uid, gids, _READ_WRITE):
                 grant(dev, spec.uid, _READ_WRITE)
@@ -192,7 +183,6 @@ def release(spec: JailSpec, owner: tuple[int, int] | None = None) -> None:
     for path in spec.rw_paths:
         with contextlib.suppress(FileNotFoundError):
             _chown_tree(path, uid, gid)
-    for path in (*_parents((*spec.rw_paths, *spec.ro_paths)), *_ro_files(spec), *spec.devices,
-                 *BASE_DEVICES):
+    for path in (*_parents((*spec.rw_paths, *spec.ro_paths)), *spec.devices, *BASE_DEVICES):
         with contextlib.suppress(OSError):
             revoke(path, spec.uid)
