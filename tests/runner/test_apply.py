@@ -5,6 +5,8 @@ a boot cannot reach cheaply: unplug order, id reuse, a tray the guest keeps lock
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,11 +67,23 @@ class FakeTray:
     def __init__(self, *, locked: bool) -> None:
         self.locked, self.open, self.file = locked, False, "/dev/fdset/1"
         self.calls: list[str] = []
+        self.removed: list[int] = []
+        self.deleted: list[str] = []
+        #: The launch's medium is the -blockdev node "cd0"; QEMU names the ones it opens.
+        self.node = "cd0"
 
     async def __call__(self, cmd: str, args: dict[str, Any] | None) -> Any:
         self.calls.append(cmd)
+        if cmd == "remove-fd":
+            assert args is not None
+            self.removed.append(args["fdset-id"])
+            return {}
+        if cmd == "blockdev-del":
+            assert args is not None
+            self.deleted.append(args["node-name"])
+            return {}
         if cmd == "query-block":
-            inserted = {"inserted": {"file": self.file}} if self.file else {}
+            inserted = {"inserted": {"file": self.file, "node-name": self.node}} if self.file else {}
             return [{"device": "", "qdev": "/machine/peripheral/disk0/virtio-backend"},
                     {"device": "", "qdev": "cd0", "tray_open": self.open, "locked": self.locked,
                      **inserted}]
@@ -77,7 +91,7 @@ class FakeTray:
         if cmd == "blockdev-open-tray" and not self.locked:
             self.open = True
         elif cmd == "blockdev-change-medium":
-            self.file, self.open = args["filename"], False
+            self.file, self.open, self.node = args["filename"], False, "#block123"
         elif cmd == "blockdev-remove-medium":
             self.file = ""
         elif cmd == "blockdev-close-tray":
@@ -108,6 +122,37 @@ def test_locked_tray_defers_the_change_until_the_guest_lets_go(monkeypatch: pyte
 
     asyncio.run(scenario())
     assert ("cd0: waiting for the tray to open",) in changes
+
+
+def test_images_reach_qemu_as_fd_sets_and_old_sets_are_freed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With ``add_fd`` (the runner's way): the image is opened here and QEMU gets the fd;
+    the fd set of the medium replaced (and of one ejected) is removed."""
+    monkeypatch.setattr(apply, "TRAY_POLL_S", 0.01)
+    image = tmp_path / "b.iso"
+    image.write_bytes(b"B" * 2048)
+    tray = FakeTray(locked=False)
+    handed: list[bytes] = []
+
+    async def add_fd(fd: int) -> str:
+        handed.append(os.pread(fd, 4, 0))  # the fd is open on the image while QEMU takes it
+        return f"/dev/fdset/{len(handed) + 1}"
+
+    async def scenario() -> None:
+        media = apply.Media(tray, lambda: None, add_fd)
+        media.change("cd0", str(image))
+        await asyncio.sleep(0.1)
+        assert (tray.file, tray.removed, handed) == ("/dev/fdset/2", [1], [b"BBBB"])
+        assert tray.deleted == ["cd0", "cd0-file"]  # the launch's nodes held a.iso open
+        media.change("cd0", str(tmp_path / "missing.iso"))  # cannot be opened: reported, dropped
+        await asyncio.sleep(0.1)
+        assert tray.file == "/dev/fdset/2" and media.pending() == () and not tray.open
+        media.change("cd0", None)
+        await asyncio.sleep(0.1)
+        assert (tray.file, tray.removed, tray.deleted) == ("", [1, 2], ["cd0", "cd0-file"])
+        await media.close()
+
+    asyncio.run(scenario())
 
 
 def test_unknown_cd_is_reported_and_dropped() -> None:

@@ -1,6 +1,7 @@
 """`vmdriver runner` as a process, with real QEMU, swtpm and the test guest.
 
-One runner boots the guest (TPM, balloon, two hot-pluggable vCPUs, a CD in cd0) and the
+One runner boots the guest (jailed, as the default host config has it; TPM, balloon, a
+second vCPU plugged while QEMU is paused, a third to hot-plug, a CD in cd0) and the
 tests in this file's order act on it: status, an operator's own QMP client on
 monitor.sock, live changes from config edits (balloon, CPU hotplug seen by the guest,
 a CD change held back by a tray the guest locked, restart-needed keys, reset), then
@@ -188,17 +189,18 @@ def stop(run: Run) -> None:
 
 @pytest.fixture(scope="module")
 def tpm_run(guest_dir: Path) -> Iterator[Run]:
-    """A booted runner VM with a TPM, a balloon, 2 vCPUs to hotplug and a CD in cd0."""
+    """A booted runner VM with a TPM, a balloon, 2 of 3 vCPUs and a CD in cd0."""
     if shutil.which("swtpm") is None:
         pytest.skip("swtpm is not installed")
     directory = tempfile_dir()
     shutil.copyfile(guest_dir / "disk.raw", directory / "disk.raw")
     shutil.copyfile(guest_dir / "guest.iso", directory / "a.iso")
-    shutil.copyfile(guest_dir / "guest.iso", directory / "b.iso")
+    (directory / "b.iso").write_bytes(b"B" * 2048 * 16)  # another medium, told apart by name
     config = {"/Runner": {
         "dataDir": str(directory / "data"), "runtimeDir": str(directory / "run"), "resetCounter": 0,
         "vm": {"name": "rt", "firmware": "bios", "accelerator": "tcg", "cpuModel": "max",
-               "useTpm": True, "maximumRam": "256 MiB", "currentRam": "256 MiB", "maximumCpus": 2,
+               "useTpm": True, "maximumRam": "256 MiB", "currentRam": "256 MiB", "maximumCpus": 3,
+               "currentCpus": 2,
                "powerdownTimeout": 60, "network": [{"type": "user"}],
                "drives": [{"type": "raw", "resource": str(directory / "disk.raw"), "bootindex": 0},
                           {"type": "ide-cd", "file": str(directory / "a.iso")}]}}}
@@ -218,12 +220,41 @@ def tempfile_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
 
 
+def qemu(run: Run) -> psutil.Process:
+    (proc,) = processes("qemu-system-x86_64", str(run.dir))
+    return proc
+
+
+def guest_run(run: Run, *argv: str) -> str:
+    """A command's stdout in the guest, through the agent."""
+    async def go() -> str:
+        ga = agent(run)
+        pid = await ga.exec(list(argv))
+        for _ in range(100):
+            status = await ga.exec_status(pid)
+            if status.exited:
+                return status.stdout.decode(errors="replace")
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{argv} did not end in the guest")
+
+    return asyncio.run(go())
+
+
 def test_booted_status_and_states(tpm_run: Run) -> None:
     status = tpm_run.status()
-    assert status["cpus"] == 1 and status["ram"] == 256 * MiB
+    assert status["cpus"] == 2 and status["ram"] == 256 * MiB
     assert status["osinfo"]["id"] == "vmdriver-guest"
     states = [line.split("state ")[1] for line in tpm_run.text().splitlines() if ": state " in line]
     assert states == ["INITIALIZING", "STARTING", "BOOTING", "BOOTED"]
+    # Without a host config the defaults apply: QEMU is jailed (a uid of its own).
+    assert qemu(tpm_run).uids().real >= 200000
+
+
+def test_second_vcpu_was_plugged_before_the_guest_ran(tpm_run: Run) -> None:
+    """currentCpus: 2 is plugged while QEMU is paused, so the kernel boots with 2 CPUs."""
+    assert "smp: Brought up 1 node, 2 CPUs" in guest_run(tpm_run, "/bin/dmesg")
+    text = tpm_run.text()
+    assert text.index("vCPUs at start: 2") < text.index("state BOOTING")
 
 
 def test_monitor_sock_answers_an_operators_client(tpm_run: Run) -> None:
@@ -244,15 +275,15 @@ def test_balloon_follows_current_ram(tpm_run: Run) -> None:
 
 
 def test_cpu_hotplug_is_seen_online_by_the_guest(tpm_run: Run) -> None:
-    assert guest_read(tpm_run, "/sys/devices/system/cpu/online").strip() == "0"
-    tpm_run.edit(currentCpus=2)
-    wait_until("cpu 1 online in the guest",
-               lambda: guest_read(tpm_run, "/sys/devices/system/cpu/online").strip() == "0-1",
+    assert guest_read(tpm_run, "/sys/devices/system/cpu/online").strip() == "0-1"
+    tpm_run.edit(currentCpus=3)
+    wait_until("cpu 2 online in the guest",
+               lambda: guest_read(tpm_run, "/sys/devices/system/cpu/online").strip() == "0-2",
                tpm_run, timeout=60)
     slots = qmp_once(tpm_run, "query-hotpluggable-cpus")
-    assert sorted(s.get("qom-path", "") for s in slots) == ["/machine/peripheral/cpu-1",
-                                                              "/machine/unattached/device[0]"]
-    wait_until("cpus in the status", lambda: tpm_run.status()["cpus"] == 2, tpm_run, timeout=30)
+    assert sorted(s.get("qom-path", "") for s in slots) == [
+        "/machine/peripheral/cpu-1", "/machine/peripheral/cpu-2", "/machine/unattached/device[0]"]
+    wait_until("cpus in the status", lambda: tpm_run.status()["cpus"] == 3, tpm_run, timeout=30)
 
 
 def test_cd_change_waits_for_a_tray_the_guest_locked(tpm_run: Run) -> None:
@@ -267,11 +298,22 @@ def test_cd_change_waits_for_a_tray_the_guest_locked(tpm_run: Run) -> None:
     wait_until("pending change", lambda: tpm_run.status()["pending"] == ["cd0: tray locked by the guest"],
                tpm_run, timeout=20)
     assert cd0_file(tpm_run) == first  # held back while locked
-    wait_until("medium changed", lambda: cd0_file(tpm_run) == b, tpm_run, timeout=60)
+    # The jailed QEMU cannot open b.iso by name: the runner hands it an fd, and the fd
+    # set of a.iso is freed, so QEMU holds b.iso open and no longer a.iso.
+    wait_until("medium changed", lambda: cd0_file(tpm_run) not in (first, None), tpm_run, timeout=60)
+    assert cd0_file(tpm_run).startswith("/dev/fdset/")  # type: ignore[union-attr]
+    wait_until("b.iso held, a.iso let go", lambda: open_isos(tpm_run) == {"b.iso"}, tpm_run,
+               timeout=10)
     wait_until("nothing pending", lambda: tpm_run.status()["pending"] == [], tpm_run, timeout=10)
     # Eject: no file.
     tpm_run.edit(drives=[*tpm_run.vm()["drives"][:1], {"type": "ide-cd"}])
     wait_until("medium ejected", lambda: cd0_file(tpm_run) is None, tpm_run, timeout=30)
+    wait_until("no ISO held", lambda: open_isos(tpm_run) == set(), tpm_run, timeout=10)
+
+
+def open_isos(run: Run) -> set[str]:
+    """The CD images QEMU holds open (its fds, seen from the host)."""
+    return {Path(f.path).name for f in qemu(run).open_files() if f.path.endswith(".iso")}
 
 
 def test_restart_needed_keys_are_reported(tpm_run: Run) -> None:

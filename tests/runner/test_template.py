@@ -78,6 +78,7 @@ def test_golden_spec_facts() -> None:
     assert (desktop.resources.cores, desktop.cpu.max_vcpus) == (1, 4)
     assert desktop.balloon and desktop.guest_agent and desktop.display.kind == "spice"
     assert desktop.shutdown.via_agent and desktop.shutdown.timeout_s == 300
+    assert desktop.shutdown.powerdown_confirm_s == 5  # VM-Operator's POWERDOWN wait
     argv = (GOLDEN / "desktop.argv").read_text().splitlines()
     for device in ("usb-tablet,bus=usb.0", "virtio-rng-pci,rng=rng0", "virtio-balloon-pci,id=balloon0"):
         assert device in argv

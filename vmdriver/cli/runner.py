@@ -48,18 +48,14 @@ def _has_spice() -> bool:
 
 
 def _host(args: argparse.Namespace) -> HostConfig:
-    """The operator's host config, or the runner's defaults.
-
-    Without one, QEMU is not jailed: in a pod the container is the jail, and a
-    jailed QEMU cannot open the CD images a config change names later (the
-    supervisor has no way yet to hand a running QEMU a new image as an fd).
-    """
+    """The operator's host config, or the defaults (its ``jail`` setting applies either
+    way: CD images a config change names reach a jailed QEMU as fds)."""
     path: Path | None = args.host_config
     if path is None and DEFAULT_HOST_CONFIG.exists():
         path = DEFAULT_HOST_CONFIG
     if path:
         return load_host_config(path)
-    return HostConfig.model_validate({"jail": "off"} if "jail" in HostConfig.model_fields else {})
+    return HostConfig()
 
 
 async def _run(args: argparse.Namespace) -> int:

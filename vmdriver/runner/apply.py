@@ -6,7 +6,9 @@
   n); CPUs are removed with ``device_del``, newest first, and only the hot-plugged
   ones (``/machine/peripheral/cpu-*``), so the boot CPU stays.
 - CD-ROMs ``cd0``...: ``blockdev-open-tray`` without force, then, once the tray is
-  open, ``blockdev-change-medium`` (read-only raw) or ``blockdev-remove-medium``. A
+  open, ``blockdev-change-medium`` (read-only raw) or ``blockdev-remove-medium``. The
+  runner opens the new image and hands QEMU the fd (``add-fd``: a jailed QEMU cannot
+  open host paths), and frees the previous medium's fd set (``remove-fd``). A
   guest that locked the tray (a mounted CD) gets QEMU's eject request and the change
   waits: it stays pending, and the tray is asked again once the guest unlocks it.
   VM-Operator waits for ``DEVICE_TRAY_MOVED``; the supervisor gives faces no QMP
@@ -18,7 +20,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +32,9 @@ from vmdriver.errors import MonitorError
 log = logging.getLogger(__name__)
 
 Qmp = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
+#: Hands QEMU an open file; the ``/dev/fdset/N`` path that names it there.
+AddFd = Callable[[int], Awaitable[str]]
+_FDSET = "/dev/fdset/"
 #: Seconds between tray checks while a medium change waits.
 TRAY_POLL_S = 0.5
 _PLUGGED = "/machine/peripheral/cpu-"
@@ -90,8 +97,9 @@ async def tray(qmp: Qmp, cd: str) -> dict[str, Any]:
 class Media:
     """Pending CD-ROM changes, each applied when its tray is open."""
 
-    def __init__(self, qmp: Qmp, on_change: Callable[[], None]) -> None:
-        self.qmp, self.on_change = qmp, on_change
+    def __init__(self, qmp: Qmp, on_change: Callable[[], None], add_fd: AddFd | None = None) -> None:
+        """``add_fd``: pass images to QEMU as fds; without it QEMU opens them by path."""
+        self.qmp, self.on_change, self.add_fd = qmp, on_change, add_fd
         #: cd id -> the wanted image (``None``: empty).
         self.wanted: dict[str, str | None] = {}
         #: cd id -> why it waits (shown in the status as pending).
@@ -122,8 +130,12 @@ class Media:
             for cd in list(self.wanted):
                 try:
                     await self._step(cd, asked)
-                except MonitorError as exc:
-                    log.error("%s: medium change failed: %s", cd, exc)  # noqa: TRY400
+                except (MonitorError, OSError) as exc:
+                    why = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else exc
+                    log.error("%s: medium change failed: %s", cd, why)  # noqa: TRY400
+                    if isinstance(exc, OSError):  # the image: the old medium stays in
+                        with contextlib.suppress(MonitorError):
+                            await self.qmp("blockdev-close-tray", {"id": cd})
                     self.wanted.pop(cd, None)
                     self.waiting.pop(cd, None)
                     self.on_change()
@@ -133,7 +145,7 @@ class Media:
     async def _step(self, cd: str, asked: set[str]) -> None:
         state = await tray(self.qmp, cd)
         if state.get("tray_open"):
-            await self._swap(cd, self.wanted.pop(cd))
+            await self._swap(cd, self.wanted.pop(cd), state.get("inserted") or {})
             asked.discard(cd)
             self.waiting.pop(cd, None)
             self.on_change()
@@ -150,12 +162,48 @@ class Media:
         elif self.waiting.get(cd) == LOCKED:
             asked.discard(cd)  # the guest let go of the closed tray: ask again
 
-    async def _swap(self, cd: str, image: str | None) -> None:
+    async def _swap(self, cd: str, image: str | None, previous: dict[str, Any]) -> None:
         if image is None:
             await self.qmp("blockdev-remove-medium", {"id": cd})
             await self.qmp("blockdev-close-tray", {"id": cd})
             log.info("%s: medium ejected", cd)
+        else:
+            filename = await self._hand_over(image)
+            try:
+                await self.qmp("blockdev-change-medium", {"id": cd, "filename": filename,
+                                                          "format": "raw",
+                                                          "read-only-mode": "read-only"})
+            except MonitorError:
+                await self._release(filename if filename != image else None)
+                raise
+            log.info("%s: medium changed to %s", cd, image)
+        await self._drop(previous)
+
+    async def _hand_over(self, image: str) -> str:
+        """The name QEMU opens ``image`` by: an fd set holding our read-only fd of it."""
+        if self.add_fd is None:
+            return image
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return await self.add_fd(fd)
+        finally:
+            os.close(fd)  # QEMU has its own copy
+
+    async def _drop(self, medium: dict[str, Any]) -> None:
+        """Close the medium taken out: the launch's is a pair of ``-blockdev`` nodes
+        (``<id>``, ``<id>-file``) that QEMU keeps until deleted; then free its fd set."""
+        if self.add_fd is None:
             return
-        await self.qmp("blockdev-change-medium", {"id": cd, "filename": image, "format": "raw",
-                                                  "read-only-mode": "read-only"})
-        log.info("%s: medium changed to %s", cd, image)
+        node = str(medium.get("node-name", ""))
+        if node and not node.startswith("#"):  # "#block…": QEMU's own, freed by QEMU
+            for name in (node, f"{node}-file"):
+                with contextlib.suppress(MonitorError):
+                    await self.qmp("blockdev-del", {"node-name": name})
+        await self._release(medium.get("file"))
+
+    async def _release(self, filename: str | None) -> None:
+        """Free the fd set of a medium QEMU no longer uses (it closes it once unused)."""
+        if self.add_fd is None or not filename or not filename.startswith(_FDSET):
+            return
+        with contextlib.suppress(MonitorError, ValueError):
+            await self.qmp("remove-fd", {"fdset-id": int(filename.removeprefix(_FDSET))})

@@ -10,8 +10,9 @@ Shutdown, bounded as VM-Operator's: the first SIGTERM/SIGINT runs the spec's
 stop ladder in the supervisor (``guest-shutdown`` through the guest agent when it
 answers, else the ACPI power button confirmed by QEMU's POWERDOWN event). The
 runner keeps the deadline itself, ``powerdownTimeout`` after the stop began, so a
-config change during the shutdown moves it; at the deadline QEMU gets SIGTERM,
-then SIGKILL after :data:`TERMINATE_GRACE_S`. A second signal kills at once. The
+config change during the shutdown moves it; at the deadline QEMU gets SIGTERM
+(through the supervisor, which reaches a jailed QEMU too), then SIGKILL after
+:data:`TERMINATE_GRACE_S`. A second signal kills at once. The
 runner exits with QEMU's exit code.
 
 While the VM runs, config file changes are applied (:mod:`vmdriver.runner.apply`)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -39,7 +41,7 @@ from vmdriver.runner.paths import RunnerPaths, prepare_dirs
 from vmdriver.runner.status import RunState, Status, write_status
 from vmdriver.runner.watch import watch_config
 from vmdriver.runtime.record import VMRecord
-from vmdriver.runtime.request import LaunchRequest
+from vmdriver.runtime.request import LaunchRequest, QmpCall
 from vmdriver.runtime.state import ExitKind, ExitResult
 from vmdriver.runtime.supervisor import Supervisor
 
@@ -60,18 +62,22 @@ class Runner:
 
     def __init__(self, config_file: Path, config: RunnerConfig, paths: RunnerPaths,
                  request: LaunchRequest, sup: Supervisor) -> None:
-        self.config_file, self.paths, self.request, self.sup = config_file, paths, request, sup
+        self.config_file, self.paths, self.sup = config_file, paths, sup
+        # vCPUs are hot-plugged while QEMU is still paused, as VM-Operator does.
+        self.request = dataclasses.replace(request, configure=self._configure)
         #: The config the VM was started with (restart-needed keys are relative to it)
         #: and the one last applied.
         self.started_config = self.config = config
         self.vm_id = request.vm_id
         self.status = Status(state=RunState.INITIALIZING)
-        self.media = apply.Media(self._qmp, self._publish)
+        self.media = apply.Media(self._qmp, self._publish, self._add_fd)
         self._stop = asyncio.Event()
         self._deadline_moved = asyncio.Event()
         self._stop_began = 0.0
         self._signals = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: vCPUs the VM started with (after the hotplug while paused).
+        self._start_cpus = 1
 
     # Section: states and status
 
@@ -197,6 +203,9 @@ class Runner:
     async def _qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.sup.qmp(self.vm_id, cmd, args)
 
+    async def _add_fd(self, fd: int) -> str:
+        return await self.sup.add_fd(self.vm_id, fd)
+
     async def _ram(self) -> int:
         try:
             return int((await self._qmp("query-balloon"))["actual"])
@@ -211,15 +220,24 @@ class Runner:
 
     # Section: runtime changes
 
-    async def _initial_changes(self) -> None:
-        """What the config wants beyond what the VM boots with: vCPUs by hotplug.
+    async def _configure(self, qmp: QmpCall) -> None:
+        """While QEMU is still paused (the supervisor's launch, before ``cont``): the vCPUs
+        beyond the boot CPU, so the guest boots with them. A failure is logged; the VM
+        starts with the CPUs it has."""
+        wanted = self.config.vm.current_cpus
+        if wanted <= 1:
+            return
+        try:
+            self._start_cpus = await apply.set_cpus(qmp, wanted)
+        except MonitorError as exc:
+            log.error("vCPUs not hot-plugged at start: %s", exc)  # noqa: TRY400 (one line)
+            return
+        log.info("vCPUs at start: %d (wanted %d)", self._start_cpus, wanted)
 
-        VM-Operator does this while QEMU is still paused; the supervisor continues
-        the guest as part of its launch, so here it happens as the guest starts.
-        """
-        vm = self.config.vm
-        if vm.current_cpus > 1:
-            await self._apply(Changes(cpus=vm.current_cpus))
+    async def _initial_changes(self) -> None:
+        """vCPUs plugged while paused that a guest without udev leaves offline."""
+        if self._start_cpus > 1:
+            self._spawn(self._online_vcpus(self._start_cpus))
 
     async def _watch(self) -> None:
         async for update in watch_config(self.config_file):
@@ -330,12 +348,9 @@ class Runner:
         await asyncio.gather(stopper, return_exceptions=True)
 
     async def _terminate(self, ended: asyncio.Future[ExitResult]) -> None:
-        info = self.sup.info(self.vm_id)
         log.warning("the guest did not power off within powerdownTimeout (%d s): "
                     "terminating QEMU", self.config.vm.powerdown_timeout)
-        if info.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(info.pid, signal.SIGTERM)
+        self.sup.signal(self.vm_id, signal.SIGTERM)
         await asyncio.wait([ended], timeout=TERMINATE_GRACE_S)
         if not ended.done():
             await self.sup.kill(self.vm_id)
