@@ -146,8 +146,9 @@ def test_uefi_and_tpm_helper_outlive_a_killed_supervisor(host: HostConfig, guest
         assert proc.stdout is not None
         record_path = Path(proc.stdout.readline().strip())
         record = VMRecord.load(record_path)
-        assert record is not None and [h.name for h in record.helpers] == ["swtpm"]
-        swtpm = psutil.Process(record.helpers[0].pid)
+        # swtpm, and the writer of the console logs (runtime.logs).
+        assert record is not None and [h.name for h in record.helpers] == ["swtpm", "logwriter"]
+        swtpm, writer = (psutil.Process(h.pid) for h in record.helpers)
         assert swtpm.name() == "swtpm" and swtpm.create_time() < record.started_at + 1
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -155,7 +156,7 @@ def test_uefi_and_tpm_helper_outlive_a_killed_supervisor(host: HostConfig, guest
         if proc.stdout is not None:
             proc.stdout.close()
     # The VM and its helper outlive the supervisor; a new one re-attaches and stops both.
-    assert psutil.pid_exists(record.pid) and swtpm.is_running()
+    assert psutil.pid_exists(record.pid) and swtpm.is_running() and writer.is_running()
     # OVMF's vars were copied into the data dir once, before QEMU started.
     assert (dirs.data / "OVMF_VARS.fd").stat().st_size == OVMF_VARS.stat().st_size
     assert (dirs.data / "tpm").is_dir()
@@ -170,7 +171,7 @@ def test_uefi_and_tpm_helper_outlive_a_killed_supervisor(host: HostConfig, guest
 
     asyncio.run(recover_and_stop())
     # Both were orphaned to init when the supervisor died, so they may linger as zombies.
-    assert gone(swtpm) and gone(psutil.Process(record.pid))
+    assert gone(swtpm) and gone(writer) and gone(psutil.Process(record.pid))
     assert not record_path.parent.exists(), "runtime dir left behind"
     # The TPM state stays in the data dir for the next start.
     assert any((dirs.data / "tpm").iterdir())
