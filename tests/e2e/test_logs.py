@@ -56,6 +56,19 @@ def test_only_regular_files_are_rotated(tmp_path: Path) -> None:
     assert not rotatable(tmp_path / "link")
 
 
+def test_fifos_and_links_go_to_qemu_as_they_are(tmp_path: Path) -> None:
+    """Nomad's logmon FIFOs (Nomad rotates) and the runner's /dev/stdout: no writer."""
+    fifo = tmp_path / "t.stdout.fifo"
+    os.mkfifo(fifo)
+
+    async def main() -> None:
+        outputs = await open_outputs(fifo, Path("/dev/stderr"), max_bytes=MAX, log_dir=tmp_path,
+                                     env={})
+        assert (outputs.stdout, outputs.stderr, outputs.writer) == (fifo, Path("/dev/stderr"), None)
+
+    asyncio.run(main())
+
+
 def test_writer_bounds_the_log_and_a_reader_follows_rotations(tmp_path: Path) -> None:
     """2 MiB of numbered lines through the pipe: never more than 2 x the limit on disk,
     no third file, every line whole, and a follower sees the last line."""
