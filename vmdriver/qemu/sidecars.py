@@ -111,7 +111,9 @@ def virtiofsd(tag: str, path: str, runtime_dir: Path, *, read_only: bool) -> Hel
     argv: tuple[str, ...] = (str(VIRTIOFSD), f"--socket-path={sock}", "-o",
                              f"source={path},cache=auto")
     if read_only:
-        argv = ("bwrap", "--dev-bind", "/", "/", "--ro-bind", path, path, "--", *argv)
+        # --die-with-parent: stopping the helper (bwrap) must not orphan virtiofsd.
+        argv = ("bwrap", "--die-with-parent", "--dev-bind", "/", "/", "--ro-bind", path, path,
+                "--", *argv)
     # Ready once the socket exists: virtiofsd serves exactly one vhost-user connection and
     # exits when it closes, so the usual connect-and-close probe would end it before QEMU.
     return HelperSpec(f"virtiofsd-{tag}", argv, None, ready_check=_handed_over(sock))
