@@ -165,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge and not args.report_only and (args.out / "results.json").exists():
         ran = {s.strip() for s in args.only.split(",")}
+        old_host = json.loads((args.out / "results.json").read_text())["host"]
         res.merge_from(args.out / "results.json", ran)
+        # The kept cases ran at another commit and load: say which.
+        res.host["earlier_run (cases not re-run)"] = {
+            k: old_host[k] for k in ("vmdriver_commit", "load_at_start", "load_during_run")
+            if k in old_host}
     title = "vmdriver benchmarks" + (" (smoke)" if args.smoke else "")
     if not args.no_plot:
         try:
