@@ -23,7 +23,7 @@ from tests.e2e.guest import READY, overlay, task_dirs
 from vmdriver.host.config import HostConfig
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.runtime.console import follow, wait_for_line
-from vmdriver.runtime.logs import LOG_WRITER, open_outputs, rotatable
+from vmdriver.runtime.logs import LOG_WRITER, open_outputs, rotatable, tail
 from vmdriver.runtime.logwriter import rotated_name
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitKind
@@ -213,6 +213,15 @@ def test_flooding_guest_after_supervisor_kill(host: HostConfig, guest_dir: Path)
         print(f"flood of ~1.1 MB through the console: {elapsed:.1f}s")
 
     asyncio.run(main())
+
+
+def test_tail_reaches_into_the_rotated_file(tmp_path: Path) -> None:
+    """QEMU's last words for an exit report, also just after a rotation."""
+    log = tmp_path / "t.stderr.0"
+    rotated_name(log).write_text("x" * 5000 + "qemu: first half")
+    log.write_text(" and the rest\n")
+    assert tail(log, 40) == "x" * 10 + "qemu: first half and the rest\n"
+    assert tail(tmp_path / "none", 40) == ""
 
 
 def test_follow_reads_a_file_not_yet_rotated(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from vmdriver.errors import HostError
 from vmdriver.runtime.helpers import Helper
+from vmdriver.runtime.logwriter import rotated_name
 from vmdriver.runtime.process import ManagedProcess, close_fds
 
 #: The writer's name among the VM's helpers (in the record, for re-attaching).
@@ -109,6 +110,31 @@ async def open_outputs(stdout: Path, stderr: Path, *, max_bytes: int, log_dir: P
     return Outputs(pipes[stdout][1] if stdout in pipes else stdout,
                    pipes[stderr][1] if stderr in pipes else stderr,
                    Helper(LOG_WRITER, proc, log_path))
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    """The last ``limit`` bytes of a log file, as text, reaching back into its rotated
+    ``.1`` when the current file is shorter (it may have just been begun).
+
+    Only regular files: Nomad's log FIFOs cannot be re-read (opening one for
+    reading blocks, and reading would take the lines from logmon).
+    """
+    data = _last_bytes(path, limit)
+    if len(data) < limit:
+        data = _last_bytes(rotated_name(path), limit - len(data)) + data
+    return data.decode(errors="replace")
+
+
+def _last_bytes(path: Path, limit: int) -> bytes:
+    if not path.is_file():
+        return b""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read()
+    except OSError:
+        return b""
 
 
 async def flushed(writer: Helper | None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from vmdriver.errors import LaunchError
+from vmdriver.jail.plan import catches
 
 
 def process_start_time(pid: int) -> float | None:
@@ -36,6 +37,25 @@ def _output(target: Path | int) -> int:
     if not target.exists():
         flags |= os.O_CREAT
     return os.open(target, flags, 0o600)
+
+
+#: Signals that act on a pid namespace's init from outside whether it handles them or not
+#: (SIGCONT continues a stopped process as it is sent).
+_FORCED = frozenset({signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT})
+#: Signals whose default action is to ignore them.
+_IGNORED_BY_DEFAULT = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH})
+
+
+def signal_jailed(monitor: ManagedProcess, pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid``, the init of its pid namespace under the jail's ``monitor``,
+    with the effect it has on an ordinary process. The kernel gives such an init only the
+    signals it handles (and SIGKILL/SIGSTOP): one whose default action would end the
+    process becomes SIGKILL of the jail, one that would be ignored is dropped."""
+    if sig in _FORCED or catches(pid, sig):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    elif sig not in _IGNORED_BY_DEFAULT:
+        monitor.kill_group()
 
 
 def close_fds(fds: tuple[int, ...]) -> None:

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,14 +21,14 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from vmdriver.errors import HostError, LaunchError, MonitorError, StateError
-from vmdriver.jail.plan import LAUNCH_ENV, JailSpec, catches, decode_exit, filter_env, jailed_pid, wrap_argv
+from vmdriver.jail.plan import LAUNCH_ENV, JailSpec, decode_exit, filter_env, jailed_pid, wrap_argv
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
 from vmdriver.runtime.helpers import Helper, HelperRecord
 from vmdriver.runtime.jailing import JailRecord
-from vmdriver.runtime.logs import Outputs, flushed
-from vmdriver.runtime.process import ManagedProcess, close_fds
+from vmdriver.runtime.logs import Outputs, flushed, tail
+from vmdriver.runtime.process import ManagedProcess, close_fds, signal_jailed
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.request import QmpCall
 from vmdriver.runtime.snapshots import suspend
@@ -44,28 +42,6 @@ log = logging.getLogger(__name__)
 #: graceful window already ran out (QEMU exits on SIGINT/SIGTERM at once).
 SIGNAL_GRACE_S = 5.0
 QMP_CONNECT_TIMEOUT_S = 15.0
-#: Signals that act on a pid namespace's init from outside whether it handles them or not
-#: (SIGCONT continues a stopped process as it is sent).
-_FORCED = frozenset({signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT})
-#: Signals whose default action is to ignore them.
-_IGNORED_BY_DEFAULT = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH})
-
-
-def tail(path: Path, limit: int = 4000) -> str:
-    """The last ``limit`` bytes of a log file, as text.
-
-    Only regular files: Nomad's log FIFOs cannot be re-read (opening one for
-    reading blocks, and reading would take the lines from logmon).
-    """
-    if not path.is_file():
-        return ""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class VM:
@@ -440,17 +416,12 @@ class VM:
         return await self.wait()
 
     def _signal(self, sig: int) -> None:
-        """Send ``sig`` to QEMU itself. In a jail QEMU is its pid namespace's init, which
-        only receives the signals it handles (and SIGKILL/SIGSTOP): one whose default
-        action would end QEMU becomes SIGKILL, one that would be ignored is dropped."""
+        """Send ``sig`` to QEMU itself (in a jail: :func:`signal_jailed`)."""
         assert self._proc is not None
         if self.qemu_pid is None:
             self._proc.send_signal(sig)
-        elif sig in _FORCED or catches(self.qemu_pid, sig):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.qemu_pid, sig)
-        elif sig not in _IGNORED_BY_DEFAULT:
-            self._proc.kill_group()
+        else:
+            signal_jailed(self._proc, self.qemu_pid, sig)
 
     async def _ask_guest(self) -> bool:
         """The guest agent's ``guest-shutdown`` when asked for and answering, else ACPI."""
