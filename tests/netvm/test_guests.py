@@ -120,7 +120,7 @@ def _in(net: str, addr: str) -> bool:
 def _udp_echo(ns: str, host: str, port: int) -> str:
     fam = "AF_INET6" if ":" in host else "AF_INET"
     code = (f"import socket,sys; s=socket.socket(socket.{fam},socket.SOCK_DGRAM); "
-            "s.settimeout(3); "
+            "s.settimeout(15); "
             "[s.sendto(b'ping-vmdriver',(sys.argv[1],int(sys.argv[2]))) for _ in range(3)]; "
             "print(s.recvfrom(100)[0].decode())")
     return netns.in_ns(ns, sys.executable, "-c", code, host, str(port)).stdout.strip()
