@@ -23,8 +23,7 @@ from tests.e2e.guest import READY, overlay, task_dirs
 from vmdriver.host.config import HostConfig
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.runtime.console import follow, wait_for_line
-from vmdriver.runtime.logs import LOG_WRITER, open_outputs, rotatable, tail
-from vmdriver.runtime.logwriter import rotated_name
+from vmdriver.runtime.logs import LOG_WRITER, open_outputs, rotatable, rotated_name, tail
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitKind
 from vmdriver.runtime.supervisor import Supervisor

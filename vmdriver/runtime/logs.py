@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmdriver.errors import HostError
+from vmdriver.runtime import logwriter
 from vmdriver.runtime.helpers import Helper
-from vmdriver.runtime.logwriter import rotated_name
 from vmdriver.runtime.process import ManagedProcess, close_fds
 
 #: The writer's name among the VM's helpers (in the record, for re-attaching).
@@ -80,10 +80,17 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+def rotated_name(path: Path) -> Path:
+    """Where the writer moves a full log: ``web.stdout.0`` → ``web.stdout.1``."""
+    return Path(logwriter.rotated_name(str(path)))
+
+
 def writer_argv(max_bytes: int, streams: Mapping[int, Path]) -> tuple[str, ...]:
-    """The writer's command line (``-I``: no user site or ``PYTHON*`` variables)."""
-    return (sys.executable, "-I", "-m", "vmdriver.runtime.logwriter", "--max", str(max_bytes),
-            *(f"{fd}:{path}" for fd, path in streams.items()))
+    """The writer's command line: its file run as a script, ``-I`` (no ``PYTHON*``
+    variables, no user site) and ``-S`` (no site: it needs nothing installed), so a
+    burst of launches does not pay for the interpreter's package machinery each time."""
+    return (sys.executable, "-I", "-S", str(Path(logwriter.__file__).resolve()),
+            "--max", str(max_bytes), *(f"{fd}:{path}" for fd, path in streams.items()))
 
 
 async def open_outputs(stdout: Path, stderr: Path, *, max_bytes: int, log_dir: Path,

@@ -1,6 +1,6 @@
 """A VM's log writer: QEMU's stdout and stderr through pipes into size-bounded files.
 
-Run as ``python -m vmdriver.runtime.logwriter --max BYTES FD:PATH [FD:PATH ...]``.
+Run as ``python -I -S logwriter.py --max BYTES FD:PATH [FD:PATH ...]`` (this file).
 Each FD (a pipe's read end QEMU writes into) is appended to its PATH. When PATH
 would grow past BYTES it is renamed to its ``.1`` name (``web.stdout.0`` →
 ``web.stdout.1``, replacing the one before) and a new PATH is begun, so a stream
@@ -13,37 +13,41 @@ no gap). It exits when every pipe is at EOF (QEMU and everything holding its
 stdout have exited), and on SIGTERM after draining what is in the pipes.
 
 It never stalls QEMU: a write that fails (disk full, log dir removed) drops
-the data and the writer keeps reading. Standard library only, so it starts fast
-and small (one per VM).
+the data and the writer keeps reading. A few standard modules only, run without
+``site`` (``-S``): one starts per VM, next to QEMU, and a burst of launches on a
+small host pays for every millisecond of interpreter start-up (argparse, pathlib
+and site's import machinery took ~3/4 of it).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import os
 import selectors
 import signal
 import sys
-from pathlib import Path
 
 #: Bytes read from a pipe at once (a pipe holds 64 KiB by default).
 CHUNK = 65536
 
 
-def rotated_name(path: Path) -> Path:
+USAGE = "usage: logwriter.py --max BYTES FD:PATH [FD:PATH ...]\n"
+
+
+def rotated_name(path: str) -> str:
     """The name the full log moves to: ``x.stdout.0`` → ``x.stdout.1``, ``x.log`` → ``x.log.1``."""
-    stem, dot, last = path.name.rpartition(".")
+    head, sep, name = path.rpartition("/")
+    stem, dot, last = name.rpartition(".")
     if dot and last.isdigit():
-        return path.with_name(f"{stem}.{int(last) + 1}")
-    return path.with_name(f"{path.name}.1")
+        return f"{head}{sep}{stem}.{int(last) + 1}"
+    return f"{path}.1"
 
 
 class Sink:
     """One log file, rotated before it would grow past ``max_bytes``."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: str, max_bytes: int) -> None:
         self.path, self.max_bytes = path, max_bytes
         self._fd = -1
         self._size = 0
@@ -105,7 +109,7 @@ class Sink:
             pass  # removed meanwhile: a new file is what we want anyway
         except OSError as exc:
             self._report(exc)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # else the data is dropped: the bound holds
                 os.truncate(self.path, 0)
         self._open()
         return self._size < self.max_bytes
@@ -121,9 +125,11 @@ class Sink:
 def _drain(fd: int, sink: Sink) -> None:
     """Copy what the pipe holds now, without waiting for more."""
     os.set_blocking(fd, False)
-    with contextlib.suppress(BlockingIOError):
+    try:
         while chunk := os.read(fd, CHUNK):
             sink.write(chunk)
+    except BlockingIOError:
+        pass  # empty for now: QEMU is still writing, but we were told to stop
 
 
 def pump(inputs: dict[int, Sink]) -> None:
@@ -148,31 +154,30 @@ def pump(inputs: dict[int, Sink]) -> None:
                     sel.unregister(key.fd)
 
 
-def _parse(argv: list[str] | None) -> tuple[int, list[tuple[int, Path]]]:
-    p = argparse.ArgumentParser(prog="python -m vmdriver.runtime.logwriter",
-                                description="Copy pipes into size-bounded, rotated log files.")
-    p.add_argument("--max", type=int, required=True, metavar="BYTES",
-                   help="largest size of one log file before it is rotated")
-    p.add_argument("streams", nargs="+", metavar="FD:PATH", help="a pipe fd and its log file")
-    args = p.parse_args(argv)
+def _parse(argv: list[str]) -> tuple[int, list[tuple[int, str]]]:
+    """``--max BYTES FD:PATH...``; ``ValueError`` on anything else."""
+    if len(argv) < 3 or argv[0] != "--max" or not argv[1].isdigit() or int(argv[1]) <= 0:
+        raise ValueError("--max BYTES (more than 0) comes first")
     streams = []
-    for item in args.streams:
+    for item in argv[2:]:
         fd, sep, path = item.partition(":")
         if not sep or not fd.isdigit() or not path:
-            p.error(f"expected FD:PATH, got {item!r}")
-        streams.append((int(fd), Path(path)))
-    if args.max <= 0:
-        p.error("--max must be more than 0")
-    return args.max, streams
+            raise ValueError(f"expected FD:PATH, got {item!r}")
+        streams.append((int(fd), path))
+    return int(argv[1]), streams
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The writer process."""
-    max_bytes, streams = _parse(argv)
+def main(argv: list[str]) -> int:
+    """The writer process; 2 for a bad command line."""
+    try:
+        max_bytes, streams = _parse(argv)
+    except ValueError as exc:
+        sys.stderr.write(f"{USAGE}logwriter.py: {exc}\n")
+        return 2
     # Its own process group already keeps a terminal's Ctrl-C away; a hangup too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    sinks: dict[Path, Sink] = {}
+    sinks: dict[str, Sink] = {}
     inputs = {fd: sinks.setdefault(path, Sink(path, max_bytes)) for fd, path in streams}
     try:
         pump(inputs)
@@ -183,4 +188,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
