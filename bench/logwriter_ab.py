@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,18 +37,21 @@ async def run(rounds: int, n: int) -> dict[str, list[float]]:
                             "vmdriver, no log writer": VmdriverArm(root / "n", jail="off"),
                             "bare": BareArm(root / "b")}
     out: dict[str, list[float]] = {k: [] for k in arms}
-    for i in range(rounds + 1):  # round 0 warms up
-        for name, arm in arms.items():
-            logs.rotatable = _no_writer if "no log writer" in name else _REAL_ROTATABLE
-            try:
-                res = await arm.start(n, "tiny")
-            finally:
-                await arm.kill()
-            if "error" in res:
-                raise RuntimeError(f"{name}: {res['error']}")
-            if i:
-                out[name].append((res["each"][0] if n == 1 else res["wall"]) * 1000)
-    logs.rotatable = _REAL_ROTATABLE
+    try:
+        for i in range(rounds + 1):  # round 0 warms up
+            for name, arm in arms.items():
+                logs.rotatable = _no_writer if "no log writer" in name else _REAL_ROTATABLE
+                try:
+                    res = await arm.start(n, "tiny")
+                finally:
+                    await arm.kill()
+                if "error" in res:
+                    raise RuntimeError(f"{name}: {res['error']}")
+                if i:
+                    out[name].append((res["each"][0] if n == 1 else res["wall"]) * 1000)
+    finally:
+        logs.rotatable = _REAL_ROTATABLE
+        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
