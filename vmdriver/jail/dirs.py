@@ -20,10 +20,12 @@ supervisor's, so a later VM that gets the same uid cannot reach them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 
 from vmdriver.errors import HostError
@@ -70,26 +72,49 @@ def _write_acl(path: str, entries: list[tuple[int, int, int]]) -> None:
     os.setxattr(path, _XATTR, raw, follow_symlinks=False)
 
 
+#: ACL updates are read-modify-write of one xattr: VMs starting at once (threads of
+#: one supervisor, or several supervisors) must not lose each other's entries.
+_ACL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """This process's lock, and an flock on ``path`` itself against other processes."""
+    with _ACL_LOCK:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            yield  # a link or an unopenable node: the thread lock is what there is
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
 def grant(path: str, uid: int, perm: int) -> None:
     """Add (or widen) ``uid``'s ACL entry on ``path``."""
-    st = os.lstat(path)
-    entries = _read_acl(path, st.st_mode)
-    old = next((p for t, p, i in entries if t == _USER and i == uid), 0)
-    entries = [e for e in entries if not (e[0] == _USER and e[2] == uid)]
-    entries.append((_USER, old | perm, uid))
-    _write_acl(path, entries)
+    with _exclusive(path):
+        st = os.lstat(path)
+        entries = _read_acl(path, st.st_mode)
+        old = next((p for t, p, i in entries if t == _USER and i == uid), 0)
+        entries = [e for e in entries if not (e[0] == _USER and e[2] == uid)]
+        entries.append((_USER, old | perm, uid))
+        _write_acl(path, entries)
 
 
 def revoke(path: str, uid: int) -> None:
     """Remove ``uid``'s ACL entry from ``path``, if it has one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    entries = _read_acl(path, st.st_mode)
-    kept = [e for e in entries if not (e[0] == _USER and e[2] == uid)]
-    if len(kept) != len(entries):
-        _write_acl(path, kept)
+    with _exclusive(path):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        entries = _read_acl(path, st.st_mode)
+        kept = [e for e in entries if not (e[0] == _USER and e[2] == uid)]
+        if len(kept) != len(entries):
+            _write_acl(path, kept)
 
 
 def _can(path: str, uid: int, gids: Iterable[int], want: int) -> bool:
