@@ -211,7 +211,9 @@ def job_defect(draw: st.DrawFn) -> bytes:
         count = draw(st.one_of(st.integers(-50, -1), st.integers(65, 10**9), st.text(max_size=4)))
         return good.replace('group "g" {', f'group "g" {{\n count = {hcl(count)}', 1).encode()
     if kind == 6:
-        port = draw(st.one_of(st.integers(-5, 0), st.integers(65536, 10**7), st.text(max_size=6)))
+        # Text with a digit may spell a valid port ("1"): only digit-free text is a defect.
+        port = draw(st.one_of(st.integers(-5, 0), st.integers(65536, 10**7),
+                              st.text(max_size=6).filter(lambda t: not any(c.isdigit() for c in t))))
         net = f'network {{\n port "http" {{\n static = {hcl(port)}\n }}\n }}'
         return job_text({"image_path": "local/disk.img"}, group_extra=net).encode()
     if kind == 7:
