@@ -101,7 +101,9 @@ def qemu_img_info(name: str, *, fmt: str | None, where: str, value: str,
         raise SpecError("qemu-img info timed out", where=where, value=value) from None
     if out.returncode != 0:
         msg = (out.stderr.strip().splitlines() or ["unreadable image"])[-1]
-        raise SpecError(f"not a usable disk image: {msg[:200]}", where=where, value=value)
+        # qemu-img names the path (long) first and the reason last: keep both ends.
+        short = msg if len(msg) <= 200 else f"{msg[:100]}…{msg[-90:]}"
+        raise SpecError(f"not a usable disk image: {short}", where=where, value=value)
     try:
         info = json.loads(out.stdout)
     except ValueError:
