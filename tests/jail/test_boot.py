@@ -71,7 +71,10 @@ def booted(guest_dir: Path) -> Iterator[tuple[Jailed, VmDirs, int, str]]:
         yield j, vm, port, line
     finally:
         j.kill()
-        leftover = processes_of(vm.lease.uid)
+        # SIGKILL is asynchronous: give the kernel a moment to take the processes down.
+        deadline = time.monotonic() + 10
+        while (leftover := processes_of(vm.lease.uid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         dirs.release(vm.spec)
         ids.release(vm.lease)
         import shutil
