@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
@@ -71,21 +72,48 @@ def open_macvtap_fd(name: str, ifindex: int) -> int:
     """Open the character device of a macvtap link and check it is that link.
 
     The node is ``/dev/tap<ifindex>``, created by devtmpfs. devtmpfs is shared by
-    every network namespace while ifindexes are per namespace, so the fd's own
-    TUNGETIFF answer decides, not the node's name.
+    every network namespace while ifindexes are per namespace, so two namespaces'
+    macvtaps can want the same node name: the fd's own TUNGETIFF answer decides,
+    and on a clash a private node is made from the link's own device numbers.
     """
     node = Path(f"/dev/tap{ifindex}")
     try:
         fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise HostError(f"cannot open {node} for macvtap {name}: {exc.strerror}") from None
+        fd = -1
+        problem = f"cannot open {node} for macvtap {name}: {exc.strerror}"
+    else:
+        got = _owner(fd)
+        if got == name:
+            return fd
+        os.close(fd)
+        problem = f"{node} belongs to {got or 'no macvtap'}, not {name}"
+    private = _private_node(name, ifindex)
+    if private is None:
+        raise HostError(f"{problem} (an ifindex clash across network namespaces)")
+    return private
+
+
+def _owner(fd: int) -> str:
     try:
-        got = tap_flags(fd)[0] if stat.S_ISCHR(os.fstat(fd).st_mode) else ""
-    except OSError as exc:
+        return tap_flags(fd)[0] if stat.S_ISCHR(os.fstat(fd).st_mode) else ""
+    except OSError:
+        return ""
+
+
+def _private_node(name: str, ifindex: int) -> int | None:
+    """Open the link's device through a node of our own, made from the ``major:minor``
+    this namespace's sysfs gives for it; ``None`` where sysfs does not show the link."""
+    dev = Path(f"/sys/class/net/{name}/macvtap/tap{ifindex}/dev")
+    try:
+        major, minor = (int(x) for x in dev.read_text().strip().split(":"))
+    except (OSError, ValueError):
+        return None
+    with tempfile.TemporaryDirectory(prefix="vmd-macvtap-") as tmp:
+        node = os.path.join(tmp, "tap")
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+        fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
+    if _owner(fd) != name:
         os.close(fd)
-        raise HostError(f"{node} is not a macvtap device: {exc.strerror}") from None
-    if got != name:
-        os.close(fd)
-        raise HostError(f"{node} belongs to {got}, not {name} (an ifindex clash across "
-                        "network namespaces)")
+        return None
     return fd
