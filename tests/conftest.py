@@ -95,11 +95,18 @@ _SERIAL_GROUPS = {"network": "net", "netvm": "net", "ceph": "ceph", "storage_rbd
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``-n N --dist loadgroup``: one worker per file (its booted fixtures are
-    module-scoped), one worker for each serial group above."""
+    module-scoped), one worker for each serial group above.
+
+    xdist groups by an ``@group`` suffix of the node id, which its own hook derives
+    from ``xdist_group`` marks by assigning ``item._nodeid``; pytest 9 keeps the id in
+    ``item._id``, so that never takes effect. The suffix is written here instead.
+    """
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers
+        return
     for item in items:
-        if any(m.name == "xdist_group" for m in item.iter_markers()):
-            continue
+        if "@" in item.nodeid.rsplit("]", 1)[-1]:
+            continue  # already grouped
         path = item.nodeid.split("::", 1)[0]
         parts = path.split("/")
         group = _SERIAL_GROUPS.get(parts[1], path) if len(parts) > 2 else path
-        item.add_marker(pytest.mark.xdist_group(group))
+        item._id = f"{item.nodeid}@{group}"  # type: ignore[assignment]
