@@ -150,7 +150,7 @@ def test_exec_timeout_and_unknown_task(run: Run) -> None:
 
 
 def test_signal_a_named_process(run: Run) -> None:
-    run.vmdriver("exec", "vm", "--", "sh", "-c", "sleep 1002 >/dev/null 2>&1 &")
+    run.vmdriver("exec", "vm", "--", "sh", "-c", "sleep 1002 </dev/null >/dev/null 2>&1 &")
     got = run.vmdriver("signal", "vm", "SIGKILL", "--process", "sleep")
     assert got.returncode == 0 and "SIGKILL sent to 1 guest process" in got.stderr, got
     assert "sleep 1002" not in run.vmdriver("exec", "vm", "--", "ps").stdout
