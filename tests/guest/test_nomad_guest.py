@@ -136,7 +136,7 @@ def _stream(booted: Booted, argv: list[str], stdin: list[bytes], *, tty: bool = 
         yield pb.ExecTaskStreamingRequest(stdin=pb.ExecTaskStreamingIOOperation(close=True))
 
     out = []
-    for msg in booted.plugin.driver.ExecTaskStreaming(requests(), timeout=60):
+    for msg in booted.plugin.driver.ExecTaskStreaming(requests(), timeout=180):
         out.append((time.monotonic(), msg))
     return out
 
