@@ -292,3 +292,21 @@ class Pool(ABC):
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
+
+
+def target_size(req: VolumeRequest, source: int) -> int:
+    """The volume's size: the request's, never less than the source's."""
+    if req.size is None:
+        return source
+    if req.size < source:
+        raise SpecError(f"size {_human(req.size)} is smaller than the source's "
+                        f"{_human(source)}; a disk is never shrunk", where=f"{req.where}.size",
+                        value=req.size, allowed=f">= {source} bytes")
+    return req.size

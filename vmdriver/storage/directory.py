@@ -28,6 +28,7 @@ from vmdriver.storage.base import (
     Volume,
     VolumeRequest,
     check_volume_name,
+    target_size,
     task_prefix,
     task_volume_index,
     volume_name,
@@ -40,24 +41,6 @@ META = ".vmdriver"
 _TMP_RE = re.compile(r"\.(\d+)\.[0-9a-f]{8}\.part$", re.ASCII)
 #: Any task's volume (``<alloc8>-<task>-<n>.<fmt>``): never a base to chain on.
 _TASK_VOLUME_RE = re.compile(r"^[A-Za-z0-9]{8}-.+-\d{1,6}\.(qcow2|raw)$", re.ASCII)
-
-
-def _human(size: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
-    return f"{size} bytes"
-
-
-def target_size(req: VolumeRequest, source: int) -> int:
-    """The volume's size: the request's, never less than the source's."""
-    if req.size is None:
-        return source
-    if req.size < source:
-        raise SpecError(f"size {_human(req.size)} is smaller than the source's "
-                        f"{_human(source)}; a disk is never shrunk", where=f"{req.where}.size",
-                        value=req.size, allowed=f">= {source} bytes")
-    return req.size
 
 
 class DirectoryPool(Pool):

@@ -21,7 +21,7 @@ from typing import Any
 
 from vmdriver.errors import SpecError
 from vmdriver.storage import qemuimg
-from vmdriver.storage.base import SourceImage, VolumeRequest
+from vmdriver.storage.base import SourceImage, VolumeRequest, target_size
 from vmdriver.storage.errors import StorageError, StorageFull, StorageUnavailable
 from vmdriver.storage.fsutil import content_sha256
 
@@ -91,24 +91,6 @@ def base_name(image: SourceImage, hashes: ContentHashes | None = None) -> str:
     """``base-<sha256>`` of the image's format and content: one base per content."""
     content = (hashes or ContentHashes()).sha256(image.fd)
     return BASE_PREFIX + hashlib.sha256(f"{image.format}\0{content}".encode()).hexdigest()
-
-
-def _human(size: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
-    return f"{size} bytes"
-
-
-def target_size(req: VolumeRequest, source: int) -> int:
-    """The volume's size: the request's, never less than the source's."""
-    if req.size is None:
-        return source
-    if req.size < source:
-        raise SpecError(f"size {_human(req.size)} is smaller than the source's "
-                        f"{_human(source)}; a disk is never shrunk", where=f"{req.where}.size",
-                        value=req.size, allowed=f">= {source} bytes")
-    return req.size
 
 
 class Ops:
