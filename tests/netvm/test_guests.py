@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import READY
 from tests.netvm.conftest import (
     BRIDGE,
     SUBNET,
@@ -98,6 +99,9 @@ def env(guest_dir: Path) -> Iterator[Env]:
             {"id": PEER, "nics": [_nic("tap", bridge=BRIDGE)], "boot": True, "agent": True},
             {"id": MV, "nics": [_nic("macvtap", device="vA")], "boot": True, "agent": True}])
         pids = {vm["id"]: vm["pid"] for vm in started["vms"]}
+        for vm in started["vms"]:
+            # The lease comes before the guest's services: the UDP echo binds last.
+            _wait_ready(Path(vm["stdout"]), BOOT_S)
         addrs = {}
         for vm_id in (WEB, PEER, MV):
             got = served.call("addresses", timeout=BOOT_S + 10, id=vm_id, wait=BOOT_S)
@@ -111,6 +115,15 @@ def env(guest_dir: Path) -> Iterator[Env]:
             dns.kill()
             dns.wait(10)
         cleanup([b, a], state)
+
+
+def _wait_ready(console: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if console.exists() and READY in console.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{console}: no {READY} in {timeout}s")
 
 
 def _in(net: str, addr: str) -> bool:
