@@ -22,8 +22,10 @@ import pytest
 from tests.e2e.guest import READY, overlay, task_dirs
 from vmdriver.host.config import HostConfig
 from vmdriver.qemu.agent import GuestAgent
+from vmdriver.runtime import logwriter
 from vmdriver.runtime.console import follow, wait_for_line
 from vmdriver.runtime.logs import LOG_WRITER, open_outputs, rotatable, rotated_name, tail
+from vmdriver.runtime.logserver import WriterServer
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.state import ExitKind
 from vmdriver.runtime.supervisor import Supervisor
@@ -62,7 +64,7 @@ def test_fifos_and_links_go_to_qemu_as_they_are(tmp_path: Path) -> None:
 
     async def main() -> None:
         outputs = await open_outputs(fifo, Path("/dev/stderr"), max_bytes=MAX, log_dir=tmp_path,
-                                     env={})
+                                     server=WriterServer())
         assert (outputs.stdout, outputs.stderr, outputs.writer) == (fifo, Path("/dev/stderr"), None)
 
     asyncio.run(main())
@@ -74,8 +76,10 @@ def test_writer_bounds_the_log_and_a_reader_follows_rotations(tmp_path: Path) ->
     out, err = tmp_path / "t.stdout.0", tmp_path / "t.stderr.0"
 
     async def main() -> None:
-        outputs = await open_outputs(out, err, max_bytes=MAX, log_dir=tmp_path, env={})
+        server = WriterServer()
+        outputs = await open_outputs(out, err, max_bytes=MAX, log_dir=tmp_path, server=server)
         assert outputs.writer is not None and isinstance(outputs.stdout, int)
+        await server.close()  # the writer carries on without its server
         seen: list[int] = []
 
         async def read() -> None:
@@ -93,9 +97,9 @@ def test_writer_bounds_the_log_and_a_reader_follows_rotations(tmp_path: Path) ->
             await asyncio.sleep(0.01)
         os.write(outputs.stderr, b"qemu: last words\n")  # type: ignore[arg-type]
         outputs.close()  # EOF: the writer drains and exits by itself
-        code, _ = await asyncio.wait_for(outputs.writer.proc.wait(), 10)
+        await asyncio.wait_for(outputs.writer.proc.wait(), 10)
         await asyncio.wait_for(reader, 10)
-        assert code == 0
+        assert (tmp_path / f"{LOG_WRITER}.log").read_text() == ""  # it ended without a word
         assert worst <= 2 * MAX and max(sizes(out)) <= MAX, (worst, sizes(out))
         assert not (tmp_path / "t.stdout.2").exists()
         assert seen == sorted(seen) and seen[-1] == 29999
@@ -122,16 +126,61 @@ def test_writer_drains_the_pipe_on_sigterm(tmp_path: Path) -> None:
     out = tmp_path / "t.stdout.0"
 
     async def main() -> None:
-        outputs = await open_outputs(out, out, max_bytes=MAX, log_dir=tmp_path, env={})
+        server = WriterServer()
+        outputs = await open_outputs(out, out, max_bytes=MAX, log_dir=tmp_path, server=server)
         assert outputs.writer is not None and outputs.stdout == outputs.stderr
         os.write(outputs.stdout, b"before the stop\n")  # type: ignore[arg-type]
         await asyncio.to_thread(catches_sigterm, outputs.writer.proc.pid)
         outputs.writer.proc.send_signal(signal.SIGTERM)  # a writer still held open
         await asyncio.wait_for(outputs.writer.proc.wait(), 10)
         outputs.close()
+        await server.close()
         assert out.read_text() == "before the stop\n"
 
     asyncio.run(main())
+
+
+def test_one_server_forks_a_writer_per_vm(tmp_path: Path) -> None:
+    """Eight VMs' outputs at once: eight writers, each the server's child in a process
+    group of its own, each copying only its own pipe; a server killed meanwhile is
+    replaced, and its writers carry on."""
+
+    async def main() -> None:
+        server = WriterServer()
+        dirs = [tmp_path / f"vm{i}" for i in range(8)]
+        for d in dirs:
+            d.mkdir()
+        opened = await asyncio.gather(*(open_outputs(d / "t.stdout.0", d / "t.stderr.0",
+                                                     max_bytes=MAX, log_dir=d, server=server)
+                                        for d in dirs))
+        writers = [o.writer for o in opened]
+        assert all(w is not None for w in writers)
+        procs = [psutil.Process(w.proc.pid) for w in writers if w is not None]
+        assert len({p.pid for p in procs}) == 8 and len({p.ppid() for p in procs}) == 1
+        assert all(os.getpgid(p.pid) == p.pid for p in procs)
+        os.kill(procs[0].ppid(), signal.SIGKILL)  # the server; its writers are not its threads
+        late = await open_outputs(tmp_path / "late.0", tmp_path / "late.0", max_bytes=MAX,
+                                  log_dir=tmp_path, server=server)
+        assert late.writer is not None and psutil.Process(late.writer.proc.pid).ppid() != procs[0].ppid()
+        for i, o in enumerate([*opened, late]):
+            os.write(o.stdout, f"console of {i}\n".encode())  # type: ignore[arg-type]
+            o.close()
+        await asyncio.wait_for(asyncio.gather(*(w.proc.wait() for w in writers if w)), 10)
+        await server.close()
+        for i, d in enumerate(dirs):
+            assert (d / "t.stdout.0").read_text() == f"console of {i}\n"
+        assert (tmp_path / "late.0").read_text() == "console of 8\n"
+
+    asyncio.run(main())
+
+
+def test_the_server_refuses_a_malformed_request() -> None:
+    for bad in (b'{"max": 0, "log": "/l", "streams": [[0, "/x"]]}',
+                b'{"max": 10, "log": "rel", "streams": [[0, "/x"]]}',
+                b'{"max": 10, "log": "/l", "streams": []}',
+                b'{"max": 10, "log": "/l", "streams": [[3, "/x"]]}', b"not json"):
+        with pytest.raises((ValueError, IndexError)):
+            logwriter._request(bad, [5])
 
 
 _FIRST_SUPERVISOR = """

@@ -3,7 +3,8 @@
 A log that is a regular file (``<task>.stdout.0`` in the alloc's ``logs/``, a
 runner's ``--console FILE``) is not given to QEMU: QEMU gets a pipe, and the VM's
 log writer (:mod:`vmdriver.runtime.logwriter`, a helper process of the VM,
-recorded and stopped after QEMU like swtpm) appends it to the file, rotating to
+recorded and stopped after QEMU like swtpm, forked for it by the supervisor's
+:class:`~vmdriver.runtime.logserver.WriterServer`) appends it to the file, rotating to
 ``.1`` at the host's ``max_log_size``. A guest printing without end then costs
 at most twice that per stream on disk.
 
@@ -19,15 +20,14 @@ import contextlib
 import fcntl
 import os
 import stat
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmdriver.errors import HostError
 from vmdriver.runtime import logwriter
 from vmdriver.runtime.helpers import Helper
-from vmdriver.runtime.process import ManagedProcess, close_fds
+from vmdriver.runtime.logserver import WriterServer
+from vmdriver.runtime.process import close_fds
 
 #: The writer's name among the VM's helpers (in the record, for re-attaching).
 LOG_WRITER = "logwriter"
@@ -85,16 +85,8 @@ def rotated_name(path: Path) -> Path:
     return Path(logwriter.rotated_name(str(path)))
 
 
-def writer_argv(max_bytes: int, streams: Mapping[int, Path]) -> tuple[str, ...]:
-    """The writer's command line: its file run as a script, ``-I`` (no ``PYTHON*``
-    variables, no user site) and ``-S`` (no site: it needs nothing installed), so a
-    burst of launches does not pay for the interpreter's package machinery each time."""
-    return (sys.executable, "-I", "-S", str(Path(logwriter.__file__).resolve()),
-            "--max", str(max_bytes), *(f"{fd}:{path}" for fd, path in streams.items()))
-
-
 async def open_outputs(stdout: Path, stderr: Path, *, max_bytes: int, log_dir: Path,
-                       env: Mapping[str, str]) -> Outputs:
+                       server: WriterServer) -> Outputs:
     """QEMU's outputs, with a log writer started for those that are regular files."""
     files = [p for p in dict.fromkeys((stdout, stderr)) if rotatable(p)]
     if not files:
@@ -105,10 +97,7 @@ async def open_outputs(stdout: Path, stderr: Path, *, max_bytes: int, log_dir: P
             _create(path)
             pipes[path] = _pipe()
         log_path = log_dir / f"{LOG_WRITER}.log"
-        proc = await asyncio.to_thread(
-            ManagedProcess.spawn, writer_argv(max_bytes, {r: p for p, (r, _) in pipes.items()}),
-            cwd=log_dir, env=env, stdout=log_path, stderr=log_path,
-            pass_fds=tuple(r for r, _ in pipes.values()))
+        proc = await server.writer(max_bytes, {r: p for p, (r, _) in pipes.items()}, log_path)
     except BaseException:
         close_fds(tuple(w for _, w in pipes.values()))
         raise
