@@ -49,12 +49,14 @@ class VMRecord(BaseModel):
     jail: JailRecord | None = None
 
     def save(self, path: Path) -> None:
-        """Write atomically (temp + fsync + rename): a crash never leaves half a record."""
+        """Write atomically (temp + rename): a crash of the supervisor never leaves half a
+        record. No fsync (it took ~6 ms of every launch, in the event loop): a record
+        only finds processes again, and none of them outlives the host losing power;
+        one left unreadable by that loads as none."""
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, self.model_dump_json().encode())
-            os.fsync(fd)
         finally:
             os.close(fd)
         tmp.replace(path)
