@@ -33,6 +33,7 @@ from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop
 from vmdriver.runtime.jailing import Jail, JailRecord, plan_jail
 from vmdriver.runtime.jailing import release as release_jail
 from vmdriver.runtime.logs import LOG_WRITER, open_outputs
+from vmdriver.runtime.logserver import WriterServer
 from vmdriver.runtime.prepare import Prepared, prepare
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord, records_under
@@ -112,6 +113,7 @@ class Supervisor:
         self.host = host or HostConfig()
         self._vms: dict[str, _Owned] = {}
         self._networks: Networks | None = None
+        self._writers = WriterServer()
 
     @property
     def networks(self) -> Networks:
@@ -210,6 +212,14 @@ class Supervisor:
                                        where=req.where, preview=preview,
                                        volume_dirs=tuple(req.image_paths))
 
+    def _plan(self, req: LaunchRequest) -> tuple[LaunchRequest, Prepared]:
+        """Dirs, then the start's plan (from a snapshot, or resuming a suspended task:
+        disks, ``-incoming``, the loader), then :func:`prepare`."""
+        req.dirs.create()
+        req = plan_start(req, self.host)
+        return req, prepare(req.spec, req.dirs, self.host, vm_id=req.vm_id, where=req.where,
+                            volume_dirs=tuple(req.image_paths))
+
     async def start(self, req: LaunchRequest) -> VMInfo:
         """Prepare, launch and own one VM; returns once the guest is running."""
         return (await self.start_many([req]))[0]
@@ -223,13 +233,13 @@ class Supervisor:
         for req in reqs:
             if req.vm_id in self._vms:
                 raise InputError("a VM with this id is already started", where=req.vm_id)
-            req.dirs.create()
-        pending: list[Prepared] = []
+        reqs, pending = list(reqs), []
         try:
-            # From a snapshot, or resuming a suspended task: disks, -incoming, the loader.
-            reqs = [await asyncio.to_thread(plan_start, r, self.host) for r in reqs]
-            for req in reqs:
-                pending.append(await self.prepare(req))
+            for i, req in enumerate(reqs):
+                # One trip to a thread for each VM's file work: the event loop meanwhile
+                # serves the QMP handshakes of VMs launched alongside.
+                reqs[i], prep = await asyncio.to_thread(self._plan, req)
+                pending.append(prep)
             out = []
             for req in reqs:
                 # Launching hands the fds to QEMU (and closes ours) whatever happens.
@@ -272,7 +282,7 @@ class Supervisor:
             # QEMU's console and stderr into bounded logs, through a writer the VM owns.
             outputs = await open_outputs(
                 req.stdout or req.dirs.task.stdout, req.stderr or req.dirs.task.stderr,
-                max_bytes=self._max_log_bytes(), log_dir=req.dirs.runtime, env=env)
+                max_bytes=self._max_log_bytes(), log_dir=req.dirs.runtime, server=self._writers)
             undo.callback(outputs.close)
             if outputs.writer is not None:
                 helpers.append(outputs.writer)  # recorded; stopped after QEMU, also by `undo`
@@ -417,7 +427,9 @@ class Supervisor:
                              return_exceptions=True)
 
     async def close(self) -> None:
-        """Stop what the supervisor itself runs (managed networks' dnsmasq)."""
+        """Stop what the supervisor itself runs (managed networks' dnsmasq, the log
+        writers' server; the writers of VMs still running carry on)."""
+        await self._writers.close()
         if self._networks is not None:
             await self._networks.close()
 
