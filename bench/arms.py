@@ -46,7 +46,11 @@ class Arm:
         self._count += 1
         # Short names: the socket paths must stay under 108 bytes.
         vm_id = f"v{self._count}"
-        return vm_id, VMDirs.under(self.root, vm_id, TaskDir(self.root / f"a{self._count}", "t"))
+        dirs = VMDirs.under(self.root, vm_id, TaskDir(self.root / f"a{self._count}", "t"))
+        # Nomad makes the task dir before StartTask: not part of a driver's start (as in
+        # wave 1's runs). vmdriver's own runtime, socket and data dirs stay on its clock.
+        dirs.task.create()
+        return vm_id, dirs
 
     def _spec(self, kind: str, name: str, task_dir: TaskDir) -> VMSpec:
         if kind == "boot":
