@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import socket
 import sys
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +35,13 @@ from vmdriver.runtime.process import ManagedProcess, process_start_time
 REPLY_TIMEOUT_S = 10.0
 #: How long the server gets to exit once closed.
 EXIT_TIMEOUT_S = 2.0
+
+
+def _forget(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    if sock.fileno() >= 0 and not loop.is_closed():
+        with contextlib.suppress(RuntimeError, ValueError):
+            loop.remove_reader(sock.fileno())
+    sock.close()
 
 
 def server_argv(control_fd: int) -> tuple[str, ...]:
@@ -131,6 +140,9 @@ class WriterServer:
         ours.setblocking(False)
         self._sock, self._loop = ours, loop
         loop.add_reader(ours.fileno(), self._on_readable)
+        # A supervisor dropped without close() (a face that exits, a test) still closes
+        # the socket, so the server ends at EOF; no ResourceWarning either.
+        weakref.finalize(self, _forget, loop, ours)
         return ours
 
     def _on_readable(self) -> None:
