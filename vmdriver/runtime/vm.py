@@ -31,8 +31,8 @@ from vmdriver.runtime.logs import Outputs, flushed, tail
 from vmdriver.runtime.process import ManagedProcess, close_fds, signal_jailed
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.request import QmpCall
-from vmdriver.runtime.snapshots import suspend
 from vmdriver.runtime.state import ExitResult, VMState, classify
+from vmdriver.runtime.suspend import suspend
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import StopSignal, VMSpec
 
@@ -394,7 +394,7 @@ class VM:
         self.state = VMState.STOPPING
         if self.spec.suspend_to and self._monitor and self._monitor.connected \
                 and await suspend(self._monitor, self.spec, self.dirs):
-            # Saved (runtime.snapshots): QEMU may end; the next start resumes the guest.
+            # Saved (runtime.suspend): QEMU may end; the next start resumes the guest.
             with contextlib.suppress(MonitorError):
                 await self._monitor.execute("quit")
             with contextlib.suppress(TimeoutError):
