@@ -1,11 +1,12 @@
 """Memory snapshots, suspend/resume: save a running VM, start VMs from what was saved.
 
-**Save** (:func:`take_snapshot`, :func:`suspend`): the guest is paused, each
-writable file disk is frozen (the image file moves into the snapshot's
-``disks/``, QEMU keeps it open; a fresh qcow2 overlay takes its old path and
-is pushed on top with ``blockdev-snapshot``), the RAM and device state is
-streamed into a file vmdriver opened, then the guest continues (or ends).
-Disk and memory are taken at the same paused instant, so they agree.
+**Save** (:func:`take_snapshot`, and :func:`~vmdriver.runtime.suspend.suspend`
+on stop): the guest is paused, each writable file disk is frozen (the image
+file moves into the snapshot's ``disks/``, QEMU keeps it open; a fresh qcow2
+overlay takes its old path and is pushed on top with ``blockdev-snapshot``),
+the RAM and device state is streamed into a file vmdriver opened, then the
+guest continues (or ends). Disk and memory are taken at the same paused
+instant, so they agree.
 
 **Start** (:func:`plan_start`, called by the supervisor for every request):
 a spec with ``snapshot = NAME`` becomes a VM with ``-incoming defer``, its
@@ -21,7 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import logging
 import os
 import shutil
 import subprocess
@@ -50,8 +50,6 @@ from vmdriver.runtime.snapstore import (
 from vmdriver.runtime.stateload import state_loader
 from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
 from vmdriver.spec import FileMedium, MacvtapNic, Nic, NoNic, TapNic, VMSpec, derive_mac
-
-log = logging.getLogger(__name__)
 
 
 def save_timeout(spec: VMSpec) -> float:
@@ -368,31 +366,7 @@ def plan_start(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
     return req
 
 
-# Section: suspend on stop
-
-
-async def suspend(monitor: Monitor, spec: VMSpec, dirs: VMDirs) -> bool:
-    """Save the VM's state into its suspend dir instead of powering it off.
-
-    Returns True when everything is saved (the caller then ends QEMU); False
-    when the save failed: the VM runs on, its disks where they now are, and
-    the caller goes on with a normal graceful stop.
-    """
-    assert spec.suspend_to is not None
-    snap = SnapshotDir(Path(spec.suspend_to), f"suspended task {spec.name!r}")
-    try:
-        snap.disks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        meta = await save_vm(monitor, spec, dirs, snap, name=spec.name, source=spec.name,
-                             overlays=False, resume=False)
-    except (MonitorError, SpecError, OSError) as exc:
-        log.warning("%s: saving the state failed (%s); stopping it normally", snap.what, exc)
-        with contextlib.suppress(MonitorError):
-            if (await monitor.execute("query-status"))["status"] != "running":
-                await monitor.execute("cont")
-        return False
-    log.info("%s: saved %d MiB in %.2fs", snap.what, (meta.state_size or 0) >> 20,
-             meta.save_seconds)
-    return True
+# Section: snapshots of VMs other supervisors run
 
 
 async def snapshot_recorded(record: VMRecord, host: HostConfig, name: str, *,

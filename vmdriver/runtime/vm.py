@@ -3,7 +3,8 @@
 Upper half: :meth:`VM.launch`, :meth:`VM.stop`, :meth:`VM.kill`, :meth:`VM.wait`.
 Bottom half: one watcher task per VM that records QMP events and the process
 exit. Its errors are never lost: they fail the VM's result future, which
-:meth:`VM.wait` re-raises.
+:meth:`VM.wait` re-raises. The steps of a stop come from a base class in a
+module of their own (:class:`~vmdriver.runtime.stopladder.StopLadder`).
 """
 
 from __future__ import annotations
@@ -22,29 +23,25 @@ from qemu.qmp import EventListener
 
 from vmdriver.errors import HostError, LaunchError, MonitorError, StateError
 from vmdriver.jail.plan import LAUNCH_ENV, JailSpec, decode_exit, filter_env, jailed_pid, wrap_argv
-from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
 from vmdriver.runtime.helpers import Helper, HelperRecord
 from vmdriver.runtime.jailing import JailRecord
 from vmdriver.runtime.logs import Outputs, flushed, tail
-from vmdriver.runtime.process import ManagedProcess, close_fds, signal_jailed
+from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.request import QmpCall
-from vmdriver.runtime.snapshots import suspend
 from vmdriver.runtime.state import ExitResult, VMState, classify
+from vmdriver.runtime.stopladder import StopLadder
 from vmdriver.runtime.taskdir import TaskDir, VMDirs
 from vmdriver.spec import StopSignal, VMSpec
 
 log = logging.getLogger(__name__)
 
-#: How long QEMU gets to exit after the stop signal before SIGKILL, when the
-#: graceful window already ran out (QEMU exits on SIGINT/SIGTERM at once).
-SIGNAL_GRACE_S = 5.0
 QMP_CONNECT_TIMEOUT_S = 15.0
 
 
-class VM:
+class VM(StopLadder):
     """A VM under supervision. Create with :meth:`launch` or :meth:`attach`."""
 
     def __init__(self, vm_id: str, spec: VMSpec, dirs: VMDirs) -> None:
@@ -384,65 +381,3 @@ class VM:
         log.debug("VM %s event %s %s", self.id, name, event.get("data"))
         if name == "POWERDOWN":
             self._powerdown.set()
-
-    async def _stop(self, timeout: float | None, signal: StopSignal | None) -> ExitResult:
-        assert self._proc is not None
-        policy = self.spec.shutdown
-        timeout = policy.timeout_s if timeout is None else timeout
-        sig = (signal or policy.signal).number
-        self._stop_requested = True
-        self.state = VMState.STOPPING
-        if self.spec.suspend_to and self._monitor and self._monitor.connected \
-                and await suspend(self._monitor, self.spec, self.dirs):
-            # Saved (runtime.snapshots): QEMU may end; the next start resumes the guest.
-            with contextlib.suppress(MonitorError):
-                await self._monitor.execute("quit")
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(self.wait(), timeout)
-        if policy.graceful and self._monitor and self._monitor.connected:
-            if await self._ask_guest():
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(self.wait(), timeout)
-                log.info("VM %s: guest did not power off within %.1fs", self.id, timeout)
-            self._forced = True
-            grace = min(SIGNAL_GRACE_S, max(timeout, 1.0))
-        else:
-            grace = timeout
-        self._signal(sig)
-        with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(self.wait(), grace)
-        self._forced = True
-        self._proc.kill_group()
-        return await self.wait()
-
-    def _signal(self, sig: int) -> None:
-        """Send ``sig`` to QEMU itself (in a jail: :func:`signal_jailed`)."""
-        assert self._proc is not None
-        if self.qemu_pid is None:
-            self._proc.send_signal(sig)
-        else:
-            signal_jailed(self._proc, self.qemu_pid, sig)
-
-    async def _ask_guest(self) -> bool:
-        """The guest agent's ``guest-shutdown`` when asked for and answering, else ACPI."""
-        if self.spec.shutdown.via_agent and self.spec.guest_agent:
-            agent = GuestAgent(self.dirs.qga_socket)
-            try:
-                await agent.shutdown()
-            except MonitorError as exc:
-                log.info("VM %s: guest agent shutdown failed (%s); pressing the power button",
-                         self.id, exc)
-            else:
-                return True
-        return await self._press_power_button()
-
-    async def _press_power_button(self) -> bool:
-        """ACPI power button over QMP, confirmed by the POWERDOWN event."""
-        assert self._monitor is not None
-        try:
-            await self._monitor.execute("system_powerdown")
-            await asyncio.wait_for(self._powerdown.wait(), self.spec.shutdown.powerdown_confirm_s)
-        except (MonitorError, TimeoutError) as exc:
-            log.warning("VM %s: power button press not confirmed: %s", self.id, exc)
-            return False
-        return True
