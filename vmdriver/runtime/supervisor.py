@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,24 +29,28 @@ from vmdriver.qemu.argv import render_argv
 from vmdriver.qemu.context import NicFds
 from vmdriver.runtime import cgroup
 from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
-from vmdriver.runtime.jailing import Jail, JailRecord, plan_jail
+from vmdriver.runtime.jailing import plan_jail
 from vmdriver.runtime.jailing import release as release_jail
 from vmdriver.runtime.logs import LOG_WRITER, open_outputs
 from vmdriver.runtime.logserver import WriterServer
+from vmdriver.runtime.owned import Owned, VMInfo, has_taps
 from vmdriver.runtime.prepare import Prepared, prepare
 from vmdriver.runtime.process import ManagedProcess, close_fds
 from vmdriver.runtime.record import VMRecord, records_under
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.snapshots import plan_start
-from vmdriver.runtime.state import ExitResult, VMState
+from vmdriver.runtime.state import ExitResult
 from vmdriver.runtime.vm import VM
-from vmdriver.spec import MacvtapNic, StopSignal, TapNic, VMSpec
+from vmdriver.spec import StopSignal
 from vmdriver.units import parse_size
 
 if TYPE_CHECKING:
     # Netlink and nftables load only for VMs with tap NICs.
     from vmdriver.network.discovery import GuestAddresses
     from vmdriver.runtime.networking import Networks, VmLinks
+
+# VMInfo lives in owned.py; the faces import it from here, with the Supervisor.
+__all__ = ["Supervisor", "VMInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -68,50 +71,12 @@ def _remove_unused_dirs(req: LaunchRequest) -> None:
         req.dirs.data.rmdir()  # only when empty: a restart's UEFI vars or TPM state stay
 
 
-def _has_taps(spec: VMSpec) -> bool:
-    return any(isinstance(n, TapNic | MacvtapNic) for n in spec.nics)
-
-
-@dataclass(frozen=True)
-class VMInfo:
-    """A VM as a face may see it."""
-
-    id: str
-    state: VMState
-    pid: int | None
-    accelerator: str
-    stdout: Path
-    stderr: Path
-    result: ExitResult | None
-    #: Unix time QEMU was launched.
-    started_at: float
-    qmp_socket: Path
-    cgroup_paths: tuple[str, ...]
-    warnings: tuple[str, ...]
-    #: The guest's addresses on tap NICs, once found.
-    addresses: tuple[str, ...] = ()
-
-
-class _Owned:
-    """One VM and what the supervisor holds for it."""
-
-    def __init__(self, vm: VM, helpers: list[Helper], accelerator: str,
-                 warnings: tuple[str, ...] = (), links: VmLinks | None = None,
-                 jail: Jail | None = None) -> None:
-        self.vm, self.helpers, self.accelerator, self.warnings = vm, helpers, accelerator, warnings
-        self.links = links
-        self.jail: Jail | JailRecord | None = jail or vm.jail
-        #: The guest's addresses once found (tap NICs), for Nomad's DriverNetwork and `ps`.
-        self.addresses: tuple[str, ...] = ()
-        self.finished: asyncio.Task[None] | None = None
-
-
 class Supervisor:
     """Owns the VMs of one vmdriver process."""
 
     def __init__(self, host: HostConfig | None = None) -> None:
         self.host = host or HostConfig()
-        self._vms: dict[str, _Owned] = {}
+        self._vms: dict[str, Owned] = {}
         self._networks: Networks | None = None
         self._writers = WriterServer()
 
@@ -266,7 +231,7 @@ class Supervisor:
             undo.callback(_unlink, prep.created)
             links: VmLinks | None = None
             nic_fds: dict[str, NicFds] = {}
-            if _has_taps(prep.spec):
+            if has_taps(prep.spec):
                 links, nic_fds = await self.networks.attach(req.vm_id, prep.spec)
                 undo.push_async_callback(self.networks.detach, req.vm_id, links)
             ctx = dataclasses.replace(prep.ctx, nic_fds=nic_fds)
@@ -297,13 +262,13 @@ class Supervisor:
                             on_spawn=functools.partial(self._confine, req, prep, vm, helpers, placed),
                             jail=jail.spec if jail else None)
             undo.pop_all()
-        owned = _Owned(vm, helpers, prep.ctx.accelerator, tuple(placed), links,
+        owned = Owned(vm, helpers, prep.ctx.accelerator, tuple(placed), links,
                        jail)
         if links is not None:
             self._watch_addresses(owned)
         return self._own(owned)
 
-    def _watch_addresses(self, owned: _Owned) -> None:
+    def _watch_addresses(self, owned: Owned) -> None:
         """Discovery for the VM's life; ``owned.addresses`` follows it (Nomad, `ps`)."""
         assert owned.links is not None
 
@@ -328,18 +293,18 @@ class Supervisor:
             if other is not None:
                 cgroup.join(other, placement.paths)
 
-    def _own(self, owned: _Owned) -> VMInfo:
+    def _own(self, owned: Owned) -> VMInfo:
         self._vms[owned.vm.id] = owned
         owned.finished = asyncio.create_task(self._finish(owned), name=f"owner of {owned.vm.id}")
         return self.info(owned.vm.id)
 
-    async def _finish(self, owned: _Owned) -> None:
+    async def _finish(self, owned: Owned) -> None:
         """After QEMU exits: helpers, cgroups, runtime dir (and task dir, if asked)."""
         vm = owned.vm
         with contextlib.suppress(Exception):
             await vm.wait()
         await stop_helpers(owned.helpers)
-        if owned.links is not None or _has_taps(vm.spec):
+        if owned.links is not None or has_taps(vm.spec):
             await self.networks.detach(vm.id, owned.links)
         if owned.jail is not None:
             await asyncio.to_thread(release_jail, owned.jail)
@@ -366,8 +331,8 @@ class Supervisor:
             if any(n.get("kind") in ("tap", "macvtap") for n in record.spec.get("nics", ())):
                 await self.networks.detach(record.id, None)  # its chains, a macvtap link
             raise
-        owned = _Owned(vm, helpers, "kvm" if "-enable-kvm" in record.argv else "tcg")
-        if _has_taps(vm.spec):
+        owned = Owned(vm, helpers, "kvm" if "-enable-kvm" in record.argv else "tcg")
+        if has_taps(vm.spec):
             # Also removes what the dead supervisor left of gone VMs, and runs the
             # managed networks' dnsmasq under this supervisor from now on.
             owned.links = await self.networks.recover(vm.id, vm.spec)
@@ -449,14 +414,14 @@ class Supervisor:
     def _max_log_bytes(self) -> int:
         return parse_size(self.host.max_log_size)
 
-    def _get(self, vm_id: str) -> _Owned:
+    def _get(self, vm_id: str) -> Owned:
         try:
             return self._vms[vm_id]
         except KeyError:
             raise TaskNotFound(f"no VM with id {vm_id!r}") from None
 
     @staticmethod
-    async def _finished(owned: _Owned) -> None:
+    async def _finished(owned: Owned) -> None:
         if owned.finished is not None:
             await asyncio.shield(owned.finished)
 
