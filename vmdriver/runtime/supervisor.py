@@ -6,20 +6,19 @@ back :class:`VMInfo` snapshots and :class:`ExitResult`\\ s. For each VM the
 supervisor does, in order: prepare (policy, images opened as fds, closed on
 every path), helper processes, launch with the VM confined to its cgroup while
 paused, the stop ladder on request, and when QEMU has exited: helpers stopped,
-cgroups removed, the runtime dir (and, if asked, the task dir) removed.
+cgroups removed, the runtime dir (and, if asked, the task dir) removed. The launch
+steps are in :mod:`vmdriver.runtime.launch`; what is held for each VM, and
+:class:`VMInfo`, in :mod:`vmdriver.runtime.owned`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,38 +26,34 @@ from vmdriver.errors import InputError, StateError, TaskNotFound
 from vmdriver.host.config import HostConfig
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import render_argv
-from vmdriver.qemu.context import NicFds
 from vmdriver.runtime import cgroup
-from vmdriver.runtime.helpers import Helper, attach_helpers, start_helpers, stop_helpers
-from vmdriver.runtime.jailing import Jail, JailRecord, plan_jail
+from vmdriver.runtime.helpers import attach_helpers, stop_helpers
 from vmdriver.runtime.jailing import release as release_jail
-from vmdriver.runtime.logs import LOG_WRITER, open_outputs
+from vmdriver.runtime.launch import launch
+from vmdriver.runtime.logs import LOG_WRITER
 from vmdriver.runtime.logserver import WriterServer
+from vmdriver.runtime.owned import Owned, VMInfo, has_taps
 from vmdriver.runtime.prepare import Prepared, prepare
-from vmdriver.runtime.process import ManagedProcess, close_fds
+from vmdriver.runtime.process import ManagedProcess
 from vmdriver.runtime.record import VMRecord, records_under
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.snapshots import plan_start
-from vmdriver.runtime.state import ExitResult, VMState
+from vmdriver.runtime.state import ExitResult
 from vmdriver.runtime.vm import VM
-from vmdriver.spec import MacvtapNic, StopSignal, TapNic, VMSpec
-from vmdriver.units import parse_size
+from vmdriver.spec import StopSignal
 
 if TYPE_CHECKING:
     # Netlink and nftables load only for VMs with tap NICs.
     from vmdriver.network.discovery import GuestAddresses
-    from vmdriver.runtime.networking import Networks, VmLinks
+    from vmdriver.runtime.networking import Networks
+
+# VMInfo lives in owned.py; the faces import it from here, with the Supervisor.
+__all__ = ["Supervisor", "VMInfo"]
 
 log = logging.getLogger(__name__)
 
 #: The only environment variables of vmdriver's own that reach QEMU and helpers.
 _HOST_ENV = ("PATH", "LANG", "LC_ALL")
-
-
-def _unlink(paths: tuple[Path, ...]) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def _remove_unused_dirs(req: LaunchRequest) -> None:
@@ -68,50 +63,12 @@ def _remove_unused_dirs(req: LaunchRequest) -> None:
         req.dirs.data.rmdir()  # only when empty: a restart's UEFI vars or TPM state stay
 
 
-def _has_taps(spec: VMSpec) -> bool:
-    return any(isinstance(n, TapNic | MacvtapNic) for n in spec.nics)
-
-
-@dataclass(frozen=True)
-class VMInfo:
-    """A VM as a face may see it."""
-
-    id: str
-    state: VMState
-    pid: int | None
-    accelerator: str
-    stdout: Path
-    stderr: Path
-    result: ExitResult | None
-    #: Unix time QEMU was launched.
-    started_at: float
-    qmp_socket: Path
-    cgroup_paths: tuple[str, ...]
-    warnings: tuple[str, ...]
-    #: The guest's addresses on tap NICs, once found.
-    addresses: tuple[str, ...] = ()
-
-
-class _Owned:
-    """One VM and what the supervisor holds for it."""
-
-    def __init__(self, vm: VM, helpers: list[Helper], accelerator: str,
-                 warnings: tuple[str, ...] = (), links: VmLinks | None = None,
-                 jail: Jail | None = None) -> None:
-        self.vm, self.helpers, self.accelerator, self.warnings = vm, helpers, accelerator, warnings
-        self.links = links
-        self.jail: Jail | JailRecord | None = jail or vm.jail
-        #: The guest's addresses once found (tap NICs), for Nomad's DriverNetwork and `ps`.
-        self.addresses: tuple[str, ...] = ()
-        self.finished: asyncio.Task[None] | None = None
-
-
 class Supervisor:
     """Owns the VMs of one vmdriver process."""
 
     def __init__(self, host: HostConfig | None = None) -> None:
         self.host = host or HostConfig()
-        self._vms: dict[str, _Owned] = {}
+        self._vms: dict[str, Owned] = {}
         self._networks: Networks | None = None
         self._writers = WriterServer()
 
@@ -255,55 +212,14 @@ class Supervisor:
                 prep.close()
 
     async def _launch(self, req: LaunchRequest, prep: Prepared) -> VMInfo:
-        """Networks, jail, helpers, QEMU: each undone if a later step fails."""
-        env = self._env(req.env)
-        vm = VM(req.vm_id, prep.spec, req.dirs)
-        vm.remove_task_dir = req.remove_task_dir
-        vm.incoming = req.incoming
-        vm.configure = req.configure
-        async with contextlib.AsyncExitStack() as undo:
-            undo.callback(req.dirs.remove_runtime)
-            undo.callback(_unlink, prep.created)
-            links: VmLinks | None = None
-            nic_fds: dict[str, NicFds] = {}
-            if _has_taps(prep.spec):
-                links, nic_fds = await self.networks.attach(req.vm_id, prep.spec)
-                undo.push_async_callback(self.networks.detach, req.vm_id, links)
-            ctx = dataclasses.replace(prep.ctx, nic_fds=nic_fds)
-            undo.callback(close_fds, ctx.pass_fds)  # launch closes them too; twice is harmless
-            jail, warnings = await asyncio.to_thread(
-                plan_jail, self.host, req.vm_id, prep, req.dirs, tuple(map(str, req.image_paths)))
-            if jail is not None:
-                undo.callback(release_jail, jail)
-                vm.jail = jail.record()
-            helpers = await start_helpers(prep.helpers, req.dirs.runtime, env,
-                                          owner=jail.spec.uid if jail else None)
-            undo.push_async_callback(stop_helpers, helpers)
-            # QEMU's console and stderr into bounded logs, through a writer the VM owns.
-            outputs = await open_outputs(
-                req.stdout or req.dirs.task.stdout, req.stderr or req.dirs.task.stderr,
-                max_bytes=self._max_log_bytes(), log_dir=req.dirs.runtime, server=self._writers)
-            undo.callback(outputs.close)
-            if outputs.writer is not None:
-                helpers.append(outputs.writer)  # recorded; stopped after QEMU, also by `undo`
-            vm.helpers = [h.record() for h in helpers]
-            for warning in warnings:  # also in `vmdriver fingerprint`
-                # Without a jail it is a warning; with one, a note about its strength.
-                log.log(logging.WARNING if jail is None else logging.INFO, "VM %s: %s",
-                        req.vm_id, warning)
-            placed: list[str] = []
-            undo.callback(lambda: cgroup.remove(vm.cgroups_created))
-            await vm.launch(ctx, env=env, stdout=req.stdout, stderr=req.stderr, outputs=outputs,
-                            on_spawn=functools.partial(self._confine, req, prep, vm, helpers, placed),
-                            jail=jail.spec if jail else None)
-            undo.pop_all()
-        owned = _Owned(vm, helpers, prep.ctx.accelerator, tuple(placed), links,
-                       jail)
-        if links is not None:
+        """Launch one prepared VM (the steps are in :mod:`vmdriver.runtime.launch`) and own it."""
+        owned = await launch(req, prep, host=self.host, networks=lambda: self.networks,
+                             writers=self._writers, env=self._env(req.env))
+        if owned.links is not None:
             self._watch_addresses(owned)
         return self._own(owned)
 
-    def _watch_addresses(self, owned: _Owned) -> None:
+    def _watch_addresses(self, owned: Owned) -> None:
         """Discovery for the VM's life; ``owned.addresses`` follows it (Nomad, `ps`)."""
         assert owned.links is not None
 
@@ -312,34 +228,18 @@ class Supervisor:
 
         self.networks.watch_vm(owned.links, owned.vm, found)
 
-    @staticmethod
-    def _confine(req: LaunchRequest, prep: Prepared, vm: VM, helpers: list[Helper],
-                 warnings: list[str], pid: int) -> None:
-        """QEMU (and a jail's monitor) and its helpers into the VM's cgroup, while paused."""
-        if req.confinement is None or not req.confinement.available():
-            return
-        c = req.confinement
-        placement = cgroup.apply(pid, c.limits(prep.spec, prep.ctx.accelerator), c.scope,
-                                 parent=c.parent, cpuset_cgroup=c.cpuset_cgroup)
-        vm.cgroup_paths, vm.cgroups_created = placement.paths, placement.created
-        warnings.extend(placement.warnings)
-        # QEMU was forked inside the jail before its monitor moved: it joins by itself.
-        for other in (vm.qemu_pid, *(h.proc.pid for h in helpers)):
-            if other is not None:
-                cgroup.join(other, placement.paths)
-
-    def _own(self, owned: _Owned) -> VMInfo:
+    def _own(self, owned: Owned) -> VMInfo:
         self._vms[owned.vm.id] = owned
         owned.finished = asyncio.create_task(self._finish(owned), name=f"owner of {owned.vm.id}")
         return self.info(owned.vm.id)
 
-    async def _finish(self, owned: _Owned) -> None:
+    async def _finish(self, owned: Owned) -> None:
         """After QEMU exits: helpers, cgroups, runtime dir (and task dir, if asked)."""
         vm = owned.vm
         with contextlib.suppress(Exception):
             await vm.wait()
         await stop_helpers(owned.helpers)
-        if owned.links is not None or _has_taps(vm.spec):
+        if owned.links is not None or has_taps(vm.spec):
             await self.networks.detach(vm.id, owned.links)
         if owned.jail is not None:
             await asyncio.to_thread(release_jail, owned.jail)
@@ -366,8 +266,8 @@ class Supervisor:
             if any(n.get("kind") in ("tap", "macvtap") for n in record.spec.get("nics", ())):
                 await self.networks.detach(record.id, None)  # its chains, a macvtap link
             raise
-        owned = _Owned(vm, helpers, "kvm" if "-enable-kvm" in record.argv else "tcg")
-        if _has_taps(vm.spec):
+        owned = Owned(vm, helpers, "kvm" if "-enable-kvm" in record.argv else "tcg")
+        if has_taps(vm.spec):
             # Also removes what the dead supervisor left of gone VMs, and runs the
             # managed networks' dnsmasq under this supervisor from now on.
             owned.links = await self.networks.recover(vm.id, vm.spec)
@@ -446,17 +346,14 @@ class Supervisor:
 
     # Section: internals
 
-    def _max_log_bytes(self) -> int:
-        return parse_size(self.host.max_log_size)
-
-    def _get(self, vm_id: str) -> _Owned:
+    def _get(self, vm_id: str) -> Owned:
         try:
             return self._vms[vm_id]
         except KeyError:
             raise TaskNotFound(f"no VM with id {vm_id!r}") from None
 
     @staticmethod
-    async def _finished(owned: _Owned) -> None:
+    async def _finished(owned: Owned) -> None:
         if owned.finished is not None:
             await asyncio.shield(owned.finished)
 
