@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -34,14 +36,27 @@ def guest_dir() -> Path:
     return GUEST_LINK.resolve()
 
 
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A short private state dir (unix socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="vmd-", dir="/tmp"))
+@contextlib.contextmanager
+def short_tmp(prefix: str, *, kill_qemus: bool = False) -> Iterator[Path]:
+    """A private temp dir with a short path (unix socket paths must stay under 108
+    bytes), removed afterwards; ``kill_qemus``: first kill QEMUs left naming it, so one
+    failed test does not leave a guest running into the next."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
         yield path
     finally:
+        if kill_qemus:
+            for pid in qemu_processes(str(path)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A short private state dir."""
+    with short_tmp("vmd-") as path:
+        yield path
 
 
 @pytest.fixture

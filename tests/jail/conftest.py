@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import short_tmp
 from vmdriver.jail import dirs, ids
 from vmdriver.jail.paths import qemu_ro_paths
 from vmdriver.jail.plan import LAUNCH_ENV, SETPRIV, JailSpec, jailed_pid, wrap_argv
@@ -160,8 +160,5 @@ def make_vm(state: Path, vm_id: str, *, ro_paths: tuple[str, ...] = (),
 @pytest.fixture
 def state() -> Iterator[Path]:
     """A 0700 state dir like /var/lib/vmdriver: nothing under it is reachable by a VM uid."""
-    path = Path(tempfile.mkdtemp(prefix="vmdj-", dir="/tmp"))
-    try:
+    with short_tmp("vmdj-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

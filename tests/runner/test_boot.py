@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.runner.qmpclient import Qmp
 from vmdriver.host.firmware import find_firmware, vars_file
 from vmdriver.qemu.argv import DriveSource, RenderContext, render_argv
 from vmdriver.runner.config import parse_config
@@ -26,30 +27,6 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed"),
 ]
-
-
-class Qmp:
-    """A minimal QMP client over a unix socket (events skipped)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())
-        self("qmp_capabilities")
-
-    def __call__(self, command: str, **arguments: Any) -> Any:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while "event" in (reply := json.loads(self.file.readline())):
-            pass
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def wait_for(path: Path, word: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> str:

@@ -17,7 +17,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import psutil
 import pytest
 import yaml
 
+from tests.runner.qmpclient import Qmp
 from vmdriver.qemu.agent import GuestAgent
 
 READY = "VMDRIVER-GUEST-READY"
@@ -116,30 +116,6 @@ def booted(run: Run) -> bool:
         return bool(run.status()["state"] == "BOOTED")
     except (OSError, ValueError):
         return False
-
-
-class Qmp:
-    """An operator's own QMP client on monitor.sock (events skipped)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())
-        self("qmp_capabilities")
-
-    def __call__(self, command: str, **arguments: Any) -> Any:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while "event" in (reply := json.loads(self.file.readline())):
-            pass
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def qmp_once(run: Run, command: str, **arguments: Any) -> Any:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import short_tmp
 from vmdriver.storage import DiskRequest, SourceImage, VolumeRequest
 from vmdriver.storage.directory import DirectoryPool
 from vmdriver.storage.disks import parse_disk
@@ -22,11 +23,8 @@ MIB = 1 << 20
 @pytest.fixture
 def work() -> Iterator[Path]:
     """A private temp dir (on the root filesystem: ext4 here, no reflink)."""
-    path = Path(tempfile.mkdtemp(prefix="vmd-st-", dir="/tmp"))
-    try:
+    with short_tmp("vmd-st-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ import pytest
 
 from tests.ceph.cluster import Cluster, mon_command
 from tests.ceph.fixtures import ceph_cluster  # noqa: F401 (the session fixture)
+from tests.conftest import short_tmp
 from vmdriver.storage.config import CephPoolConfig
 from vmdriver.storage.rbd import RbdPool
 from vmdriver.storage.rbd_ops import bindings
@@ -72,11 +71,8 @@ def read_image(admin: Any, pool: str, name: str, offset: int, length: int) -> by
 
 @pytest.fixture
 def work() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vmd-rbdt-", dir="/tmp"))
-    try:
+    with short_tmp("vmd-rbdt-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_image(path: Path, fmt: str, size: int, data: bytes, at: int) -> Path:

@@ -7,8 +7,6 @@ a StartTask whose monitors cannot be reached must fail, not hang.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from tests.ceph.cluster import Cluster, free_port
-from tests.conftest import qemu_processes
+from tests.conftest import qemu_processes, short_tmp
 from tests.nomad.conftest import Alloc
 from tests.nomad.nomadsim import Plugin, install_launcher, status_details
 from tests.storage_rbd.conftest import pool_state
@@ -31,13 +29,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 @pytest.fixture
 def place() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vrp-", dir="/tmp"))
-    try:
+    with short_tmp("vrp-", kill_qemus=True) as path:
         yield path
-    finally:
-        for pid in qemu_processes(str(path)):
-            __import__("os").kill(pid, 9)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_plugin(place: Path, guest: Path, cl: Cluster, mon: str = "") -> Plugin:

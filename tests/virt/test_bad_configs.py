@@ -7,14 +7,12 @@ validation would really create volumes.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import qemu_processes
+from tests.conftest import qemu_processes, short_tmp
 from tests.virt.helpers import bases, host_file, job_file, volumes
 from vmdriver.cli.main import main
 
@@ -66,11 +64,8 @@ CASES = [
 
 @pytest.fixture
 def place() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vtb-", dir="/tmp"))
-    try:
+    with short_tmp("vtb-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("config", "host_extra", "message"),

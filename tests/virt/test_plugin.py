@@ -7,8 +7,6 @@ arrives as hcldec makes it (nil for every unset attribute, a map per label).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from tests.conftest import READY, qemu_processes
+from tests.conftest import READY, qemu_processes, short_tmp
 from tests.nomad.conftest import Alloc
 from tests.nomad.nomadsim import Plugin, cty_msgpack, install_launcher, status_details
 from tests.virt.helpers import bases, volumes
@@ -41,13 +39,8 @@ def disk(source: str | None = None, **attrs: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def place() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vtp-", dir="/tmp"))
-    try:
+    with short_tmp("vtp-", kill_qemus=True) as path:
         yield path
-    finally:
-        for pid in qemu_processes(str(path)):
-            __import__("os").kill(pid, 9)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
