@@ -248,6 +248,10 @@ def serve(control_fd: int) -> int:
             pid = os.fork()
             if pid == 0:
                 _become_writer(control, max_bytes, streams, log)
+            # The child sets its process group too; set here as well, so it is in place
+            # before the reply (a group kill right after must not miss the writer).
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)
             reply: dict[str, object] = {"pid": pid}
         except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
             reply = {"error": str(exc)}
