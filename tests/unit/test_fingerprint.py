@@ -55,6 +55,10 @@ def test_fingerprint_attributes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     # What the host can confine QEMU with is always said, never left out.
     assert isinstance(fp.attributes["driver.qemu.jail.available"], bool)
     assert fp.attributes["driver.qemu.jail.mode"] in ("userns", "setuid", "none")
+    # The same facts unprefixed, for the plugin installed under another driver's name.
+    assert fp.facts["kvm"] is False and fp.facts["jail.mode"] == fp.attributes["driver.qemu.jail.mode"]
+    assert {f"driver.qemu.{k}" for k in fp.facts} == set(fp.attributes) - {
+        "driver.qemu", "driver.qemu.version", "driver.qemu.emulators"}
     limited = fingerprint(tmp_path / "state", allowlist=("qemu-system-x86_64",),
                           path=str(tmp_path / "bin"))
     assert limited.attributes["driver.qemu.emulators"] == "x86_64"
@@ -62,7 +66,7 @@ def test_fingerprint_attributes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_no_emulator_is_undetected(tmp_path: Path) -> None:
     fp = fingerprint(tmp_path / "state", path=str(tmp_path))
-    assert not fp.healthy and fp.attributes == {}
+    assert not fp.healthy and fp.attributes == {} and fp.facts == {}
 
 
 def test_kvm_requested_where_unusable_fails_before_launch(

@@ -1,7 +1,9 @@
 """What this host offers: emulators, their versions, and KVM usability.
 
 The attribute names are the ones Nomad's qemu driver publishes, so job
-constraints written for it keep working.
+constraints written for it keep working. ``facts`` are vmdriver's own findings
+(KVM, confinement) without a prefix, for a face that publishes them under
+another driver's name (the Nomad plugin installed as ``virt``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class Fingerprint:
     emulators: tuple[Emulator, ...]
     kvm: KvmVerdict
     attributes: dict[str, str | bool] = field(default_factory=dict)
+    #: vmdriver's own findings, unprefixed: ``kvm`` and the ``jail.*`` keys.
+    facts: dict[str, str | bool] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -61,14 +65,14 @@ def fingerprint(
         )
     emulators = tuple(Emulator(a, found[a], v) for a, v in zip(archs, versions, strict=True))
     attributes: dict[str, str | bool] = {}
+    facts: dict[str, str | bool] = {}
     if emulators and emulators[0].version:
+        # What this host can confine QEMU with (jail, cgroups, seccomp), never silently.
+        facts = {"kvm": kvm.usable, **probe(str(found[archs[0]])).as_dict()}
         attributes = {
             "driver.qemu": True,
             "driver.qemu.version": emulators[0].version,
             "driver.qemu.emulators": ",".join(archs),
-            "driver.qemu.kvm": kvm.usable,
+            **{f"driver.qemu.{k}": v for k, v in facts.items()},
         }
-        # What this host can confine QEMU with (jail, cgroups, seccomp), never silently.
-        jail = probe(str(found[archs[0]]))
-        attributes.update({f"driver.qemu.{k}": v for k, v in jail.as_dict().items()})
-    return Fingerprint(emulators, kvm, attributes)
+    return Fingerprint(emulators, kvm, attributes, facts)

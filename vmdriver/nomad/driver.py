@@ -19,12 +19,15 @@ import psutil
 from google.protobuf import timestamp_pb2
 
 from vmdriver.errors import InputError
-from vmdriver.host.fingerprint import fingerprint
+from vmdriver.host.config import HostConfig
+from vmdriver.host.fingerprint import Fingerprint, fingerprint
+from vmdriver.jobfile.hostcheck import check_host
 from vmdriver.nomad import execstream, hclspec
+from vmdriver.nomad.attributes import Value, to_proto, virt_attributes
 from vmdriver.nomad.base import PluginState
 from vmdriver.nomad.netoverride import driver_network, follow_changes
 from vmdriver.nomad.proto import driver_pb2 as pb
-from vmdriver.nomad.proto import driver_pb2_grpc, structs_pb2
+from vmdriver.nomad.proto import driver_pb2_grpc
 from vmdriver.nomad.status import rpc, stream
 from vmdriver.nomad.taskconfig import plan_start
 from vmdriver.runtime.guest_stats import GuestMemory, GuestStatsSampler, spec_of
@@ -123,19 +126,12 @@ class DriverService(driver_pb2_grpc.DriverServicer):
         host = self.state.host
         try:
             fp = fingerprint(host.state_dir, host.emulators_allowlist)
+            attrs = to_proto(self._attributes(fp, host))
         except Exception as exc:
             log.exception("fingerprint failed")
             return pb.FingerprintResponse(
                 health=pb.FingerprintResponse.UNHEALTHY, health_description=f"fingerprint failed: {exc}"
             )
-        attrs = {}
-        for key, value in fp.attributes.items():
-            attr = structs_pb2.Attribute()
-            if isinstance(value, bool):
-                attr.bool_val = value
-            else:
-                attr.string_val = str(value)
-            attrs[key] = attr
         if fp.healthy:
             health = pb.FingerprintResponse.HEALTHY
         elif not fp.emulators:
@@ -144,6 +140,13 @@ class DriverService(driver_pb2_grpc.DriverServicer):
             health = pb.FingerprintResponse.UNHEALTHY
         return pb.FingerprintResponse(attributes=attrs, health=health,
                                       health_description=fp.description)
+
+    def _attributes(self, fp: Fingerprint, host: HostConfig) -> dict[str, Value]:
+        """The qemu driver's attributes, or, installed as ``virt``, nomad-driver-virt's."""
+        if self.state.dialect.name != "virt":
+            return dict(fp.attributes)
+        running, exited = self.state.loop.call(self.state.tasks.counts(), timeout=5.0)
+        return virt_attributes(fp, check_host(host), running, exited)
 
     @stream
     def Fingerprint(self, request: pb.FingerprintRequest,

@@ -146,6 +146,25 @@ class TaskTable:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def counts(self) -> tuple[int, int]:
+        """``(running, exited)`` VMs of known tasks: the virt driver's active/inactive.
+
+        A coroutine so it reads the table on the loop, between its changes. An
+        exited task counts until DestroyTask forgets it (libvirt's "defined but
+        not running"); one the supervisor already dropped mid-destroy, not at all.
+        """
+        running = exited = 0
+        for task_id in list(self._tasks):
+            try:
+                result = self.supervisor.info(task_id).result
+            except TaskNotFound:
+                continue
+            if result is None:
+                running += 1
+            else:
+                exited += 1
+        return running, exited
+
     async def start(self, plan: StartPlan) -> Task:
         """Launch (confined to the task's cgroups) and register a VM."""
         if plan.task_id in self._tasks:
