@@ -122,3 +122,39 @@ def test_signal_term_ends_a_jailed_qemu_cleanly(host: HostConfig) -> None:
         assert (result.exit_code, result.signal) == (0, 0), result  # QEMU's own exit on SIGTERM
 
     asyncio.run(main())
+
+
+def test_event_listeners_get_qmp_events_until_unsubscribed_or_the_vm_ends(
+        host: HostConfig, caplog: pytest.LogCaptureFixture) -> None:
+    async def pause_and_resume(sup: Supervisor) -> None:
+        """STOP and RESUME, returning once a stream subscribed meanwhile had the RESUME
+        (every listener gets an event in one go, so all of them had it by then)."""
+        async with sup.events("a/ev", "RESUME") as resumes:
+            await sup.qmp("a/ev", "stop")
+            await sup.qmp("a/ev", "cont")
+            event = await asyncio.wait_for(anext(resumes), 10)
+        assert event["event"] == "RESUME" and "timestamp" in event
+
+    def failing(event: dict[str, Any]) -> None:
+        raise RuntimeError("a face's bug")
+
+    async def main() -> None:
+        sup = Supervisor(host)
+        await sup.start(bare(host, "a/ev"))
+        seen: list[str] = []
+        sup.on_event("a/ev", failing)
+        unsubscribe = sup.on_event("a/ev", lambda event: seen.append(event["event"]))
+        await pause_and_resume(sup)
+        assert seen == ["STOP", "RESUME"]  # the failing listener was dropped, not the others
+        assert "dropping an event listener that failed" in caplog.text
+        unsubscribe()
+        await pause_and_resume(sup)
+        assert seen == ["STOP", "RESUME"]
+        async with sup.events("a/ev") as everything:
+            await sup.stop("a/ev")
+            names = [event["event"] async for event in everything]  # ends with the VM
+        assert "SHUTDOWN" in names, names
+        async with sup.events("a/ev") as after:
+            assert [event async for event in after] == []  # ended already
+
+    asyncio.run(main())

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from vmdriver.host.config import HostConfig
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.qemu.argv import render_argv
 from vmdriver.runtime import cgroup
+from vmdriver.runtime.events import EventStream, Listener
 from vmdriver.runtime.helpers import attach_helpers, stop_helpers
 from vmdriver.runtime.jailing import release as release_jail
 from vmdriver.runtime.launch import launch
@@ -118,6 +119,23 @@ class Supervisor:
         links = self._get(vm_id).links
         if links is not None:
             links.listeners.append(lambda found: listener(tuple(map(str, found.addresses))))
+
+    def on_event(self, vm_id: str, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` with each QMP event of the VM (a dict: ``event``, ``data``,
+        ``timestamp``) until it ends; returns what unsubscribes. It runs in the VM's
+        event reader, so must not block; one that raises is logged and dropped."""
+        return self._get(vm_id).vm.listeners.add(listener)
+
+    @contextlib.asynccontextmanager
+    async def events(self, vm_id: str, *names: str) -> AsyncIterator[EventStream]:
+        """The VM's QMP events named (all if none are) as an async iterator, subscribed
+        while the block runs, so nothing sent meanwhile is missed; it ends with the VM."""
+        stream = EventStream(names)
+        unsubscribe = self._get(vm_id).vm.listeners.add(stream.put, stream.end)
+        try:
+            yield stream
+        finally:
+            unsubscribe()
 
     def agent(self, vm_id: str) -> GuestAgent:
         """The VM's guest agent (its calls fail clearly when the task has none)."""

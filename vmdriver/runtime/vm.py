@@ -1,10 +1,11 @@
 """One supervised VM: launch paused, configure over QMP, continue, watch, stop.
 
 Upper half: :meth:`VM.launch`, :meth:`VM.stop`, :meth:`VM.kill`, :meth:`VM.wait`.
-Bottom half: one watcher task per VM that records QMP events and the process
-exit. Its errors are never lost: they fail the VM's result future, which
-:meth:`VM.wait` re-raises. The steps of a stop come from a base class in a
-module of their own (:class:`~vmdriver.runtime.stopladder.StopLadder`).
+Bottom half: one watcher task per VM that records QMP events (and passes them to
+the faces' listeners, :attr:`VM.listeners`) and the process exit. Its errors are
+never lost: they fail the VM's result future, which :meth:`VM.wait` re-raises.
+The steps of a stop come from a base class in a module of their own
+(:class:`~vmdriver.runtime.stopladder.StopLadder`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vmdriver.errors import HostError, LaunchError, MonitorError, StateError
 from vmdriver.jail.plan import LAUNCH_ENV, JailSpec, decode_exit, filter_env, jailed_pid, wrap_argv
 from vmdriver.qemu.argv import RenderContext, render_argv
 from vmdriver.qemu.monitor import LIFECYCLE_EVENTS, Monitor
+from vmdriver.runtime.events import Listeners
 from vmdriver.runtime.helpers import Helper, HelperRecord
 from vmdriver.runtime.jailing import JailRecord
 from vmdriver.runtime.logs import Outputs, flushed, tail
@@ -67,6 +69,8 @@ class VM(StopLadder):
         #: QEMU's pid inside a jail (the tracked process is then the jail's monitor).
         self.qemu_pid: int | None = None
         self.jail: JailRecord | None = None
+        #: The faces' event listeners (``Supervisor.on_event``), dropped when the VM ends.
+        self.listeners = Listeners(f"VM {vm_id}")
         self._proc: ManagedProcess | None = None
         self._monitor: Monitor | None = None
         self._listener: EventListener | None = None
@@ -352,10 +356,12 @@ class VM(StopLadder):
             log.exception("watcher of VM %s failed", self.id)
             if not self._result.done():
                 self._result.set_exception(exc)
+        finally:
+            self.listeners.close()
 
     async def _watch_events(self, monitor: Monitor) -> tuple[int, int]:
         assert self._proc is not None
-        async with monitor.events(*LIFECYCLE_EVENTS) as listener:
+        async with monitor.events() as listener:  # all: faces may want any
             self._listener = listener
             reader = asyncio.create_task(self._read_events(listener))
             try:
@@ -376,8 +382,10 @@ class VM(StopLadder):
             self._on_event(dict(event))
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        self._events.append(event)
         name = event.get("event")
+        if name in LIFECYCLE_EVENTS:
+            self._events.append(event)  # kept for the exit's classification only
         log.debug("VM %s event %s %s", self.id, name, event.get("data"))
         if name == "POWERDOWN":
             self._powerdown.set()
+        self.listeners.emit(event)
