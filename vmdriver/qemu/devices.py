@@ -20,6 +20,9 @@ from vmdriver.spec.devices import Nic
 QGA_PORT = "org.qemu.guest_agent.0"
 #: Chardev of the guest agent.
 QGA_CHARDEV = "qga0"
+#: Device id of the agent's port: QEMU reports the guest opening a port (VSERPORT_CHANGE)
+#: only for a port with an id.
+QGA_DEVICE = "qga0-port"
 #: Socket of the TPM emulator (swtpm) in the runtime dir.
 TPM_SOCKET = "swtpm.sock"
 
@@ -125,7 +128,7 @@ def guest_agent_args(spec: VMSpec, ctx: RenderContext) -> list[str]:
         "-chardev",
         f"socket,path={qemu_escape(str(ctx.qga_socket))},server=on,wait=off,id={QGA_CHARDEV}",
         "-device", "virtio-serial",
-        "-device", f"virtserialport,chardev={QGA_CHARDEV},name={QGA_PORT}",
+        "-device", f"virtserialport,chardev={QGA_CHARDEV},name={QGA_PORT},id={QGA_DEVICE}",
     ]
 
 
