@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -17,6 +18,7 @@ import pytest
 from tests.e2e.guest import READY, free_port, guest_spec, request
 from vmdriver.errors import LaunchError
 from vmdriver.host.config import HostConfig
+from vmdriver.qemu.devices import QGA_DEVICE
 from vmdriver.runtime.console import wait_for_line
 from vmdriver.runtime.state import ExitKind, VMState
 from vmdriver.runtime.supervisor import Supervisor
@@ -44,6 +46,14 @@ def test_boot_serve_agent_and_graceful_stop(host: HostConfig, guest_dir: Path) -
         req = request(host, "a/web", guest_spec("web", host_port=port, guest_agent=True), guest_dir)
         vm = await sup.start(req)
         assert vm.state is VMState.RUNNING
+        agent_port_opened = asyncio.Event()
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "VSERPORT_CHANGE" and event["data"] == {"id": QGA_DEVICE,
+                                                                          "open": True}:
+                agent_port_opened.set()
+
+        sup.on_event("a/web", on_event)
         # Jailed (this host can build jails): QEMU runs as a uid of its own, no root.
         assert vm.pid is not None and psutil.Process(vm.pid).uids().real >= 200000
         # The control plane lives in the runtime dir, outside the task dir.
@@ -56,6 +66,8 @@ def test_boot_serve_agent_and_graceful_stop(host: HostConfig, guest_dir: Path) -
         assert resp.status_code == 200 and "vmdriver-test-guest" in resp.text
         info = await asyncio.to_thread(guest_agent_ping, req.dirs.qga_socket)
         assert "version" in info["return"]  # type: ignore[operator]
+        # What the runner waits for before it pings the agent (QEMU reports ports with an id).
+        await asyncio.wait_for(agent_port_opened.wait(), 10)
         t0 = time.monotonic()
         result = await sup.stop("a/web")
         assert result.kind is ExitKind.STOPPED and result.clean, result
