@@ -29,10 +29,12 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from vmdriver.errors import MonitorError, StateError, TaskNotFound, VmdriverError
+from vmdriver.qemu.devices import QGA_DEVICE
 from vmdriver.runner import apply
 from vmdriver.runner.changes import Changes, diff
 from vmdriver.runner.config import RunnerConfig
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 TERMINATE_GRACE_S = 5.0
 #: Seconds between guest agent pings while the guest boots.
 BOOT_POLL_S = 1.0
+#: Seconds between guest agent pings while no port event came (the event is the cue).
+BOOT_FALLBACK_S = 5.0
 #: Seconds the status follows the balloon after a change.
 BALLOON_FOLLOW_S = 60.0
 #: The supervisor's own ladder never ends a stop before the runner's deadline does.
@@ -191,9 +195,14 @@ class Runner:
         if not self.request.spec.guest_agent:
             return  # as VM-Operator: without a guest agent the VM stays BOOTING
         agent = self.sup.agent(self.vm_id)
-        # The agent's port opening is a QMP event the supervisor does not pass on: ask.
-        while not await agent.ping():  # noqa: ASYNC110
-            await asyncio.sleep(BOOT_POLL_S)
+        async with self.sup.events(self.vm_id, "VSERPORT_CHANGE") as ports:
+            # Ping first: qemu-ga may have opened its port before we listened. Then again
+            # when the guest opens it, and every BOOT_FALLBACK_S anyway: a VM taken over
+            # from an earlier runner may have been started without the port's id (QEMU
+            # then sends no event), and a ping can fail while qemu-ga is still starting.
+            while not await agent.ping():
+                if not await _agent_port_opened(ports, BOOT_FALLBACK_S):
+                    return  # the VM ended
         osinfo: dict[str, Any] | None = None
         with contextlib.suppress(MonitorError):
             osinfo = dict(await agent.call("guest-get-osinfo"))
@@ -284,17 +293,23 @@ class Runner:
             self._spawn(self._follow_balloon(changes.ram))
 
     async def _follow_balloon(self, target: int) -> None:
-        """The status's ``ram`` as the guest gives memory back or takes it (VM-Operator
-        reads BALLOON_CHANGE events; the supervisor passes faces none, so: poll)."""
-        deadline = time.monotonic() + BALLOON_FOLLOW_S
-        while True:
-            ram = await self._ram()
-            if ram != self.status.ram:
-                self.status = self.status.model_copy(update={"ram": ram})
-                self._publish()
-            if ram == target or time.monotonic() > deadline:
-                return
-            await asyncio.sleep(BOOT_POLL_S)
+        """The status's ``ram`` as the guest gives memory back or takes it, from QEMU's
+        BALLOON_CHANGE events (as VM-Operator), for up to BALLOON_FOLLOW_S."""
+        async with self.sup.events(self.vm_id, "BALLOON_CHANGE") as changes:
+            # Read once: the guest may have moved before we listened.
+            self._show_ram(await self._ram())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(BALLOON_FOLLOW_S):
+                    while self.status.ram != target:
+                        event = await anext(changes, None)
+                        if event is None:
+                            return  # the VM ended
+                        self._show_ram(int(event["data"]["actual"]))
+
+    def _show_ram(self, ram: int) -> None:
+        if ram != self.status.ram:
+            self.status = self.status.model_copy(update={"ram": ram})
+            self._publish()
 
     async def _online_vcpus(self, target: int) -> None:
         """Bring hot-plugged vCPUs online through the guest agent, if it answers.
@@ -354,3 +369,16 @@ class Runner:
         await asyncio.wait([ended], timeout=TERMINATE_GRACE_S)
         if not ended.done():
             await self.sup.kill(self.vm_id)
+
+
+async def _agent_port_opened(ports: AsyncIterator[dict[str, Any]], timeout: float) -> bool:
+    """Wait until the guest opens the agent's port or ``timeout`` passes; False if the
+    VM ended instead."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            async for event in ports:
+                data = event.get("data", {})
+                if data.get("id") == QGA_DEVICE and data.get("open"):
+                    return True
+            return False
+    return True
