@@ -285,3 +285,25 @@ def test_follow_reads_a_file_not_yet_rotated(tmp_path: Path) -> None:
         return got
 
     assert asyncio.run(main()) == ["a", "b"]
+
+
+def test_follow_a_whole_file_behind_loses_lines_never_yields_a_fragment(tmp_path: Path) -> None:
+    """The writer rotates twice while the reader sleeps; the newest file begins with the
+    end of a line whose start went with the file the reader missed."""
+    log = tmp_path / "x.stdout.0"
+    log.write_text("line 1\n")
+
+    async def main() -> list[str]:
+        got: list[str] = []
+        lines = follow(log)
+        got.append(await anext(lines))
+        log.rename(rotated_name(log))                 # A → .1 (the reader still holds A)
+        log.write_text("line 2\nline 3 begins")       # B
+        log.rename(rotated_name(log))                 # B → .1: A is gone, B never read
+        log.write_text(" and ends\nline 4\nline 5\n")  # C
+        while len(got) < 3:
+            got.append(await asyncio.wait_for(anext(lines), 5))
+        await lines.aclose()
+        return got
+
+    assert asyncio.run(main()) == ["line 1", "line 4", "line 5"]

@@ -3,7 +3,8 @@
 The VM's log writer (or QEMU, for Nomad's FIFO) appends the console to a file, so
 the guest keeps its console when no supervisor is watching; readers tail the file.
 The writer rotates it (``.0`` renamed to ``.1``, a new ``.0``): a reader at the end
-of the old file moves on to the new one.
+of the old file moves on to the new one. A reader that falls a whole file behind
+loses those lines, never yields part of one.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 POLL_S = 0.02
 
 
-async def follow(path: Path, *, from_start: bool = True, poll: float = POLL_S) -> AsyncIterator[str]:
+async def follow(path: Path, *, from_start: bool = True, poll: float = POLL_S) -> AsyncGenerator[str, None]:
     """Yield complete lines appended to ``path``, forever (cancel to stop)."""
     # QEMU (another process) creates and grows the file: there is no event to await short
     # of inotify, so poll as `tail -f` does; a stat of a local file does not block.
@@ -28,18 +29,29 @@ async def follow(path: Path, *, from_start: bool = True, poll: float = POLL_S) -
         if not from_start:
             f.seek(0, 2)
         partial = b""
+        resync = False
         while True:
             chunk = f.read(65536)
             if not chunk and _replaced(path, f.fileno()):
                 # What was written before the rename, then on to the new file.
                 chunk = f.read()
                 if not chunk:
+                    if os.fstat(f.fileno()).st_nlink == 0:
+                        # Rotated away twice while we slept: a whole file was missed, and
+                        # the new one may begin with the end of a line we never saw.
+                        # Lose whole lines rather than yield a fragment.
+                        partial, resync = b"", True
                     f.close()
                     f = path.open("rb")
                     continue
             if not chunk:
                 await asyncio.sleep(poll)
                 continue
+            if resync:
+                start = chunk.find(b"\n") + 1
+                if not start:
+                    continue
+                chunk, resync = chunk[start:], False
             partial += chunk
             *lines, partial = partial.split(b"\n")
             for line in lines:
