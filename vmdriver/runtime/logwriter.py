@@ -1,8 +1,7 @@
 """A VM's log writer: QEMU's stdout and stderr through pipes into size-bounded files.
 
-Run as ``python -I -S logwriter.py --max BYTES FD:PATH [FD:PATH ...]`` (this file),
-or forked, one per VM, by ``logwriter.py --serve FD``, a server the supervisor
-starts once (:func:`serve`).
+Writers are forked, one per VM, by ``python -I -S logwriter.py --serve FD`` (this
+file), a server the supervisor starts once (:func:`serve`).
 Each FD (a pipe's read end QEMU writes into) is appended to its PATH. When PATH
 would grow past BYTES it is renamed to its ``.1`` name (``web.stdout.0`` →
 ``web.stdout.1``, replacing the one before) and a new PATH is begun, so a stream
@@ -37,7 +36,7 @@ import sys
 CHUNK = 65536
 
 
-USAGE = "usage: logwriter.py --max BYTES FD:PATH [FD:PATH ...] | --serve FD\n"
+USAGE = "usage: logwriter.py --serve FD\n"
 
 
 def rotated_name(path: str) -> str:
@@ -159,19 +158,6 @@ def pump(inputs: dict[int, Sink]) -> None:
                     sel.unregister(key.fd)
 
 
-def _parse(argv: list[str]) -> tuple[int, list[tuple[int, str]]]:
-    """``--max BYTES FD:PATH...``; ``ValueError`` on anything else."""
-    if len(argv) < 3 or argv[0] != "--max" or not argv[1].isdigit() or int(argv[1]) <= 0:
-        raise ValueError("--max BYTES (more than 0) comes first")
-    streams = []
-    for item in argv[2:]:
-        fd, sep, path = item.partition(":")
-        if not sep or not fd.isdigit() or not path:
-            raise ValueError(f"expected FD:PATH, got {item!r}")
-        streams.append((int(fd), path))
-    return int(argv[1]), streams
-
-
 def write(max_bytes: int, streams: list[tuple[int, str]]) -> int:
     """Be a writer: pump ``streams`` (FD, PATH) into their bounded files until EOF."""
     sinks: dict[str, Sink] = {}
@@ -262,19 +248,11 @@ def serve(control_fd: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """The writer process (or, with ``--serve FD``, the writers' forking server); 2 for a
-    bad command line."""
+    """The writers' forking server; 2 for a bad command line."""
     if len(argv) == 2 and argv[0] == "--serve" and argv[1].isdigit():
         return serve(int(argv[1]))
-    try:
-        max_bytes, streams = _parse(argv)
-    except ValueError as exc:
-        sys.stderr.write(f"{USAGE}logwriter.py: {exc}\n")
-        return 2
-    # Its own process group already keeps a terminal's Ctrl-C away; a hangup too.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    return write(max_bytes, streams)
+    sys.stderr.write(USAGE)
+    return 2
 
 
 if __name__ == "__main__":
