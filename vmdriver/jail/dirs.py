@@ -77,14 +77,24 @@ def _write_acl(path: str, entries: list[tuple[int, int, int]]) -> None:
 _ACL_LOCK = threading.Lock()
 
 
+def _lock_fd(path: str) -> int:
+    """An fd of ``path`` to flock, or -1: for a link, an unopenable node, or a device
+    (opening a macvtap's /dev/tapN has effects), the thread lock is what there is."""
+    try:
+        if not (stat.S_ISREG(mode := os.lstat(path).st_mode) or stat.S_ISDIR(mode)):
+            return -1
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
 @contextlib.contextmanager
 def _exclusive(path: str) -> Iterator[None]:
     """This process's lock, and an flock on ``path`` itself against other processes."""
     with _ACL_LOCK:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            yield  # a link or an unopenable node: the thread lock is what there is
+        fd = _lock_fd(path)
+        if fd < 0:
+            yield
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
