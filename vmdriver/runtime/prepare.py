@@ -88,7 +88,8 @@ def resolve_accelerator(requested: Accelerator, qemu: Path, cache_dir: Path) -> 
     return "tcg", f"auto: KVM unusable ({verdict.reason})"
 
 
-def _with_macs(spec: VMSpec, vm_id: str) -> VMSpec:
+def with_own_macs(spec: VMSpec, vm_id: str) -> VMSpec:
+    """The spec with each NIC's MAC fixed: as given, else derived from the VM id."""
     key = vm_key(vm_id)
     nics = tuple(nic if isinstance(nic, NoNic) or nic.mac else
                  nic.model_copy(update={"mac": derive_mac(key, nic.id)}) for nic in spec.nics)
@@ -278,7 +279,7 @@ def prepare(spec: VMSpec, dirs: VMDirs, host: HostConfig, *, vm_id: str, where: 
                     where=prefix)
     accel, reason = resolve_accelerator(spec.accelerator, binary, host.state_dir)
     _check_args(spec, dirs, host, policy, binary, prefix, preview)
-    spec = _with_macs(spec.model_copy(update={"emulator": emulator}), vm_id)
+    spec = with_own_macs(spec.model_copy(update={"emulator": emulator}), vm_id)
     opener = _Opener(dirs, host, policy, prefix, preview)
     try:
         drives = {d.id: src for i, d in enumerate(spec.drives)

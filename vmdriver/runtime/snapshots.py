@@ -34,6 +34,7 @@ from vmdriver.host.config import HostConfig
 from vmdriver.host.emulators import emulator_version, find_emulator
 from vmdriver.qemu import migration
 from vmdriver.qemu.monitor import Monitor
+from vmdriver.runtime.prepare import with_own_macs
 from vmdriver.runtime.record import VMRecord
 from vmdriver.runtime.request import LaunchRequest
 from vmdriver.runtime.snapstore import (
@@ -49,7 +50,7 @@ from vmdriver.runtime.snapstore import (
 )
 from vmdriver.runtime.stateload import state_loader
 from vmdriver.runtime.taskdir import TaskDir, VMDirs, vm_key
-from vmdriver.spec import FileMedium, MacvtapNic, Nic, NoNic, TapNic, VMSpec, derive_mac
+from vmdriver.spec import FileMedium, MacvtapNic, NoNic, TapNic, VMSpec
 
 
 def save_timeout(spec: VMSpec) -> float:
@@ -272,7 +273,9 @@ def from_snapshot(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
                             "their own MAC", where=f"{req.where or spec.name}: NIC {bridged[0]}",
                             allowed="user-mode NICs, or a guest agent")
     snap, meta = SnapshotStore(host.state_dir).load(spec.snapshot)
-    nics = _own_macs(spec, req.vm_id)
+    # The MACs prepare would derive, fixed now: the loader must know which MAC the guest
+    # takes instead of its template's.
+    nics = with_own_macs(spec, req.vm_id).nics
     new_macs = {meta.macs[n.id]: n.mac for n in nics
                 if not isinstance(n, NoNic) and n.mac and meta.macs.get(n.id, n.mac) != n.mac}
     _check(snap, meta, spec)
@@ -295,14 +298,6 @@ def from_snapshot(req: LaunchRequest, host: HostConfig) -> LaunchRequest:
         "vmgenid": str(uuid.uuid4()) if meta.vmgenid else None})
     return dataclasses.replace(req, spec=spec, incoming=state_loader(
         snap, _stderr(req), save_timeout(spec), agent=_agent(req), macs=new_macs))
-
-
-def _own_macs(spec: VMSpec, vm_id: str) -> tuple[Nic, ...]:
-    """The clone's NICs with their MACs fixed now (as prepare would derive them), so the
-    loader knows which MAC the guest must take instead of its template's."""
-    key = vm_key(vm_id)
-    return tuple(n if isinstance(n, NoNic) or n.mac else
-                 n.model_copy(update={"mac": derive_mac(key, n.id)}) for n in spec.nics)
 
 
 def suspend_dir(req: LaunchRequest, host: HostConfig) -> SnapshotDir:
