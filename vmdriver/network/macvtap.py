@@ -80,7 +80,6 @@ def open_macvtap_fd(name: str, ifindex: int) -> int:
     try:
         fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        fd = -1
         problem = f"cannot open {node} for macvtap {name}: {exc.strerror}"
     else:
         got = _owner(fd)

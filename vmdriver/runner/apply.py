@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vmdriver.errors import MonitorError
+from vmdriver.runtime.request import QmpCall
 
 log = logging.getLogger(__name__)
 
-Qmp = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 #: Hands QEMU an open file; the ``/dev/fdset/N`` path that names it there.
 AddFd = Callable[[int], Awaitable[str]]
 _FDSET = "/dev/fdset/"
@@ -51,12 +51,12 @@ def _plugged_number(slot: dict[str, Any]) -> int | None:
     return int(match.group(1)) if match else None
 
 
-async def count_cpus(qmp: Qmp) -> int:
+async def count_cpus(qmp: QmpCall) -> int:
     """vCPUs the VM has now (slots with a CPU in them)."""
     return sum(1 for s in await qmp("query-hotpluggable-cpus", None) if "qom-path" in s)
 
 
-async def set_cpus(qmp: Qmp, target: int) -> int:
+async def set_cpus(qmp: QmpCall, target: int) -> int:
     """Hot-plug or unplug vCPUs towards ``target``; the count QEMU reports afterwards.
 
     An unplug completes when the guest has let the CPU go (ACPI eject), so the count
@@ -86,7 +86,7 @@ def _device_id(block: dict[str, Any]) -> str:
     return block.get("device") or qdev.removeprefix("/machine/peripheral/").split("/")[0]
 
 
-async def tray(qmp: Qmp, cd: str) -> dict[str, Any]:
+async def tray(qmp: QmpCall, cd: str) -> dict[str, Any]:
     """``query-block``'s entry for the CD-ROM device ``cd``."""
     for block in await qmp("query-block", None):
         if _device_id(block) == cd:
@@ -97,7 +97,7 @@ async def tray(qmp: Qmp, cd: str) -> dict[str, Any]:
 class Media:
     """Pending CD-ROM changes, each applied when its tray is open."""
 
-    def __init__(self, qmp: Qmp, on_change: Callable[[], None], add_fd: AddFd | None = None) -> None:
+    def __init__(self, qmp: QmpCall, on_change: Callable[[], None], add_fd: AddFd | None = None) -> None:
         """``add_fd``: pass images to QEMU as fds; without it QEMU opens them by path."""
         self.qmp, self.on_change, self.add_fd = qmp, on_change, add_fd
         #: cd id -> the wanted image (``None``: empty).

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from vmdriver.errors import MonitorError, StateError
 from vmdriver.network.names import macvtap_name, tap_name
 from vmdriver.qemu.agent import GuestAgent
+from vmdriver.runtime.request import QmpCall
 from vmdriver.runtime.supervisor import Supervisor
 from vmdriver.spec import MacvtapNic, TapNic, VMSpec
 
@@ -47,7 +47,6 @@ AGENT_STATS_TIMEOUT_S = 2.0
 SYSFS_NET = Path("/sys/class/net")
 
 #: ``qmp(command, arguments)`` of one VM.
-QmpCall = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
