@@ -66,6 +66,9 @@ class WriterServer:
         self._proc: ManagedProcess | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Closes the socket: at close(), or when a supervisor is dropped without it
+        #: (the server then ends at EOF too; and no ResourceWarning).
+        self._forget: weakref.finalize[[asyncio.AbstractEventLoop, socket.socket], WriterServer] | None = None
         #: Replies come back in the order of the requests: one future each, oldest first.
         self._pending: collections.deque[asyncio.Future[bytes]] = collections.deque()
 
@@ -84,13 +87,11 @@ class WriterServer:
 
     async def close(self) -> None:
         """Let the server end (it exits at EOF on its socket)."""
-        sock, proc, loop = self._sock, self._proc, self._loop
-        self._sock = self._proc = self._loop = None
+        proc, forget = self._proc, self._forget
+        self._sock = self._proc = self._loop = self._forget = None
         self._fail(ConnectionResetError("the log writers' server was closed"))
-        if sock is not None:
-            if loop is not None and not loop.is_closed():
-                loop.remove_reader(sock.fileno())
-            sock.close()
+        if forget is not None:
+            forget()
         if proc is None:
             return
         try:
@@ -140,9 +141,7 @@ class WriterServer:
         ours.setblocking(False)
         self._sock, self._loop = ours, loop
         loop.add_reader(ours.fileno(), self._on_readable)
-        # A supervisor dropped without close() (a face that exits, a test) still closes
-        # the socket, so the server ends at EOF; no ResourceWarning either.
-        weakref.finalize(self, _forget, loop, ours)
+        self._forget = weakref.finalize(self, _forget, loop, ours)
         return ours
 
     def _on_readable(self) -> None:
