@@ -21,6 +21,7 @@ import pytest
 
 from tests.e2e.guest import READY, overlay, task_dirs
 from vmdriver.host.config import HostConfig
+from vmdriver.jail.plan import catches
 from vmdriver.qemu.agent import GuestAgent
 from vmdriver.runtime import logwriter
 from vmdriver.runtime.console import follow, wait_for_line
@@ -114,9 +115,7 @@ def test_writer_bounds_the_log_and_a_reader_follows_rotations(tmp_path: Path) ->
 def catches_sigterm(pid: int) -> None:
     """Wait until the writer handles SIGTERM (before, Python's start-up still runs)."""
     for _ in range(500):
-        status = Path(f"/proc/{pid}/status").read_text()
-        caught = int(next(x for x in status.splitlines() if x.startswith("SigCgt:")).split()[1], 16)
-        if caught & (1 << (signal.SIGTERM - 1)):
+        if catches(pid, signal.SIGTERM):
             return
         time.sleep(0.01)
     raise AssertionError("the writer never installed its SIGTERM handler")

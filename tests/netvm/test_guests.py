@@ -15,6 +15,7 @@ ones crash a guest's QEMU and kill the supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -43,6 +44,7 @@ from tests.netvm.conftest import (
 from tests.netvm.harness import Served
 from tests.network import netns
 from vmdriver.network import names, nft
+from vmdriver.runtime.console import wait_for_line
 
 A_ADDR, B_ADDR, LAN = "10.214.0.1", "10.214.0.2", "10.214.0.0/24"
 A_ADDR6, B_ADDR6, SUBNET6 = "fd00:214::1", "fd00:214::2", "fd00:213::/64"
@@ -101,7 +103,7 @@ def env(guest_dir: Path) -> Iterator[Env]:
         pids = {vm["id"]: vm["pid"] for vm in started["vms"]}
         for vm in started["vms"]:
             # The lease comes before the guest's services: the UDP echo binds last.
-            _wait_ready(Path(vm["stdout"]), BOOT_S)
+            asyncio.run(wait_for_line(Path(vm["stdout"]), READY, BOOT_S))
         addrs = {}
         for vm_id in (WEB, PEER, MV):
             got = served.call("addresses", timeout=BOOT_S + 10, id=vm_id, wait=BOOT_S)
@@ -115,15 +117,6 @@ def env(guest_dir: Path) -> Iterator[Env]:
             dns.kill()
             dns.wait(10)
         cleanup([b, a], state)
-
-
-def _wait_ready(console: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if console.exists() and READY in console.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{console}: no {READY} in {timeout}s")
 
 
 def _in(net: str, addr: str) -> bool:
