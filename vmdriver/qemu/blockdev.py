@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from vmdriver.errors import SpecError
 from vmdriver.qemu.context import DriveSource, RbdSource, RenderContext
+from vmdriver.qemu.image import LAYERED_FORMATS
 from vmdriver.spec import Bus, Drive, VMSpec
 
 #: ``-drive if=`` values of the legacy buses.
@@ -163,7 +164,7 @@ def _layer(name: str, layer: DriveSource, below: str | None, *, cache: object) -
             "read-only": True, "cache": cache}
     fmt: dict[str, object] = {"driver": layer.format, "file": f"{name}-file", "node-name": name,
                               "read-only": True}
-    if layer.format in ("qcow2", "qed", "vmdk", "qcow"):
+    if layer.format in LAYERED_FORMATS:
         fmt["backing"] = below  # None: QEMU must not open the recorded name by itself
     yield "-blockdev"
     yield json.dumps(file, separators=(",", ":"))

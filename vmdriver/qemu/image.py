@@ -22,6 +22,8 @@ from vmdriver.errors import SpecError
 #: and special drivers (``file``, ``nbd``, ``vvfat``, ``luks`` ...) are not here.
 IMAGE_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "dmg",
                  "parallels")
+#: Formats whose images may have a backing file (a chain of layers).
+LAYERED_FORMATS = frozenset({"qcow2", "qed", "qcow", "vmdk"})
 #: Longest backing chain :func:`backing_chain` follows.
 MAX_CHAIN = 8
 #: Bound on one ``qemu-img info`` run (it reads one header).

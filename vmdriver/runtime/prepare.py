@@ -35,7 +35,7 @@ from vmdriver.policy.bounds import check_resources
 from vmdriver.policy.images import checked_image
 from vmdriver.qemu.argv import SANDBOX_ARG, DriveSource, NicFds, RbdSource, RenderContext
 from vmdriver.qemu.blockdev import is_q35
-from vmdriver.qemu.image import ImageInfo, backing_chain, image_info
+from vmdriver.qemu.image import LAYERED_FORMATS, ImageInfo, backing_chain, image_info
 from vmdriver.qemu.sidecars import HelperSpec, helpers_for
 from vmdriver.runtime.process import close_fds
 from vmdriver.runtime.taskdir import VMDirs, vm_key
@@ -53,9 +53,6 @@ from vmdriver.spec import (
 from vmdriver.spec.devices import derive_mac
 from vmdriver.storage.config import CephPoolConfig, parse_storage_pools
 from vmdriver.storage.rbd import RbdPool
-
-#: Formats that can have a backing file.
-_LAYERED_FORMATS = frozenset({"qcow2", "qed", "qcow", "vmdk"})
 
 
 @dataclass(frozen=True)
@@ -136,7 +133,7 @@ class _Opener:
 
     def _backing(self, fd: int, fmt: str, where: str, *, set_base: int) -> tuple[DriveSource, ...]:
         """The image's backing chain, each file checked again and opened read-only as an fd."""
-        if fmt not in _LAYERED_FORMATS:
+        if fmt not in LAYERED_FORMATS:
             return ()
         top = image_info(f"/dev/fd/{fd}", fmt=fmt, where=where, pass_fds=(fd,))
         if not top.backing_filename:
